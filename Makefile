@@ -1,0 +1,59 @@
+# Two commands for a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+GEN_DIR := clients/python/src
+PROTO := protos/ledger/v1/ledger.proto
+LEDGER ?= demo
+
+.PHONY: venv run test lint typecheck generate check-generated buf-lint pytest clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e clients/python -e '.[dev]'
+	touch $(STAMP)
+
+## Serve on the embedded SQLite database (or $$LEDGER_DATABASE_URL), demo ledger ready.
+run: venv
+	$(BIN)/ledger-service migrate
+	$(BIN)/ledger-service init-counter --ledger $(LEDGER)
+	$(BIN)/ledger-service serve
+
+## Everything CI checks: lint, types, contract, generated stubs, then the tests.
+test: venv lint typecheck buf-lint check-generated pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+buf-lint: venv
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code protos
+
+pytest: venv
+	$(BIN)/pytest
+
+## Regenerate the committed stubs from protos/ (never edit them by hand).
+generate: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
+	  --python_out=$(GEN_DIR) --mypy_out=$(GEN_DIR) \
+	  --grpc_python_out=$(GEN_DIR) --mypy_grpc_out=$(GEN_DIR) $(PROTO)
+
+## Fails when the committed stubs differ from what protos/ generates now.
+check-generated: venv
+	@tmp=$$(mktemp -d) && \
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
+	  --python_out=$$tmp --mypy_out=$$tmp --grpc_python_out=$$tmp --mypy_grpc_out=$$tmp $(PROTO) && \
+	diff -r -x __init__.py -x __pycache__ $$tmp/ledger/v1 $(GEN_DIR)/ledger/v1 \
+	  || { echo "generated stubs are stale: run 'make generate' and commit"; rm -rf $$tmp; exit 1; }; \
+	rm -rf $$tmp
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache ledger.sqlite3*

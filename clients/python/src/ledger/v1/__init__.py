@@ -1,0 +1,1 @@
+"""Generated stubs for package ledger.v1; regenerate with `make generate`."""

@@ -1,0 +1,1 @@
+"""Storage: tables, the repository and the unit of work (Postgres or SQLite)."""

@@ -1,0 +1,73 @@
+"""Everything that differs between Postgres and SQLite, in one place.
+
+The repository is written once against these few helpers: the database clock,
+the upsert construct, how a unique-key violation is recognised, and how errors
+map to "unavailable" / "deadline exceeded".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+POSTGRES = "postgresql"
+SQLITE = "sqlite"
+
+# Channel of the NOTIFY sent by each commit that adds entries; payload
+# "<ledger>:<last sequence>". One LISTEN connection per server process.
+NOTIFY_CHANNEL = "ledger_entries"
+
+
+def name_of(conn: Connection) -> str:
+    return conn.dialect.name
+
+
+def now(dialect_name: str) -> sa.ColumnElement[Any]:
+    """The database clock at the moment the statement runs (not transaction start),
+    so created_at grows with the sequence taken under the counter lock."""
+    if dialect_name == POSTGRES:
+        return sa.func.clock_timestamp()
+    # SQLite's clock in UTC with milliseconds, in the format SQLAlchemy parses.
+    return sa.func.strftime("%Y-%m-%d %H:%M:%f", "now")
+
+
+def insert(dialect_name: str, table: sa.Table) -> Any:
+    """INSERT that supports ON CONFLICT (same API on both dialects)."""
+    if dialect_name == POSTGRES:
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def violated_constraint(exc: sa.exc.IntegrityError) -> str:
+    """Name (Postgres) or column list (SQLite) of the violated constraint."""
+    diag = getattr(exc.orig, "diag", None)
+    name = getattr(diag, "constraint_name", None)
+    if name:
+        return str(name)
+    # SQLite: "UNIQUE constraint failed: ledger_entries.ledger, ledger_entries.idempotency_key"
+    return str(exc.orig)
+
+
+def is_idempotency_key_violation(exc: sa.exc.IntegrityError) -> bool:
+    text = violated_constraint(exc)
+    return (
+        text == "uq_ledger_entries_idempotency_key" or "ledger_entries.idempotency_key" in text
+    )
+
+
+def is_query_canceled(exc: BaseException) -> bool:
+    """Postgres statement_timeout fired (SQLSTATE 57014)."""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) == "57014"
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """The database could not be reached or dropped the connection; safe to retry."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, sa.exc.OperationalError):
+        # SQLite "database is locked" after busy_timeout is also worth a retry.
+        return not is_query_canceled(exc)
+    return isinstance(exc, sa.exc.TimeoutError)  # pool exhausted

@@ -1,0 +1,176 @@
+"""Reads and writes of the ledger tables on a connection it is handed.
+
+The repository never opens or commits a transaction: the unit of work does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from ..domain import INT64_MAX, AccountView, AssetTotals, Entry, NewEntry
+from . import dialect
+from .numbering import as_utc, take_next_sequence_and_insert
+from .schema import account_totals, counters, entries
+
+
+class DuplicateIdempotencyKey(Exception):
+    """A concurrent transaction committed the same (ledger, idempotency_key) first."""
+
+
+@dataclass(frozen=True)
+class Page:
+    entries: list[Entry]
+    # The counter's value when the page was read, or None without a counter.
+    head: int | None
+
+
+def _entry_from_row(row: Any) -> Entry:
+    return Entry(
+        sequence=row.sequence,
+        created_at=as_utc(row.created_at),
+        payload=NewEntry(
+            ledger=row.ledger,
+            idempotency_key=row.idempotency_key,
+            debit_account=row.debit_account,
+            credit_account=row.credit_account,
+            amount=row.amount,
+            asset=row.asset,
+            entry_type=row.entry_type,
+            description=row.description,
+            metadata=dict(row.metadata or {}),
+        ),
+    )
+
+
+class LedgerRepository:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.dialect = dialect.name_of(conn)
+
+    # -- counters ---------------------------------------------------------
+    def counter_value(self, ledger: str) -> int | None:
+        return self.conn.execute(
+            sa.select(counters.c.value).where(counters.c.ledger == ledger)
+        ).scalar()
+
+    def create_counter(self, ledger: str) -> int | None:
+        """Creates the counter, seeded with the highest existing entry number (0
+        if none); returns its value, or None when it already existed.
+
+        ON CONFLICT DO NOTHING makes concurrent creations safe: exactly one
+        inserts, the others (after waiting for it) insert nothing.
+        """
+        seed = sa.select(
+            sa.literal(ledger, sa.String),
+            sa.func.coalesce(sa.func.max(entries.c.sequence), 0),
+            dialect.now(self.dialect),
+        ).where(entries.c.ledger == ledger)
+        stmt = (
+            dialect.insert(self.dialect, counters)
+            .from_select(["ledger", "value", "created_at"], seed)
+            .on_conflict_do_nothing(index_elements=["ledger"])
+            .returning(counters.c.value)
+        )
+        value: int | None = self.conn.execute(stmt).scalar()
+        return value
+
+    # -- entries ----------------------------------------------------------
+    def find_by_key(self, ledger: str, idempotency_key: str) -> Entry | None:
+        row = self.conn.execute(
+            sa.select(entries).where(
+                entries.c.ledger == ledger, entries.c.idempotency_key == idempotency_key
+            )
+        ).first()
+        return None if row is None else _entry_from_row(row)
+
+    def add_to_account_totals(self, entry: NewEntry) -> bool:
+        """Adds the entry to both accounts' totals; False (and nothing changed
+        by this statement) if a total would exceed int64.
+
+        One statement for both rows, in (account, asset) order so that
+        concurrent posts lock account rows in the same order and cannot deadlock.
+        """
+        rows = sorted(
+            [
+                (entry.debit_account, entry.amount, 0),
+                (entry.credit_account, 0, entry.amount),
+            ]
+        )
+        ins = dialect.insert(self.dialect, account_totals).values(
+            [
+                {
+                    "ledger": entry.ledger,
+                    "account": account,
+                    "asset": entry.asset,
+                    "debits": debit,
+                    "credits": credit,
+                }
+                for account, debit, credit in rows
+            ]
+        )
+        stmt = ins.on_conflict_do_update(
+            index_elements=["ledger", "account", "asset"],
+            set_={
+                "debits": account_totals.c.debits + ins.excluded.debits,
+                "credits": account_totals.c.credits + ins.excluded.credits,
+            },
+            # Written as a subtraction so the check itself cannot overflow.
+            where=sa.and_(
+                account_totals.c.debits <= INT64_MAX - ins.excluded.debits,
+                account_totals.c.credits <= INT64_MAX - ins.excluded.credits,
+            ),
+        )
+        # RETURNING rather than rowcount: rows the guard skipped return nothing,
+        # and it is reliable on every driver.
+        updated = self.conn.execute(stmt.returning(account_totals.c.account)).all()
+        return len(updated) == len(rows)
+
+    def append(self, entry: NewEntry) -> Entry | None:
+        """Numbers and stores the entry (see numbering.py); None without a counter."""
+        try:
+            return take_next_sequence_and_insert(self.conn, entry)
+        except sa.exc.IntegrityError as exc:
+            if dialect.is_idempotency_key_violation(exc):
+                raise DuplicateIdempotencyKey(entry.idempotency_key) from exc
+            raise
+
+    def page_after(self, ledger: str, after_sequence: int, limit: int) -> Page:
+        """Up to `limit` entries above `after_sequence`, by keyset on the
+        primary key (never OFFSET), plus the counter value."""
+        rows = self.conn.execute(
+            sa.select(entries)
+            .where(entries.c.ledger == ledger, entries.c.sequence > after_sequence)
+            .order_by(entries.c.sequence)
+            .limit(limit)
+        ).all()
+        page = [_entry_from_row(r) for r in rows]
+        head = self.counter_value(ledger)
+        return Page(page, head)
+
+    # -- accounts ---------------------------------------------------------
+    def account_view(self, ledger: str, account: str) -> AccountView | None:
+        """Totals and the counter in ONE statement, hence one snapshot: the
+        totals include exactly entries 1..as_of_sequence."""
+        t = account_totals
+        rows = self.conn.execute(
+            sa.select(counters.c.value, t.c.asset, t.c.debits, t.c.credits)
+            .select_from(
+                counters.outerjoin(
+                    t, sa.and_(t.c.ledger == counters.c.ledger, t.c.account == account)
+                )
+            )
+            .where(counters.c.ledger == ledger)
+            .order_by(t.c.asset)
+        ).all()
+        if not rows:
+            return None
+        balances = [
+            AssetTotals(asset=r.asset, debits=r.debits, credits=r.credits)
+            for r in rows
+            if r.asset is not None
+        ]
+        return AccountView(ledger, account, balances, as_of_sequence=rows[0].value)

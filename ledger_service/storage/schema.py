@@ -1,0 +1,57 @@
+"""Tables of the ledger, shared by the repository and the Alembic migrations."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+metadata = sa.MetaData()
+
+# JSONB on Postgres (compact, indexable); plain JSON text on SQLite.
+JsonMap = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+# One row per ledger: `value` is the last number handed out. Updated in the
+# same transaction as the entries it numbers (see storage/numbering.py).
+counters = sa.Table(
+    "ledger_counters",
+    metadata,
+    sa.Column("ledger", sa.String(64), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("value >= 0", name="ck_ledger_counters_value_nonnegative"),
+)
+
+# No foreign key to counters on purpose: entries restored from elsewhere may
+# exist before their ledger's counter (InitializeCounter then seeds from them).
+entries = sa.Table(
+    "ledger_entries",
+    metadata,
+    sa.Column("ledger", sa.String(64), primary_key=True),
+    sa.Column("sequence", sa.BigInteger, primary_key=True),
+    sa.Column("idempotency_key", sa.String(128), nullable=False),
+    sa.Column("debit_account", sa.String(128), nullable=False),
+    sa.Column("credit_account", sa.String(128), nullable=False),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("asset", sa.String(32), nullable=False),
+    sa.Column("entry_type", sa.String(64), nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("metadata", JsonMap, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("ledger", "idempotency_key", name="uq_ledger_entries_idempotency_key"),
+    sa.CheckConstraint("sequence > 0", name="ck_ledger_entries_sequence_positive"),
+    sa.CheckConstraint("amount > 0", name="ck_ledger_entries_amount_positive"),
+)
+
+# Running totals per (ledger, account, asset), updated in the entry's
+# transaction; the guard in the upsert keeps them from overflowing.
+account_totals = sa.Table(
+    "ledger_account_totals",
+    metadata,
+    sa.Column("ledger", sa.String(64), primary_key=True),
+    sa.Column("account", sa.String(128), primary_key=True),
+    sa.Column("asset", sa.String(32), primary_key=True),
+    sa.Column("debits", sa.BigInteger, nullable=False),
+    sa.Column("credits", sa.BigInteger, nullable=False),
+    sa.CheckConstraint("debits >= 0", name="ck_ledger_account_totals_debits_nonnegative"),
+    sa.CheckConstraint("credits >= 0", name="ck_ledger_account_totals_credits_nonnegative"),
+)

@@ -1,0 +1,147 @@
+"""Engine construction and the unit of work (one transaction, rolled back
+unless committed explicitly)."""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from ..domain import DeadlineExceeded, StorageUnavailable
+from . import dialect
+from .repository import LedgerRepository
+
+log = logging.getLogger(__name__)
+
+# How long a SQLite writer waits for another process's write lock.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def normalize_url(url: str) -> sa.URL:
+    """Accepts plain `postgresql://` / `postgres://` URLs and uses psycopg 3."""
+    parsed = sa.make_url(url.replace("postgres://", "postgresql://", 1))
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def create_engine(url: str, *, pool_size: int = 10) -> Engine:
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() == dialect.SQLITE:
+        engine = sa.create_engine(
+            parsed,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            pool_size=pool_size,
+            max_overflow=0,
+        )
+        _configure_sqlite(engine)
+        return engine
+    if parsed.get_backend_name() != dialect.POSTGRES:
+        raise ValueError(f"unsupported database {parsed.get_backend_name()!r}: use postgresql or sqlite")
+    # No pool_pre_ping: it would add a round trip to every request. A dead
+    # connection fails its request with UNAVAILABLE (retryable with the same
+    # idempotency key) and SQLAlchemy then replaces the pool's connections.
+    return sa.create_engine(parsed, pool_size=pool_size, max_overflow=pool_size)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event below emit BEGIN itself, so writers can
+        # take the write lock up front (BEGIN IMMEDIATE): no lock upgrade, no
+        # SQLITE_BUSY deadlock between two readers turning writers.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+        cur.execute("PRAGMA synchronous=FULL")  # a commit survives a power cut
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+class UnitOfWork:
+    """`with UnitOfWork(engine, write=True) as uow: ...; uow.commit()`.
+
+    Database errors leave it as domain errors: connection trouble as
+    StorageUnavailable (retryable), a statement timeout as DeadlineExceeded.
+    """
+
+    ledger: LedgerRepository
+
+    def __init__(self, engine: Engine, *, write: bool = False, timeout: float | None = None):
+        self._engine = engine
+        self._write = write
+        self._timeout = timeout
+        self._conn: Connection | None = None
+        self._committed = False
+
+    def __enter__(self) -> UnitOfWork:
+        try:
+            conn = self._engine.connect()
+        except sa.exc.DBAPIError as exc:
+            raise StorageUnavailable(f"database unreachable: {_first_line(exc)}") from exc
+        self._conn = conn
+        try:
+            if self._write and conn.dialect.name == dialect.SQLITE:
+                conn.execution_options(sqlite_begin="IMMEDIATE")
+            conn.begin()
+            if self._timeout is not None and conn.dialect.name == dialect.POSTGRES:
+                # Honour the caller's deadline inside the database too, lock
+                # waits included; LOCAL ends with the transaction.
+                ms = max(1, int(self._timeout * 1000))
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
+        except BaseException as exc:
+            conn.close()
+            self._conn = None
+            raise _translate(exc) from exc
+        self.ledger = LedgerRepository(conn)
+        return self
+
+    def commit(self) -> None:
+        assert self._conn is not None
+        self._conn.commit()
+        self._committed = True
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                if not self._committed:
+                    conn.rollback()
+            except sa.exc.DBAPIError:
+                log.debug("rollback failed", exc_info=True)
+            finally:
+                conn.close()
+        if exc is not None:
+            translated = _translate(exc)
+            if translated is not exc:
+                raise translated from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _translate(exc: BaseException) -> BaseException:
+    if dialect.is_query_canceled(exc):
+        return DeadlineExceeded("deadline exceeded while waiting for the database; nothing was written")
+    if dialect.is_unavailable(exc):
+        return StorageUnavailable(
+            f"database unavailable: {_first_line(exc)}; "
+            "retry with the same idempotency key (a retry never posts twice)"
+        )
+    return exc
