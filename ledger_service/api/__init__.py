@@ -1,0 +1,1 @@
+"""The gRPC edge: servicer, error mapping, proto conversion."""

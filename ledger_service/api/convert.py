@@ -1,0 +1,56 @@
+"""Domain values <-> ledger.v1 messages."""
+
+from __future__ import annotations
+
+from ledger.v1 import ledger_pb2
+
+from ..domain import AccountView, Entry, NewEntry, validate_new_entry
+
+
+def new_entry_from_request(request: ledger_pb2.PostEntryRequest) -> NewEntry:
+    return validate_new_entry(
+        ledger=request.ledger,
+        idempotency_key=request.idempotency_key,
+        debit_account=request.debit_account,
+        credit_account=request.credit_account,
+        amount=request.amount,
+        asset=request.asset,
+        entry_type=request.entry_type,
+        description=request.description,
+        metadata=dict(request.metadata),
+    )
+
+
+def entry_to_proto(entry: Entry) -> ledger_pb2.Entry:
+    p = entry.payload
+    message = ledger_pb2.Entry(
+        ledger=p.ledger,
+        sequence=entry.sequence,
+        idempotency_key=p.idempotency_key,
+        debit_account=p.debit_account,
+        credit_account=p.credit_account,
+        amount=p.amount,
+        asset=p.asset,
+        entry_type=p.entry_type,
+        description=p.description,
+        metadata=p.metadata,
+    )
+    message.created_at.FromDatetime(entry.created_at)
+    return message
+
+
+def account_to_proto(view: AccountView) -> ledger_pb2.GetAccountResponse:
+    return ledger_pb2.GetAccountResponse(
+        ledger=view.ledger,
+        account=view.account,
+        as_of_sequence=view.as_of_sequence,
+        balances=[
+            ledger_pb2.AssetBalance(
+                asset=b.asset,
+                total_debits=b.debits,
+                total_credits=b.credits,
+                balance=b.balance,
+            )
+            for b in view.balances
+        ],
+    )

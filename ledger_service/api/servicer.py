@@ -1,0 +1,150 @@
+"""LedgerService over grpc.aio: validates, runs the use cases in the database
+thread pool, converts results. Errors are mapped by api.errors' interceptor."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from sqlalchemy.engine import Engine
+
+from .. import service
+from ..domain import (
+    STREAM_MESSAGE_MAX_ENTRIES,
+    DeadlineExceeded,
+    validate_account_query,
+    validate_ledger,
+    validate_stream_request,
+)
+from ..storage.uow import UnitOfWork
+from ..watch import HeadWatcher
+from .convert import account_to_proto, entry_to_proto, new_entry_from_request
+from .errors import ShuttingDown
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    poll_interval: float = 1.0
+    heartbeat_interval: float = 15.0
+    page_size: int = STREAM_MESSAGE_MAX_ENTRIES
+
+
+class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
+    def __init__(
+        self,
+        engine: Engine,
+        executor: ThreadPoolExecutor,
+        watcher: HeadWatcher,
+        stream_settings: StreamSettings,
+    ) -> None:
+        self._engine = engine
+        self._executor = executor
+        self._watcher = watcher
+        self._streams = stream_settings
+        self._stopping = False
+
+    def begin_shutdown(self) -> None:
+        """Following streams end (UNAVAILABLE, resumable) instead of waiting out the grace."""
+        self._stopping = True
+        self._watcher.publish_all()
+
+    def _uow(self, write: bool = False, timeout: float | None = None) -> UnitOfWork:
+        return UnitOfWork(self._engine, write=write, timeout=timeout)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def InitializeCounter(
+        self, request: ledger_pb2.InitializeCounterRequest, context: Context
+    ) -> ledger_pb2.InitializeCounterResponse:
+        ledger = validate_ledger(request.ledger)
+        counter = await self._run(service.initialize_counter, self._uow, ledger)
+        return ledger_pb2.InitializeCounterResponse(
+            ledger=counter.ledger, value=counter.value, created=counter.created
+        )
+
+    async def PostEntry(
+        self, request: ledger_pb2.PostEntryRequest, context: Context
+    ) -> ledger_pb2.PostEntryResponse:
+        entry = new_entry_from_request(request)
+        timeout = context.time_remaining()
+        if timeout is not None and timeout <= 0:
+            raise DeadlineExceeded("deadline exceeded before the post started; nothing was written")
+        result = await self._run(service.post_entry, self._uow, entry, timeout)
+        if not result.replayed:
+            self._watcher.publish(entry.ledger)
+        return ledger_pb2.PostEntryResponse(
+            entry=entry_to_proto(result.entry), replayed=result.replayed
+        )
+
+    async def GetAccount(
+        self, request: ledger_pb2.GetAccountRequest, context: Context
+    ) -> ledger_pb2.GetAccountResponse:
+        validate_account_query(request.ledger, request.account)
+        view = await self._run(service.get_account, self._uow, request.ledger, request.account)
+        return account_to_proto(view)
+
+    async def StreamEntries(
+        self, request: ledger_pb2.StreamEntriesRequest, context: Context
+    ) -> AsyncIterator[ledger_pb2.StreamEntriesResponse]:
+        """Catch-up in bounded keyset pages, then (follow) live entries.
+
+        Each page is read in its own short transaction and sent before the next
+        is read: a slow consumer holds one page in memory and no database
+        lock, and gRPC flow control makes this generator wait for it.
+        """
+        ledger, position = request.ledger, request.after_sequence
+        validate_stream_request(ledger, position)
+        head = await self._run(service.stream_start, self._uow, ledger, position)
+        settings = self._streams
+        caught_up = False
+        last_sent = time.monotonic()
+        while True:
+            if self._stopping:
+                raise ShuttingDown()
+            # Taken before the read, so a commit during the read still wakes us.
+            wake = self._watcher.event(ledger)
+            page = await self._run(
+                service.read_page, self._uow, ledger, position, settings.page_size
+            )
+            head = max(head, page.head or 0)
+            full = len(page.entries) == settings.page_size
+            if page.entries:
+                position = page.entries[-1].sequence
+                marker = not full and not caught_up
+                caught_up = caught_up or marker
+                yield ledger_pb2.StreamEntriesResponse(
+                    entries=[entry_to_proto(e) for e in page.entries],
+                    caught_up=marker,
+                    head_sequence=max(head, position),
+                )
+                last_sent = time.monotonic()
+                if full:
+                    continue
+            elif not caught_up:
+                caught_up = True
+                yield ledger_pb2.StreamEntriesResponse(caught_up=True, head_sequence=head)
+                last_sent = time.monotonic()
+            if not request.follow:
+                return
+            idle = time.monotonic() - last_sent
+            if idle >= settings.heartbeat_interval:
+                yield ledger_pb2.StreamEntriesResponse(heartbeat=True, head_sequence=head)
+                last_sent = time.monotonic()
+                idle = 0.0
+            wait = min(settings.poll_interval, settings.heartbeat_interval - idle)
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=wait)
+            except TimeoutError:
+                pass

@@ -1,0 +1,99 @@
+"""`ledger-service serve | migrate | init-counter` (also `python -m ledger_service`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from . import service
+from .config import Settings
+from .domain import LedgerError, validate_ledger
+from .server import SchemaNotCurrent, serve
+from .storage import migrate
+from .storage.uow import UnitOfWork, create_engine
+
+log = logging.getLogger("ledger_service")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ledger-service", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--database-url",
+        help="SQLAlchemy URL, e.g. postgresql://user@host/db (env LEDGER_DATABASE_URL; "
+        "default: the embedded SQLite file ./ledger.sqlite3)",
+    )
+    common.add_argument("--log-level", help="DEBUG, INFO, WARNING... (env LEDGER_LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_p = sub.add_parser("serve", parents=[common], help="run the gRPC server")
+    serve_p.add_argument("--listen", help="host:port (env LEDGER_LISTEN, default 127.0.0.1:50051)")
+    serve_p.add_argument("--pool-size", type=int, help="database connections (env LEDGER_POOL_SIZE)")
+    serve_p.add_argument(
+        "--shutdown-grace", type=float, help="seconds to drain on SIGTERM (env LEDGER_SHUTDOWN_GRACE)"
+    )
+    serve_p.add_argument(
+        "--poll-interval",
+        type=float,
+        help="seconds between re-reads of a following stream (env LEDGER_POLL_INTERVAL)",
+    )
+    serve_p.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        help="seconds of idle before a heartbeat message (env LEDGER_HEARTBEAT_INTERVAL)",
+    )
+    sub.add_parser("migrate", parents=[common], help="apply the schema migrations")
+    init_p = sub.add_parser(
+        "init-counter", parents=[common], help="create a ledger's counter (idempotent)"
+    )
+    init_p.add_argument("--ledger", required=True)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings()
+    for name in (
+        "database_url",
+        "log_level",
+        "listen",
+        "pool_size",
+        "shutdown_grace",
+        "poll_interval",
+        "heartbeat_interval",
+    ):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(settings, name, value)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = _settings(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "serve":
+            asyncio.run(serve(settings))
+        elif args.command == "migrate":
+            engine = create_engine(settings.database_url, pool_size=1)
+            migrate.upgrade(engine)
+            engine.dispose()
+            log.info("database migrated")
+        elif args.command == "init-counter":
+            ledger = validate_ledger(args.ledger)
+            engine = create_engine(settings.database_url, pool_size=1)
+            counter = service.initialize_counter(
+                lambda **kw: UnitOfWork(engine, **kw), ledger
+            )
+            engine.dispose()
+            state = "created" if counter.created else "already existed"
+            print(f"ledger {counter.ledger}: counter {state}, value {counter.value}")
+    except (LedgerError, SchemaNotCurrent) as exc:
+        print(f"ledger-service: {exc}", file=sys.stderr)
+        return 1
+    return 0

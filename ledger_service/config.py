@@ -1,0 +1,37 @@
+"""Settings from the environment (LEDGER_*), overridable by CLI flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+DEFAULT_DATABASE_URL = "sqlite:///ledger.sqlite3"
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw else default
+
+
+@dataclass
+class Settings:
+    # Any SQLAlchemy URL: postgresql://... (psycopg 3) or sqlite:///path.
+    # Unset: the embedded SQLite file ./ledger.sqlite3.
+    database_url: str = field(
+        default_factory=lambda: os.environ.get("LEDGER_DATABASE_URL") or DEFAULT_DATABASE_URL
+    )
+    listen: str = field(default_factory=lambda: os.environ.get("LEDGER_LISTEN") or DEFAULT_LISTEN)
+    log_level: str = field(default_factory=lambda: os.environ.get("LEDGER_LOG_LEVEL") or "INFO")
+    # Database connections (and threads running statements) per process.
+    pool_size: int = field(default_factory=lambda: int(os.environ.get("LEDGER_POOL_SIZE") or 16))
+    # Seconds SIGTERM waits for in-flight calls before cancelling them.
+    shutdown_grace: float = field(
+        default_factory=lambda: _env_float("LEDGER_SHUTDOWN_GRACE", 10.0)
+    )
+    # Following streams re-read this often even without a notification.
+    poll_interval: float = field(default_factory=lambda: _env_float("LEDGER_POLL_INTERVAL", 1.0))
+    # An idle following stream gets a heartbeat message this often.
+    heartbeat_interval: float = field(
+        default_factory=lambda: _env_float("LEDGER_HEARTBEAT_INTERVAL", 15.0)
+    )
