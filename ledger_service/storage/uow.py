@@ -4,6 +4,7 @@ unless committed explicitly)."""
 from __future__ import annotations
 
 import logging
+import time
 from types import TracebackType
 from typing import Any
 
@@ -80,6 +81,7 @@ class UnitOfWork:
         self._engine = engine
         self._write = write
         self._timeout = timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
         self._conn: Connection | None = None
         self._committed = False
 
@@ -107,6 +109,11 @@ class UnitOfWork:
 
     def commit(self) -> None:
         assert self._conn is not None
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            # The caller has already been told DEADLINE_EXCEEDED; do not make
+            # the outcome depend on a race with it. (A commit that started in
+            # time may still finish late: retrying with the same key is safe.)
+            raise DeadlineExceeded("deadline exceeded before commit; nothing was written")
         self._conn.commit()
         self._committed = True
 

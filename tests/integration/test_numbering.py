@@ -1,0 +1,266 @@
+"""The numbering, idempotency and totals guarantees, on real Postgres and SQLite,
+with real threads, separate connections and real commits."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from ledger_service import service
+from ledger_service.domain import (
+    INT64_MAX,
+    CounterNotInitialized,
+    IdempotencyConflict,
+    NewEntry,
+    PostResult,
+    TotalOverflow,
+    validate_new_entry,
+)
+from ledger_service.storage.schema import account_totals, counters, entries
+from ledger_service.storage.uow import UnitOfWork, create_engine
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = create_engine(db_url, pool_size=40)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def uow(engine: Engine) -> Callable[..., UnitOfWork]:
+    return functools.partial(UnitOfWork, engine)
+
+
+def make_entry(ledger: str, key: str, **overrides: Any) -> NewEntry:
+    fields: dict[str, Any] = {
+        "ledger": ledger,
+        "idempotency_key": key,
+        "debit_account": "cash",
+        "credit_account": "revenue",
+        "amount": 100,
+        "asset": "USD",
+    }
+    fields.update(overrides)
+    return validate_new_entry(**fields)
+
+
+def sequences(engine: Engine, ledger: str) -> list[int]:
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.select(entries.c.sequence)
+                .where(entries.c.ledger == ledger)
+                .order_by(entries.c.sequence)
+            ).scalars()
+        )
+
+
+def counter_value(engine: Engine, ledger: str) -> int | None:
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(counters.c.value).where(counters.c.ledger == ledger)
+        ).scalar()
+
+
+def run_concurrently(n: int, fn: Callable[[int], Any]) -> list[Any]:
+    """Starts n calls together (barrier) on n threads; returns results or exceptions."""
+    barrier = threading.Barrier(n)
+
+    def call(i: int) -> Any:
+        barrier.wait()
+        try:
+            return fn(i)
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(call, range(n)))
+
+
+def test_initialize_counter_is_idempotent_and_never_resets(uow: Any, engine: Engine, ledger: str) -> None:
+    first = service.initialize_counter(uow, ledger)
+    assert (first.value, first.created) == (0, True)
+    service.post_entry(uow, make_entry(ledger, "k1"))
+    again = service.initialize_counter(uow, ledger)
+    assert (again.value, again.created) == (1, False)
+    assert counter_value(engine, ledger) == 1
+
+
+def test_sixteen_concurrent_initializations_create_exactly_one_counter(
+    uow: Any, engine: Engine, ledger: str
+) -> None:
+    results = run_concurrently(16, lambda _: service.initialize_counter(uow, ledger))
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert sum(r.created for r in results) == 1
+    assert {r.value for r in results} == {0}
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(sa.func.count()).select_from(counters).where(counters.c.ledger == ledger)
+        ).scalar()
+    assert rows == 1
+
+
+def test_counter_is_seeded_from_existing_entries(uow: Any, engine: Engine, ledger: str) -> None:
+    # Entries restored from elsewhere, without their counter row.
+    with engine.begin() as conn:
+        for seq in (1, 2, 3, 7):
+            conn.execute(
+                sa.insert(entries).values(
+                    ledger=ledger,
+                    sequence=seq,
+                    idempotency_key=f"restored-{seq}",
+                    debit_account="a",
+                    credit_account="b",
+                    amount=1,
+                    asset="USD",
+                    entry_type="",
+                    description="",
+                    metadata={},
+                    created_at=sa.func.current_timestamp(),
+                )
+            )
+    counter = service.initialize_counter(uow, ledger)
+    assert (counter.value, counter.created) == (7, True)
+    posted = service.post_entry(uow, make_entry(ledger, "new"))
+    assert posted.entry.sequence == 8
+
+
+def test_post_before_initialize_is_rejected_and_writes_nothing(
+    uow: Any, engine: Engine, ledger: str
+) -> None:
+    with pytest.raises(CounterNotInitialized, match="InitializeCounter"):
+        service.post_entry(uow, make_entry(ledger, "k1"))
+    assert sequences(engine, ledger) == []
+    assert counter_value(engine, ledger) is None
+    with engine.connect() as conn:
+        totals = conn.execute(
+            sa.select(account_totals).where(account_totals.c.ledger == ledger)
+        ).all()
+    assert totals == []
+
+
+def test_replay_returns_the_original_entry_and_consumes_no_number(
+    uow: Any, engine: Engine, ledger: str
+) -> None:
+    service.initialize_counter(uow, ledger)
+    first = service.post_entry(uow, make_entry(ledger, "k1", metadata={"order": "42"}))
+    replay = service.post_entry(uow, make_entry(ledger, "k1", metadata={"order": "42"}))
+    assert not first.replayed and replay.replayed
+    assert replay.entry == first.entry
+    assert service.post_entry(uow, make_entry(ledger, "k2")).entry.sequence == 2
+    assert sequences(engine, ledger) == [1, 2]
+
+
+def test_same_key_with_other_payload_names_the_differing_fields(
+    uow: Any, engine: Engine, ledger: str
+) -> None:
+    service.initialize_counter(uow, ledger)
+    service.post_entry(uow, make_entry(ledger, "k1"))
+    with pytest.raises(IdempotencyConflict) as info:
+        service.post_entry(uow, make_entry(ledger, "k1", amount=101, description="other"))
+    assert info.value.fields == ["amount", "description"]
+    assert "amount, description" in info.value.message
+    assert sequences(engine, ledger) == [1]
+    assert counter_value(engine, ledger) == 1
+
+
+def test_sixteen_concurrent_posts_of_one_key_store_one_entry(
+    uow: Any, engine: Engine, ledger: str
+) -> None:
+    service.initialize_counter(uow, ledger)
+    results = run_concurrently(16, lambda _: service.post_entry(uow, make_entry(ledger, "same")))
+    assert all(isinstance(r, PostResult) for r in results), results
+    assert sum(not r.replayed for r in results) == 1
+    assert {r.entry.sequence for r in results} == {1}
+    assert sequences(engine, ledger) == [1]
+    assert counter_value(engine, ledger) == 1
+    # The losers' rolled-back increments left no gap.
+    assert service.post_entry(uow, make_entry(ledger, "next")).entry.sequence == 2
+
+
+def test_concurrent_posts_get_exactly_one_to_n(uow: Any, engine: Engine, ledger: str) -> None:
+    service.initialize_counter(uow, ledger)
+    per_thread, threads = 10, 32
+
+    def worker(i: int) -> list[int]:
+        # Accounts crossed both ways so lock ordering is exercised.
+        out = []
+        for j in range(per_thread):
+            debit, credit = ("a", "b") if (i + j) % 2 else ("b", "a")
+            result = service.post_entry(
+                uow, make_entry(ledger, f"t{i}-{j}", debit_account=debit, credit_account=credit)
+            )
+            out.append(result.entry.sequence)
+        return out
+
+    results = run_concurrently(threads, worker)
+    assert all(isinstance(r, list) for r in results), results
+    got = sorted(s for r in results for s in r)
+    n = per_thread * threads
+    assert got == list(range(1, n + 1))
+    assert sequences(engine, ledger) == list(range(1, n + 1))
+    assert counter_value(engine, ledger) == n
+
+
+def test_overflowing_total_is_rejected_and_writes_nothing(
+    uow: Any, engine: Engine, ledger: str
+) -> None:
+    service.initialize_counter(uow, ledger)
+    service.post_entry(uow, make_entry(ledger, "big", amount=INT64_MAX))
+    with pytest.raises(TotalOverflow):
+        service.post_entry(uow, make_entry(ledger, "one-more", amount=1))
+    assert sequences(engine, ledger) == [1]
+    view = service.get_account(uow, ledger, "cash")
+    assert [(b.debits, b.credits) for b in view.balances] == [(INT64_MAX, 0)]
+    assert view.as_of_sequence == 1
+    # Another asset is another total: still fine.
+    ok = service.post_entry(uow, make_entry(ledger, "eur", amount=1, asset="EUR/2"))
+    assert ok.entry.sequence == 2
+
+
+def test_account_totals_equal_the_sums_of_entries(uow: Any, ledger: str) -> None:
+    service.initialize_counter(uow, ledger)
+    posts = [
+        ("cash", "revenue", 500, "USD"),
+        ("cash", "loan", 1000, "USD"),
+        ("rent", "cash", 300, "USD"),
+        ("cash", "revenue", 7, "EUR/2"),
+    ]
+    for i, (debit, credit, amount, asset) in enumerate(posts):
+        service.post_entry(
+            uow,
+            make_entry(
+                ledger, f"k{i}", debit_account=debit, credit_account=credit, amount=amount, asset=asset
+            ),
+        )
+    view = service.get_account(uow, ledger, "cash")
+    assert view.as_of_sequence == 4
+    got = {b.asset: (b.debits, b.credits, b.balance) for b in view.balances}
+    for asset in ("USD", "EUR/2"):
+        debits = sum(a for d, _, a, s in posts if d == "cash" and s == asset)
+        credits = sum(a for _, c, a, s in posts if c == "cash" and s == asset)
+        assert got[asset] == (debits, credits, debits - credits)
+    assert service.get_account(uow, ledger, "nobody").balances == []
+
+
+def test_get_account_of_unknown_ledger_is_rejected(uow: Any, ledger: str) -> None:
+    with pytest.raises(CounterNotInitialized):
+        service.get_account(uow, ledger, "cash")
+
+
+def test_pages_are_keyset_ordered_and_bounded(uow: Any, ledger: str) -> None:
+    service.initialize_counter(uow, ledger)
+    for i in range(7):
+        service.post_entry(uow, make_entry(ledger, f"k{i}"))
+    page = service.read_page(uow, ledger, 2, 3)
+    assert [e.sequence for e in page.entries] == [3, 4, 5]
+    assert page.head == 7
+    assert service.read_page(uow, ledger, 7, 3).entries == []
