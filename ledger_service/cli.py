@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import sys
 
@@ -29,9 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", parents=[common], help="run the gRPC server")
     serve_p.add_argument("--listen", help="host:port (env LEDGER_LISTEN, default 127.0.0.1:50051)")
-    serve_p.add_argument("--pool-size", type=int, help="database connections (env LEDGER_POOL_SIZE)")
     serve_p.add_argument(
-        "--shutdown-grace", type=float, help="seconds to drain on SIGTERM (env LEDGER_SHUTDOWN_GRACE)"
+        "--pool-size", type=int, help="database connections (env LEDGER_POOL_SIZE)"
+    )
+    serve_p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        help="seconds to drain on SIGTERM (env LEDGER_SHUTDOWN_GRACE)",
     )
     serve_p.add_argument(
         "--poll-interval",
@@ -87,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "init-counter":
             ledger = validate_ledger(args.ledger)
             engine = create_engine(settings.database_url, pool_size=1)
-            counter = service.initialize_counter(
-                lambda **kw: UnitOfWork(engine, **kw), ledger
-            )
+            counter = service.initialize_counter(functools.partial(UnitOfWork, engine), ledger)
             engine.dispose()
             state = "created" if counter.created else "already existed"
             print(f"ledger {counter.ledger}: counter {state}, value {counter.value}")

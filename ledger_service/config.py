@@ -26,9 +26,7 @@ class Settings:
     # Database connections (and threads running statements) per process.
     pool_size: int = field(default_factory=lambda: int(os.environ.get("LEDGER_POOL_SIZE") or 16))
     # Seconds SIGTERM waits for in-flight calls before cancelling them.
-    shutdown_grace: float = field(
-        default_factory=lambda: _env_float("LEDGER_SHUTDOWN_GRACE", 10.0)
-    )
+    shutdown_grace: float = field(default_factory=lambda: _env_float("LEDGER_SHUTDOWN_GRACE", 10.0))
     # Following streams re-read this often even without a notification.
     poll_interval: float = field(default_factory=lambda: _env_float("LEDGER_POLL_INTERVAL", 1.0))
     # An idle following stream gets a heartbeat message this often.

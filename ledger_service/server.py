@@ -55,7 +55,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         options=[("grpc.so_reuseport", 0)],
     )
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server

@@ -7,6 +7,7 @@ thread pool.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import TracebackType
 from typing import Protocol
 
 from .domain import (
@@ -27,7 +28,12 @@ class UnitOfWork(Protocol):
     ledger: LedgerRepository
 
     def __enter__(self) -> UnitOfWork: ...
-    def __exit__(self, *exc: object) -> None: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
     def commit(self) -> None: ...
 
 
@@ -51,7 +57,9 @@ def initialize_counter(uow_factory: UowFactory, ledger: str) -> Counter:
     return Counter(ledger, existing, created=False)
 
 
-def post_entry(uow_factory: UowFactory, entry: NewEntry, timeout: float | None = None) -> PostResult:
+def post_entry(
+    uow_factory: UowFactory, entry: NewEntry, timeout: float | None = None
+) -> PostResult:
     """Stores `entry` with the ledger's next number, or replays its key.
 
     Order inside the transaction: idempotency lookup, account totals, and only

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import psycopg
 import sqlalchemy as sa
@@ -51,13 +52,17 @@ class PgListener:
         # libpq takes the SQLAlchemy URL without the "+psycopg" driver suffix.
         self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._watcher = watcher
+        # Names the connection in pg_stat_activity, one per server process.
+        self.application_name = f"ledger-service-listen {os.getpid()}"
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
         backoff = 0.1
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+                conn = await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, application_name=self.application_name
+                )
                 async with conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     self.connected.set()

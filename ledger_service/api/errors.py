@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 ERROR_DOMAIN = "ledger.v1"
 SERVICE_PREFIX = "/ledger.v1.LedgerService/"
 
+
 class ShuttingDown(LedgerError):
     reason = "SERVER_SHUTTING_DOWN"
 
@@ -69,7 +70,9 @@ def to_rpc_status(exc: LedgerError) -> grpc.Status:
     code = STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL)
     details = [
         _pack(
-            error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata)
+            error_details_pb2.ErrorInfo(
+                reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata
+            )
         )
     ]
     if isinstance(exc, InvalidArgument):
@@ -91,8 +94,6 @@ def to_rpc_status(exc: LedgerError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-
-
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
     if isinstance(exc, LedgerError):
         status = to_rpc_status(exc)
@@ -103,14 +104,15 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
     raise AssertionError("unreachable: abort raises")
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+# grpc-stubs type handlers for the sync server only, hence the Any below.
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Turns exceptions escaping LedgerService methods into rich statuses."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
             return handler

@@ -4,6 +4,7 @@ thread pool, converts results. Errors are mapped by api.errors' interceptor."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Callable
@@ -144,7 +145,5 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 last_sent = time.monotonic()
                 idle = 0.0
             wait = min(settings.poll_interval, settings.heartbeat_interval - idle)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=wait)
-            except TimeoutError:
-                pass

@@ -53,9 +53,7 @@ def violated_constraint(exc: sa.exc.IntegrityError) -> str:
 
 def is_idempotency_key_violation(exc: sa.exc.IntegrityError) -> bool:
     text = violated_constraint(exc)
-    return (
-        text == "uq_ledger_entries_idempotency_key" or "ledger_entries.idempotency_key" in text
-    )
+    return text == "uq_ledger_entries_idempotency_key" or "ledger_entries.idempotency_key" in text
 
 
 def is_query_canceled(exc: BaseException) -> bool:

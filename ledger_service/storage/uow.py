@@ -42,11 +42,18 @@ def create_engine(url: str, *, pool_size: int = 10) -> Engine:
         _configure_sqlite(engine)
         return engine
     if parsed.get_backend_name() != dialect.POSTGRES:
-        raise ValueError(f"unsupported database {parsed.get_backend_name()!r}: use postgresql or sqlite")
+        raise ValueError(
+            f"unsupported database {parsed.get_backend_name()!r}: use postgresql or sqlite"
+        )
     # No pool_pre_ping: it would add a round trip to every request. A dead
     # connection fails its request with UNAVAILABLE (retryable with the same
     # idempotency key) and SQLAlchemy then replaces the pool's connections.
-    return sa.create_engine(parsed, pool_size=pool_size, max_overflow=pool_size)
+    return sa.create_engine(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        connect_args={"application_name": "ledger-service"},
+    )
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -145,7 +152,9 @@ def _first_line(exc: BaseException) -> str:
 
 def _translate(exc: BaseException) -> BaseException:
     if dialect.is_query_canceled(exc):
-        return DeadlineExceeded("deadline exceeded while waiting for the database; nothing was written")
+        return DeadlineExceeded(
+            "deadline exceeded while waiting for the database; nothing was written"
+        )
     if dialect.is_unavailable(exc):
         return StorageUnavailable(
             f"database unavailable: {_first_line(exc)}; "

@@ -31,7 +31,11 @@ def test_every_rpc_answers_through_a_real_server(stub: Any, ledger: str) -> None
     assert not posted.replayed
     entry = posted.entry
     assert (entry.ledger, entry.sequence, entry.amount, entry.asset) == (ledger, 1, 2**62, "USD")
-    assert (entry.entry_type, entry.description, dict(entry.metadata)) == ("sale", "first", {"a": "1"})
+    assert (entry.entry_type, entry.description, dict(entry.metadata)) == (
+        "sale",
+        "first",
+        {"a": "1"},
+    )
     assert entry.created_at.seconds > 0
 
     replay = stub.PostEntry(request)
@@ -52,7 +56,7 @@ def test_post_before_initialize_is_failed_precondition(stub: Any, ledger: str) -
     with pytest.raises(grpc.RpcError) as error:
         stub.PostEntry(post_request(ledger, "k"))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "InitializeCounter" in error.value.details()
+    assert "InitializeCounter" in str(error.value.details())
     info, _ = details(error.value)
     assert info.reason == "COUNTER_NOT_INITIALIZED"
     assert info.metadata["ledger"] == ledger
@@ -83,7 +87,9 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("shape", "overrides", "field"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("shape", "overrides", "field"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
 def test_bad_input_is_rejected_naming_the_field_and_burns_no_number(
     stub: Any, ledger: str, shape: str, overrides: dict[str, Any], field: str
 ) -> None:
@@ -99,7 +105,7 @@ def test_bad_input_is_rejected_naming_the_field_and_burns_no_number(
     with pytest.raises(grpc.RpcError) as error:
         stub.PostEntry(bad)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, shape
-    assert field in error.value.details()
+    assert field in str(error.value.details())
     info, fields = details(error.value)
     assert info.reason == "INVALID_FIELD"
     assert field in fields or any(f.startswith(field) for f in fields)
@@ -117,7 +123,7 @@ def test_reused_key_with_other_payload_is_already_exists(stub: Any, ledger: str)
     with pytest.raises(grpc.RpcError) as error:
         stub.PostEntry(post_request(ledger, "k1", amount=999, credit_account="other"))
     assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert "credit_account" in error.value.details() and "amount" in error.value.details()
+    assert "credit_account" in str(error.value.details()) and "amount" in str(error.value.details())
     info, _ = details(error.value)
     assert info.reason == "IDEMPOTENCY_KEY_REUSED"
     assert info.metadata["sequence"] == "1"
@@ -307,7 +313,11 @@ def test_killed_servers_leave_no_gap_and_retries_post_each_key_once(
                     stop.set()
             return done
 
-        killer = threading.Thread(target=lambda: (stop.wait(60), a.kill()))
+        def kill_a_mid_load() -> None:
+            stop.wait(60)
+            a.kill()
+
+        killer = threading.Thread(target=kill_a_mid_load)
         killer.start()
         results = run_threads(16, caller)
         killer.join()

@@ -65,9 +65,7 @@ def sequences(engine: Engine, ledger: str) -> list[int]:
 
 def counter_value(engine: Engine, ledger: str) -> int | None:
     with engine.connect() as conn:
-        return conn.execute(
-            sa.select(counters.c.value).where(counters.c.ledger == ledger)
-        ).scalar()
+        return conn.execute(sa.select(counters.c.value).where(counters.c.ledger == ledger)).scalar()
 
 
 def run_concurrently(n: int, fn: Callable[[int], Any]) -> list[Any]:
@@ -85,7 +83,9 @@ def run_concurrently(n: int, fn: Callable[[int], Any]) -> list[Any]:
         return list(pool.map(call, range(n)))
 
 
-def test_initialize_counter_is_idempotent_and_never_resets(uow: Any, engine: Engine, ledger: str) -> None:
+def test_initialize_counter_is_idempotent_and_never_resets(
+    uow: Any, engine: Engine, ledger: str
+) -> None:
     first = service.initialize_counter(uow, ledger)
     assert (first.value, first.created) == (0, True)
     service.post_entry(uow, make_entry(ledger, "k1"))
@@ -238,7 +238,12 @@ def test_account_totals_equal_the_sums_of_entries(uow: Any, ledger: str) -> None
         service.post_entry(
             uow,
             make_entry(
-                ledger, f"k{i}", debit_account=debit, credit_account=credit, amount=amount, asset=asset
+                ledger,
+                f"k{i}",
+                debit_account=debit,
+                credit_account=credit,
+                amount=amount,
+                asset=asset,
             ),
         )
     view = service.get_account(uow, ledger, "cash")

@@ -51,7 +51,17 @@ class LedgerClient:
         max_backoff: float = 3.0,
         channel: grpc.Channel | None = None,
     ) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+        # gRPC backs off reconnecting up to 120 s by default and fails calls
+        # fast meanwhile; cap it near our own backoff so a restarted server is
+        # found again within a retry or two.
+        self._channel = channel or grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", int(backoff * 1000)),
+                ("grpc.min_reconnect_backoff_ms", int(backoff * 1000)),
+                ("grpc.max_reconnect_backoff_ms", int(max_backoff * 1000)),
+            ],
+        )
         self._stub = ledger_pb2_grpc.LedgerServiceStub(self._channel)
         self.timeout = timeout
         self.max_attempts = max_attempts
@@ -171,7 +181,7 @@ class LedgerClient:
                     raise
                 self._sleep(failures)
             finally:
-                call.cancel()
+                call.cancel()  # type: ignore[no-untyped-call]
 
     def stream_entries(
         self, ledger: str, *, after_sequence: int = 0, follow: bool = False

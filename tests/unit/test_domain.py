@@ -1,0 +1,101 @@
+"""Validation rules and payload comparison, without any I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ledger_service.domain import (
+    INT64_MAX,
+    InvalidArgument,
+    validate_account_query,
+    validate_ledger,
+    validate_new_entry,
+    validate_stream_request,
+)
+
+GOOD: dict[str, Any] = {
+    "ledger": "main:eu-1.v2",
+    "idempotency_key": "order-42/attempt 1",
+    "debit_account": "assets:cash",
+    "credit_account": "income:sales",
+    "amount": 1,
+    "asset": "EUR/2",
+    "entry_type": "sale",
+    "description": "line one\nline two",
+    "metadata": {"order": "42", "note": "ünïcode ✓"},
+}
+
+
+def fields_of(error: InvalidArgument) -> list[str]:
+    return [v.field for v in error.violations]
+
+
+def test_a_valid_entry_keeps_every_field() -> None:
+    entry = validate_new_entry(**GOOD)
+    assert entry.ledger == "main:eu-1.v2"
+    assert dict(entry.metadata) == GOOD["metadata"]
+
+
+def test_every_violation_is_reported_at_once() -> None:
+    with pytest.raises(InvalidArgument) as error:
+        validate_new_entry(**{**GOOD, "ledger": "", "amount": 0, "asset": ""})
+    assert fields_of(error.value) == ["ledger", "amount", "asset"]
+    assert "ledger: is required" in error.value.message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"ledger": "a" * 65}, "ledger"),
+        ({"ledger": "-leading-dash"}, "ledger"),
+        ({"idempotency_key": "k" * 129}, "idempotency_key"),
+        ({"idempotency_key": "tab\there"}, "idempotency_key"),
+        ({"debit_account": "x" * 129}, "debit_account"),
+        ({"credit_account": "assets:cash"}, "credit_account"),
+        ({"amount": -1}, "amount"),
+        ({"amount": INT64_MAX + 1}, "amount"),
+        ({"asset": "/USD"}, "asset"),
+        ({"entry_type": "t" * 65}, "entry_type"),
+        ({"description": "nul\x00byte"}, "description"),
+        ({"description": "d" * 1025}, "description"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"metadata": {"k": "v" * 257}}, "metadata['k']"),
+        ({"metadata": {f"k{i}": "" for i in range(33)}}, "metadata"),
+        ({"metadata": {f"k{i:02}": "é" * 100 for i in range(21)}}, "metadata"),
+    ],
+)
+def test_each_limit_names_its_field(overrides: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidArgument) as error:
+        validate_new_entry(**{**GOOD, **overrides})
+    assert fields_of(error.value) == [field]
+
+
+def test_limits_are_inclusive() -> None:
+    validate_new_entry(
+        **{
+            **GOOD,
+            "ledger": "l" * 64,
+            "idempotency_key": "k" * 128,
+            "amount": INT64_MAX,
+            "asset": "A" * 32,
+            "description": "d" * 1024,
+        }
+    )
+
+
+def test_differing_fields_compares_payload_only() -> None:
+    a = validate_new_entry(**GOOD)
+    b = validate_new_entry(**{**GOOD, "amount": 2, "metadata": {"order": "43"}})
+    assert a.differing_fields(a) == []
+    assert a.differing_fields(b) == ["amount", "metadata"]
+
+
+def test_queries_are_validated() -> None:
+    assert validate_ledger("demo") == "demo"
+    with pytest.raises(InvalidArgument):
+        validate_account_query("demo", "")
+    with pytest.raises(InvalidArgument) as error:
+        validate_stream_request("demo", -1)
+    assert fields_of(error.value) == ["after_sequence"]
