@@ -21,7 +21,11 @@ README_ADDRESS = "127.0.0.1:50051"
 # What each README line must print, in order (grpcurl keeps proto field names,
 # buf curl prints lowerCamelCase JSON).
 EXPECTED = [
-    ["ledger.v1.LedgerService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"],
+    [
+        "ledger.v1.LedgerService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ],
     ['"status": "SERVING"'],
     ['"ledger": "demo"', '"created": true'],
     ['"sequence": "1"', '"idempotency_key": "order-1001"', '"amount": "1250"', '"order": "1001"'],
@@ -89,7 +93,9 @@ def test_grpcurl_reads_the_error_info_of_a_post_before_initialize(
 
 
 def test_grpcurl_describes_the_contract_through_reflection(fresh_server: ServerProcess) -> None:
-    result = run(f"grpcurl -plaintext {README_ADDRESS} describe ledger.v1.PostEntryRequest", fresh_server)
+    result = run(
+        f"grpcurl -plaintext {README_ADDRESS} describe ledger.v1.PostEntryRequest", fresh_server
+    )
     assert result.returncode == 0, result.stderr
     assert "int64 amount = 5;" in result.stdout
     assert "map<string, string> metadata = 9;" in result.stdout

@@ -50,7 +50,7 @@ def test_conflict_is_already_exists() -> None:
     assert status.code == grpc.StatusCode.ALREADY_EXISTS
 
 
-@pytest.mark.parametrize("error_class", sorted(STATUS_OF, key=lambda c: c.__name__))
+@pytest.mark.parametrize("error_class", list(STATUS_OF), ids=[c.__name__ for c in STATUS_OF])
 def test_every_mapped_error_has_a_distinct_upper_snake_reason(
     error_class: type[LedgerError],
 ) -> None:
