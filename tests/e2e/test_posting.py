@@ -166,8 +166,14 @@ def test_32_callers_over_two_server_processes_get_exactly_one_to_n(
             # Each caller has its own channel, half on each process.
             with grpc.insecure_channel((a, b)[i % 2].address) as channel:
                 stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+                # Own accounts per caller: only the counter row serializes them.
                 return [
-                    stub.PostEntry(post_request(ledger, f"c{i}-{j}"), timeout=60).entry.sequence
+                    stub.PostEntry(
+                        post_request(
+                            ledger, f"c{i}-{j}", debit_account=f"d{i}", credit_account=f"c{i}"
+                        ),
+                        timeout=60,
+                    ).entry.sequence
                     for j in range(per_caller)
                 ]
 
