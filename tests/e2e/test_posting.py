@@ -336,3 +336,37 @@ def test_killed_servers_leave_no_gap_and_retries_post_each_key_once(
     finally:
         a.kill()
         b.kill()
+
+
+def test_sigterm_lets_an_in_flight_post_finish(pg_url: str, ledger: str) -> None:
+    """The post is waiting on the counter lock when SIGTERM arrives; it still
+    completes (drained within the grace period, not cancelled)."""
+    server = ServerProcess(pg_url, extra_args=["--shutdown-grace", "20"]).start()
+    try:
+        init(server.stub, ledger)
+        engine = create_engine(pg_url, pool_size=1)
+        with engine.connect() as conn:
+            conn.exec_driver_sql(
+                "SELECT value FROM ledger_counters WHERE ledger = %(l)s FOR UPDATE", {"l": ledger}
+            )
+            future = server.stub.PostEntry.future(post_request(ledger, "in-flight"), timeout=30)
+            with engine.connect() as probe:  # wait until the post is blocked on our lock
+                for _ in range(200):
+                    waiting = probe.exec_driver_sql(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    ).scalar_one()
+                    if waiting:
+                        break
+                    time.sleep(0.05)
+                assert waiting == 1
+            assert server.proc is not None
+            server.proc.send_signal(15)
+            time.sleep(0.5)  # the server is now draining
+            conn.rollback()  # release the lock
+        engine.dispose()
+        response = future.result(timeout=30)
+        assert (response.replayed, response.entry.sequence) == (False, 1)
+        assert server.proc.wait(30) == 0
+    finally:
+        server.kill()
