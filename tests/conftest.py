@@ -7,10 +7,12 @@ under CI=true, where they fail: CI must never pass without the real database.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 import sqlalchemy as sa
@@ -18,46 +20,45 @@ import sqlalchemy as sa
 from ledger_service.storage import migrate
 from ledger_service.storage.uow import create_engine
 
-ADMIN_URL = os.environ.get("LEDGER_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+_GIVEN_URL = os.environ.get("LEDGER_TEST_DATABASE_URL")
+# Where throwaway databases are created: the server of LEDGER_TEST_DATABASE_URL
+# if given, else the local one.
+ADMIN_URL = os.environ.get("LEDGER_TEST_ADMIN_URL") or (
+    sa.make_url(_GIVEN_URL).set(database="postgres").render_as_string(hide_password=False)
+    if _GIVEN_URL
+    else "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 
-def _postgres_unreachable(reason: str) -> None:
+def _postgres_unreachable(reason: str) -> NoReturn:
     message = f"PostgreSQL not reachable ({reason}); start it or set LEDGER_TEST_DATABASE_URL"
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"{message} [CI=true: Postgres tests must run]", pytrace=False)
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """URL of a migrated Postgres database for this test session."""
-    given = os.environ.get("LEDGER_TEST_DATABASE_URL")
-    if given:
-        engine = create_engine(given, pool_size=1)
-        try:
-            migrate.upgrade(engine)
-        except sa.exc.OperationalError as exc:
-            _postgres_unreachable(str(exc.orig).strip().splitlines()[0])
-        finally:
-            engine.dispose()
-        yield given
-        return
-    name = f"ledger_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(
-        ADMIN_URL.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
-    )
+def migrated(url: str) -> str:
+    engine = create_engine(url, pool_size=1)
+    try:
+        migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+    return url
+
+
+@contextlib.contextmanager
+def throwaway_pg_database(prefix: str) -> Iterator[str]:
+    """A new, migrated Postgres database, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(ADMIN_URL, pool_size=1).execution_options(isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     except sa.exc.OperationalError as exc:
         admin.dispose()
         _postgres_unreachable(str(exc.orig).strip().splitlines()[0])
-    url = sa.make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    engine = create_engine(url, pool_size=1)
-    migrate.upgrade(engine)
-    engine.dispose()
     try:
-        yield url
+        yield migrated(sa.make_url(ADMIN_URL).set(database=name).render_as_string(False))
     finally:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -65,13 +66,35 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """URL of a migrated Postgres database for this test session."""
+    if _GIVEN_URL:
+        try:
+            yield migrated(_GIVEN_URL)
+        except sa.exc.OperationalError as exc:
+            _postgres_unreachable(str(exc.orig).strip().splitlines()[0])
+        return
+    with throwaway_pg_database("ledger_test") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     path: Path = tmp_path_factory.mktemp("sqlite") / "ledger.sqlite3"
-    url = f"sqlite:///{path}"
-    engine = create_engine(url, pool_size=1)
-    migrate.upgrade(engine)
-    engine.dispose()
-    return url
+    return migrated(f"sqlite:///{path}")
+
+
+def entry_fields(ledger: str, key: str, **overrides: Any) -> dict[str, Any]:
+    """A valid entry's fields, for PostEntryRequest or validate_new_entry."""
+    return {
+        "ledger": ledger,
+        "idempotency_key": key,
+        "debit_account": "cash",
+        "credit_account": "revenue",
+        "amount": 100,
+        "asset": "USD",
+        **overrides,
+    }
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

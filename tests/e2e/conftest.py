@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 import pytest
-import sqlalchemy as sa
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
-from ledger_service.storage import migrate
-from ledger_service.storage.uow import create_engine
-
-from ..conftest import ADMIN_URL
+from ..conftest import entry_fields, throwaway_pg_database
 from .harness import ServerProcess
 
 # Short intervals keep the tests quick; they change latency, not behaviour.
@@ -52,35 +47,12 @@ def stub(server: ServerProcess) -> ledger_pb2_grpc.LedgerServiceStub:
 @pytest.fixture
 def fresh_pg_url(pg_url: str) -> Iterator[str]:
     """A database of its own, for tests that cut connections or kill servers."""
-    name = f"ledger_e2e_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(
-        ADMIN_URL.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
-    )
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = sa.make_url(pg_url).set(database=name).render_as_string(hide_password=False)
-    engine = create_engine(url, pool_size=1)
-    migrate.upgrade(engine)
-    engine.dispose()
-    try:
+    with throwaway_pg_database("ledger_e2e") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def post_request(ledger: str, key: str, **overrides: Any) -> ledger_pb2.PostEntryRequest:
-    fields: dict[str, Any] = {
-        "ledger": ledger,
-        "idempotency_key": key,
-        "debit_account": "cash",
-        "credit_account": "revenue",
-        "amount": 100,
-        "asset": "USD",
-    }
-    fields.update(overrides)
-    return ledger_pb2.PostEntryRequest(**fields)
+    return ledger_pb2.PostEntryRequest(**entry_fields(ledger, key, **overrides))
 
 
 def init(stub: ledger_pb2_grpc.LedgerServiceStub, ledger: str) -> None:

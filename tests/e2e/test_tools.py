@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import migrated
 from .harness import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,14 +48,7 @@ def readme_examples() -> list[str]:
 
 @pytest.fixture
 def fresh_server(tmp_path: Path) -> Iterator[ServerProcess]:
-    from ledger_service.storage import migrate
-    from ledger_service.storage.uow import create_engine
-
-    url = f"sqlite:///{tmp_path / 'tools.sqlite3'}"
-    engine = create_engine(url, pool_size=1)
-    migrate.upgrade(engine)
-    engine.dispose()
-    with ServerProcess(url) as server:
+    with ServerProcess(migrated(f"sqlite:///{tmp_path / 'tools.sqlite3'}")) as server:
         yield server
 
 

@@ -26,6 +26,8 @@ from ledger_service.domain import (
 from ledger_service.storage.schema import account_totals, counters, entries
 from ledger_service.storage.uow import UnitOfWork, create_engine
 
+from ..conftest import entry_fields
+
 
 @pytest.fixture
 def engine(db_url: str) -> Iterator[Engine]:
@@ -40,16 +42,7 @@ def uow(engine: Engine) -> Callable[..., UnitOfWork]:
 
 
 def make_entry(ledger: str, key: str, **overrides: Any) -> NewEntry:
-    fields: dict[str, Any] = {
-        "ledger": ledger,
-        "idempotency_key": key,
-        "debit_account": "cash",
-        "credit_account": "revenue",
-        "amount": 100,
-        "asset": "USD",
-    }
-    fields.update(overrides)
-    return validate_new_entry(**fields)
+    return validate_new_entry(**entry_fields(ledger, key, **overrides))
 
 
 def sequences(engine: Engine, ledger: str) -> list[int]:

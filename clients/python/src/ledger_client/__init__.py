@@ -10,8 +10,9 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
+from typing import Any, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2
@@ -23,6 +24,8 @@ __all__ = ["LedgerClient", "error_info"]
 # Codes after which the same request may be sent again. A post carries its
 # idempotency key, so a retry after an unknown outcome replays, never doubles.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+R = TypeVar("R")
 
 
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
@@ -86,20 +89,22 @@ class LedgerClient:
         # Full jitter: many clients retrying after one outage do not stampede.
         time.sleep(random.uniform(0, min(self._max_backoff, self._backoff * 2**attempt)))
 
-    def initialize_counter(self, ledger: str) -> ledger_pb2.InitializeCounterResponse:
-        request = ledger_pb2.InitializeCounterRequest(ledger=ledger)
-        # Idempotent by contract, so safe to retry.
+    def _unary_with_retries(self, method: Callable[..., R], request: Any) -> R:
+        """Sends the same request again after a retryable failure; only for
+        calls that are idempotent (InitializeCounter, PostEntry with its key)."""
         for attempt in range(self.max_attempts):
             try:
-                response: ledger_pb2.InitializeCounterResponse = self._stub.InitializeCounter(
-                    request, timeout=self.timeout
-                )
-                return response
+                return method(request, timeout=self.timeout)
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE or attempt + 1 == self.max_attempts:
                     raise
                 self._sleep(attempt)
         raise AssertionError("unreachable")
+
+    def initialize_counter(self, ledger: str) -> ledger_pb2.InitializeCounterResponse:
+        request = ledger_pb2.InitializeCounterRequest(ledger=ledger)
+        # Idempotent by contract, so safe to retry.
+        return self._unary_with_retries(self._stub.InitializeCounter, request)
 
     def post_entry(
         self,
@@ -127,17 +132,7 @@ class LedgerClient:
             description=description,
             metadata=dict(metadata or {}),
         )
-        for attempt in range(self.max_attempts):
-            try:
-                response: ledger_pb2.PostEntryResponse = self._stub.PostEntry(
-                    request, timeout=self.timeout
-                )
-                return response
-            except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or attempt + 1 == self.max_attempts:
-                    raise
-                self._sleep(attempt)
-        raise AssertionError("unreachable")
+        return self._unary_with_retries(self._stub.PostEntry, request)
 
     def get_account(self, ledger: str, account: str) -> ledger_pb2.GetAccountResponse:
         response: ledger_pb2.GetAccountResponse = self._stub.GetAccount(
