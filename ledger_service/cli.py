@@ -48,6 +48,24 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         help="seconds of idle before a heartbeat message (env LEDGER_HEARTBEAT_INTERVAL)",
     )
+    serve_p.add_argument(
+        "--no-group-commit",
+        dest="group_commit",
+        action="store_false",
+        default=None,
+        help="one transaction per PostEntry call (env LEDGER_GROUP_COMMIT=0)",
+    )
+    serve_p.add_argument(
+        "--max-pending-posts",
+        type=int,
+        help="posts queued for group commit before RESOURCE_EXHAUSTED "
+        "(env LEDGER_MAX_PENDING_POSTS)",
+    )
+    serve_p.add_argument(
+        "--stream-batch",
+        type=int,
+        help="most entries per StreamEntries message, 1-256 (env LEDGER_STREAM_BATCH)",
+    )
     sub.add_parser("migrate", parents=[common], help="apply the schema migrations")
     init_p = sub.add_parser(
         "init-counter", parents=[common], help="create a ledger's counter (idempotent)"
@@ -66,6 +84,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         "shutdown_grace",
         "poll_interval",
         "heartbeat_interval",
+        "group_commit",
+        "stream_batch",
+        "max_pending_posts",
     ):
         value = getattr(args, name, None)
         if value is not None:

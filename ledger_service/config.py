@@ -29,6 +29,22 @@ class Settings:
     shutdown_grace: float = field(default_factory=lambda: _env_float("LEDGER_SHUTDOWN_GRACE", 10.0))
     # Following streams re-read this often even without a notification.
     poll_interval: float = field(default_factory=lambda: _env_float("LEDGER_POLL_INTERVAL", 1.0))
+    # Concurrent PostEntry calls of one ledger share a transaction. Off: one
+    # transaction per call (slower; kept for comparison).
+    group_commit: bool = field(
+        default_factory=lambda: (
+            os.environ.get("LEDGER_GROUP_COMMIT", "1").lower() not in ("0", "false", "no", "off")
+        )
+    )
+    # Posts waiting for their group's transaction, per process; beyond it
+    # PostEntry answers RESOURCE_EXHAUSTED (retry later with the same key).
+    max_pending_posts: int = field(
+        default_factory=lambda: int(os.environ.get("LEDGER_MAX_PENDING_POSTS") or 10_000)
+    )
+    # Most entries per StreamEntries message (1-256).
+    stream_batch: int = field(
+        default_factory=lambda: int(os.environ.get("LEDGER_STREAM_BATCH") or 256)
+    )
     # An idle following stream gets a heartbeat message this often.
     heartbeat_interval: float = field(
         default_factory=lambda: _env_float("LEDGER_HEARTBEAT_INTERVAL", 15.0)

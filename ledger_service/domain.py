@@ -6,9 +6,10 @@ Imports nothing from the gRPC edge or the database, so both can depend on it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 INT64_MAX = 2**63 - 1
 
@@ -26,6 +27,7 @@ METADATA_KEY_MAX_CHARS = 64
 METADATA_VALUE_MAX_CHARS = 256
 METADATA_MAX_BYTES = 4096
 STREAM_MESSAGE_MAX_ENTRIES = 256
+BATCH_MAX_ENTRIES = 1000
 
 _LEDGER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 _ASSET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]*")
@@ -78,12 +80,18 @@ class CounterNotInitialized(LedgerError):
 class IdempotencyConflict(LedgerError):
     reason = "IDEMPOTENCY_KEY_REUSED"
 
-    def __init__(self, ledger: str, key: str, sequence: int, fields: list[str]) -> None:
+    def __init__(
+        self, ledger: str, key: str, sequence: int, fields: list[str], index: int | None = None
+    ) -> None:
         self.fields = fields
+        where = "" if index is None else f"entries[{index}]: "
+        metadata = {"ledger": ledger, "sequence": str(sequence), "fields": ",".join(fields)}
+        if index is not None:
+            metadata["index"] = str(index)
         super().__init__(
-            f"idempotency_key {key!r} was already used in ledger {ledger!r} by entry "
+            f"{where}idempotency_key {key!r} was already used in ledger {ledger!r} by entry "
             f"{sequence} with a different payload; differing fields: {', '.join(fields)}",
-            {"ledger": ledger, "sequence": str(sequence), "fields": ",".join(fields)},
+            metadata,
         )
 
 
@@ -92,9 +100,20 @@ class TotalOverflow(LedgerError):
 
     def __init__(self, ledger: str) -> None:
         super().__init__(
-            f"posting this amount would overflow an account total in ledger {ledger!r} "
+            f"posting would overflow an account total in ledger {ledger!r} "
             f"(totals are limited to {INT64_MAX}); nothing was written",
             {"ledger": ledger},
+        )
+
+
+class Overloaded(LedgerError):
+    reason = "TOO_MANY_PENDING_POSTS"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this server already has {limit} posts waiting to be written; "
+            "retry later with the same idempotency key",
+            {"limit": str(limit)},
         )
 
 
@@ -338,3 +357,36 @@ def validate_new_entry(
         description=description,
         metadata=meta,
     )
+
+
+def validate_batch(ledger: str, items: Sequence[Mapping[str, Any]]) -> list[NewEntry]:
+    """Validates an atomic batch of entry fields (without `ledger`); violations
+    are named `entries[i].field`, all of them at once."""
+    out: list[FieldViolation] = []
+    _check_ledger(out, ledger)
+    if not items:
+        out.append(FieldViolation("entries", "must contain at least one entry"))
+    elif len(items) > BATCH_MAX_ENTRIES:
+        out.append(FieldViolation("entries", f"must contain at most {BATCH_MAX_ENTRIES} entries"))
+    _raise_if(out)
+    batch: list[NewEntry] = []
+    first_index: dict[str, int] = {}
+    for i, item in enumerate(items):
+        try:
+            batch.append(validate_new_entry(ledger=ledger, **item))
+        except InvalidArgument as exc:
+            out.extend(
+                FieldViolation(f"entries[{i}].{v.field}", v.description) for v in exc.violations
+            )
+            continue
+        key = batch[-1].idempotency_key
+        if key in first_index:
+            out.append(
+                FieldViolation(
+                    f"entries[{i}].idempotency_key",
+                    f"repeats entries[{first_index[key]}].idempotency_key within the batch",
+                )
+            )
+        first_index.setdefault(key, i)
+    _raise_if(out)
+    return batch

@@ -16,6 +16,7 @@ from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from .api.errors import ErrorMappingInterceptor
 from .api.servicer import LedgerServicer, StreamSettings
 from .config import Settings
+from .domain import STREAM_MESSAGE_MAX_ENTRIES
 from .storage import dialect, migrate
 from .storage.uow import create_engine, normalize_url
 from .watch import HeadWatcher, PgListener
@@ -45,8 +46,12 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         executor,
         watcher,
         StreamSettings(
-            poll_interval=settings.poll_interval, heartbeat_interval=settings.heartbeat_interval
+            poll_interval=settings.poll_interval,
+            heartbeat_interval=settings.heartbeat_interval,
+            page_size=max(1, min(settings.stream_batch, STREAM_MESSAGE_MAX_ENTRIES)),
         ),
+        group_commit=settings.group_commit,
+        max_pending_posts=settings.max_pending_posts,
     )
     server = grpc.aio.server(
         interceptors=[ErrorMappingInterceptor()],

@@ -6,7 +6,7 @@ thread pool.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Protocol
 
@@ -16,6 +16,7 @@ from .domain import (
     CounterNotInitialized,
     Entry,
     IdempotencyConflict,
+    LedgerError,
     NewEntry,
     PositionAhead,
     PostResult,
@@ -44,6 +45,15 @@ UowFactory = Callable[..., UnitOfWork]
 # only after the winner committed, so the next attempt finds the winner's entry.
 _KEY_RACE_ATTEMPTS = 3
 
+# What one entry of a group commit gets back: its result, or its own error.
+Outcome = PostResult | LedgerError
+
+
+class _SplitBatch(Exception):
+    """A group-commit batch hit something that only one of its entries may
+    deserve (an overflowing total, a key a concurrent transaction just took):
+    the transaction is rolled back and its entries are retried one by one."""
+
 
 def initialize_counter(uow_factory: UowFactory, ledger: str) -> Counter:
     with uow_factory(write=True) as uow:
@@ -60,36 +70,106 @@ def initialize_counter(uow_factory: UowFactory, ledger: str) -> Counter:
 def post_entry(
     uow_factory: UowFactory, entry: NewEntry, timeout: float | None = None
 ) -> PostResult:
-    """Stores `entry` with the ledger's next number, or replays its key.
+    """Stores `entry` with the ledger's next number, or replays its key."""
+    outcome = _post_one(uow_factory, entry, timeout)
+    if isinstance(outcome, LedgerError):
+        raise outcome
+    return outcome
 
-    Order inside the transaction: idempotency lookup, account totals, and only
-    then the counter (storage/numbering.py), so every way to fail happens
-    before a number is taken, and the counter lock is held for one statement.
-    """
+
+def post_group(
+    uow_factory: UowFactory, batch: Sequence[NewEntry], timeout: float | None = None
+) -> list[Outcome]:
+    """Group commit: independent posts of one ledger in ONE transaction (one
+    counter bump, contiguous numbers). Each entry gets its own outcome: a
+    replay, a conflict or an error of its own does not stop the others."""
+    try:
+        return _write(uow_factory, batch, timeout, atomic=False)
+    except _SplitBatch:
+        return [_post_one(uow_factory, entry, timeout) for entry in batch]
+
+
+def post_atomic(
+    uow_factory: UowFactory, batch: Sequence[NewEntry], timeout: float | None = None
+) -> list[PostResult]:
+    """All of `batch` commits with contiguous numbers, or nothing does. Keys
+    already posted with the same payload replay and take no number."""
     for _ in range(_KEY_RACE_ATTEMPTS):
         try:
-            with uow_factory(write=True, timeout=timeout) as uow:
-                existing = uow.ledger.find_by_key(entry.ledger, entry.idempotency_key)
-                if existing is not None:
-                    return _replay(existing, entry)
-                if not uow.ledger.add_to_account_totals(entry):
-                    raise TotalOverflow(entry.ledger)
-                stored = uow.ledger.append(entry)
-                if stored is None:
-                    raise CounterNotInitialized(entry.ledger)
-                uow.commit()
-                return PostResult(stored, replayed=False)
-        except DuplicateIdempotencyKey:
-            continue
+            outcomes = _write(uow_factory, batch, timeout, atomic=True)
+        except _SplitBatch:
+            continue  # a concurrent post took one of the keys: look again
+        return [o for o in outcomes if isinstance(o, PostResult)]
+    raise RuntimeError("idempotency keys kept racing; giving up")
+
+
+def _post_one(uow_factory: UowFactory, entry: NewEntry, timeout: float | None) -> Outcome:
+    for _ in range(_KEY_RACE_ATTEMPTS):
+        try:
+            return _write(uow_factory, [entry], timeout, atomic=False)[0]
+        except _SplitBatch:
+            continue  # the same key was committed concurrently: replay it now
+        except LedgerError as exc:
+            return exc
     raise RuntimeError(f"idempotency key {entry.idempotency_key!r} kept racing; giving up")
 
 
-def _replay(existing: Entry, requested: NewEntry) -> PostResult:
+def _write(
+    uow_factory: UowFactory, batch: Sequence[NewEntry], timeout: float | None, *, atomic: bool
+) -> list[Outcome]:
+    """The one write path. Order inside the transaction: idempotency lookup,
+    account totals, and only then the counter (storage/numbering.py), so every
+    way to fail comes before a number is taken and the counter lock is held
+    for one statement plus the commit."""
+    ledger = batch[0].ledger
+    outcomes: list[Outcome | None] = [None] * len(batch)
+    first_of_key: dict[str, int] = {}
+    fresh: list[int] = []
+    with uow_factory(write=True, timeout=timeout) as uow:
+        stored = uow.ledger.find_by_keys(ledger, {e.idempotency_key for e in batch})
+        for i, entry in enumerate(batch):
+            existing = stored.get(entry.idempotency_key)
+            if existing is not None:
+                outcome = _replay(existing, entry, i if atomic else None)
+                if atomic and isinstance(outcome, LedgerError):
+                    raise outcome
+                outcomes[i] = outcome
+            elif entry.idempotency_key not in first_of_key:
+                first_of_key[entry.idempotency_key] = i
+                fresh.append(i)
+        if fresh:
+            new = [batch[i] for i in fresh]
+            try:
+                if not uow.ledger.add_to_account_totals(new):
+                    if atomic or len(new) == 1:
+                        raise TotalOverflow(ledger)
+                    raise _SplitBatch()
+                appended = uow.ledger.append(ledger, new)
+            except DuplicateIdempotencyKey as exc:
+                raise _SplitBatch() from exc
+            if appended is None:
+                raise CounterNotInitialized(ledger) if atomic or len(batch) == 1 else _SplitBatch()
+            uow.commit()
+            for i, entry_ in zip(fresh, appended, strict=True):
+                outcomes[i] = PostResult(entry_, replayed=False)
+    # A key repeated within one group: later copies replay the first (or
+    # conflict with it), exactly as if they had arrived after it.
+    for i, entry in enumerate(batch):
+        if outcomes[i] is None:
+            first = outcomes[first_of_key[entry.idempotency_key]]
+            assert first is not None
+            outcomes[i] = (
+                _replay(first.entry, entry, None) if isinstance(first, PostResult) else first
+            )
+    return [o for o in outcomes if o is not None]
+
+
+def _replay(existing: Entry, requested: NewEntry, index: int | None) -> Outcome:
     """Same key, same payload: the original entry. Same key, other payload: conflict."""
     differing = existing.payload.differing_fields(requested)
     if differing:
-        raise IdempotencyConflict(
-            requested.ledger, requested.idempotency_key, existing.sequence, differing
+        return IdempotencyConflict(
+            requested.ledger, requested.idempotency_key, existing.sequence, differing, index
         )
     return PostResult(existing, replayed=True)
 

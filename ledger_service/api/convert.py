@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ledger.v1 import ledger_pb2
 
-from ..domain import AccountView, Entry, NewEntry, validate_new_entry
+from ..domain import AccountView, Entry, NewEntry, validate_batch, validate_new_entry
 
 
 def new_entry_from_request(request: ledger_pb2.PostEntryRequest) -> NewEntry:
@@ -18,6 +18,25 @@ def new_entry_from_request(request: ledger_pb2.PostEntryRequest) -> NewEntry:
         entry_type=request.entry_type,
         description=request.description,
         metadata=dict(request.metadata),
+    )
+
+
+def batch_from_request(request: ledger_pb2.PostEntriesRequest) -> list[NewEntry]:
+    return validate_batch(
+        request.ledger,
+        [
+            {
+                "idempotency_key": e.idempotency_key,
+                "debit_account": e.debit_account,
+                "credit_account": e.credit_account,
+                "amount": e.amount,
+                "asset": e.asset,
+                "entry_type": e.entry_type,
+                "description": e.description,
+                "metadata": dict(e.metadata),
+            }
+            for e in request.entries
+        ],
     )
 
 

@@ -21,6 +21,7 @@ from ..domain import (
     IdempotencyConflict,
     InvalidArgument,
     LedgerError,
+    Overloaded,
     PositionAhead,
     StorageUnavailable,
     TotalOverflow,
@@ -55,6 +56,7 @@ STATUS_OF: dict[type[LedgerError], grpc.StatusCode] = {
     PositionAhead: grpc.StatusCode.OUT_OF_RANGE,
     StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     InternalError: grpc.StatusCode.INTERNAL,
 }

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -20,13 +20,21 @@ from .. import service
 from ..domain import (
     STREAM_MESSAGE_MAX_ENTRIES,
     DeadlineExceeded,
+    NewEntry,
+    PostResult,
     validate_account_query,
     validate_ledger,
     validate_stream_request,
 )
+from ..group_commit import GroupCommitter
 from ..storage.uow import UnitOfWork
 from ..watch import HeadWatcher
-from .convert import account_to_proto, entry_to_proto, new_entry_from_request
+from .convert import (
+    account_to_proto,
+    batch_from_request,
+    entry_to_proto,
+    new_entry_from_request,
+)
 from .errors import ShuttingDown
 
 T = TypeVar("T")
@@ -47,12 +55,22 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         executor: ThreadPoolExecutor,
         watcher: HeadWatcher,
         stream_settings: StreamSettings,
+        *,
+        group_commit: bool = True,
+        max_pending_posts: int = 10_000,
     ) -> None:
         self._engine = engine
         self._executor = executor
         self._watcher = watcher
         self._streams = stream_settings
         self._stopping = False
+        # Without group commit every post is its own transaction (the naive
+        # path, kept as a server mode for comparison in the benchmark).
+        self._committer = (
+            GroupCommitter(self._write_group, max_pending=max_pending_posts)
+            if group_commit
+            else None
+        )
 
     def begin_shutdown(self) -> None:
         """Following streams end (UNAVAILABLE, resumable) instead of waiting out the grace."""
@@ -75,18 +93,41 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             ledger=counter.ledger, value=counter.value, created=counter.created
         )
 
+    async def _write_group(
+        self, batch: Sequence[NewEntry], time_left: float | None
+    ) -> list[service.Outcome]:
+        outcomes = await self._run(service.post_group, self._uow, batch, time_left)
+        if any(isinstance(o, PostResult) and not o.replayed for o in outcomes):
+            self._watcher.publish(batch[0].ledger)
+        return outcomes
+
     async def PostEntry(
         self, request: ledger_pb2.PostEntryRequest, context: Context
     ) -> ledger_pb2.PostEntryResponse:
         entry = new_entry_from_request(request)
-        timeout = context.time_remaining()
-        if timeout is not None and timeout <= 0:
-            raise DeadlineExceeded("deadline exceeded before the post started; nothing was written")
-        result = await self._run(service.post_entry, self._uow, entry, timeout)
-        if not result.replayed:
-            self._watcher.publish(entry.ledger)
+        timeout = _remaining(context)
+        if self._committer is not None:
+            result = await self._committer.post(entry, timeout)
+        else:
+            result = await self._run(service.post_entry, self._uow, entry, timeout)
+            if not result.replayed:
+                self._watcher.publish(entry.ledger)
         return ledger_pb2.PostEntryResponse(
             entry=entry_to_proto(result.entry), replayed=result.replayed
+        )
+
+    async def PostEntries(
+        self, request: ledger_pb2.PostEntriesRequest, context: Context
+    ) -> ledger_pb2.PostEntriesResponse:
+        batch = batch_from_request(request)
+        results = await self._run(service.post_atomic, self._uow, batch, _remaining(context))
+        if any(not r.replayed for r in results):
+            self._watcher.publish(request.ledger)
+        return ledger_pb2.PostEntriesResponse(
+            results=[
+                ledger_pb2.PostedEntry(entry=entry_to_proto(r.entry), replayed=r.replayed)
+                for r in results
+            ]
         )
 
     async def GetAccount(
@@ -147,3 +188,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             wait = min(settings.poll_interval, settings.heartbeat_interval - idle)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=wait)
+
+
+def _remaining(context: Context) -> float | None:
+    """Seconds left before the caller's deadline (None: no deadline)."""
+    timeout = context.time_remaining()
+    if timeout is not None and timeout <= 0:
+        raise DeadlineExceeded("deadline exceeded before the post started; nothing was written")
+    return timeout

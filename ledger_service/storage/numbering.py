@@ -23,6 +23,7 @@ is held only for this one round trip plus the commit.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -32,79 +33,108 @@ from ..domain import Entry, NewEntry
 from . import dialect
 from .schema import counters, entries
 
-# Postgres: counter bump, insert and NOTIFY in one statement, one round trip.
+# Postgres: counter bump by n, insert of all n rows (arrays, one round trip)
+# and one NOTIFY, in one statement. Row i of the arrays gets number
+# old value + i, so a batch's numbers are contiguous and in request order.
 # The NOTIFY is delivered at commit, to every server process's listener.
 _TAKE_AND_INSERT_PG = sa.text(
     f"""
     WITH bump AS (
-        UPDATE ledger_counters SET value = value + 1
+        UPDATE ledger_counters SET value = value + :n
         WHERE ledger = :ledger
         RETURNING value
     ), ins AS (
         INSERT INTO ledger_entries (
             ledger, sequence, idempotency_key, debit_account, credit_account,
             amount, asset, entry_type, description, metadata, created_at)
-        SELECT :ledger, bump.value, :idempotency_key, :debit_account, :credit_account,
-               :amount, :asset, :entry_type, :description, CAST(:metadata AS JSONB),
-               clock_timestamp()
-        FROM bump
+        SELECT :ledger, bump.value - :n + t.ord, t.idempotency_key, t.debit_account,
+               t.credit_account, t.amount, t.asset, t.entry_type, t.description,
+               t.metadata, clock_timestamp()
+        FROM bump, unnest(
+            CAST(:idempotency_keys AS TEXT[]), CAST(:debit_accounts AS TEXT[]),
+            CAST(:credit_accounts AS TEXT[]), CAST(:amounts AS BIGINT[]),
+            CAST(:assets AS TEXT[]), CAST(:entry_types AS TEXT[]),
+            CAST(:descriptions AS TEXT[]), CAST(:metadatas AS JSONB[])
+        ) WITH ORDINALITY AS t(idempotency_key, debit_account, credit_account, amount,
+                               asset, entry_type, description, metadata, ord)
         RETURNING sequence, created_at
     )
-    SELECT ins.sequence, ins.created_at,
-           pg_notify('{dialect.NOTIFY_CHANNEL}', :ledger || ':' || ins.sequence)::text AS notified
-    FROM ins
+    SELECT ins.sequence, ins.created_at
+    FROM ins CROSS JOIN (
+        SELECT pg_notify('{dialect.NOTIFY_CHANNEL}', :ledger || ':' || max(sequence)) FROM ins
+    ) AS notified
+    ORDER BY ins.sequence
     """
 )
 
 
-def take_next_sequence_and_insert(conn: Connection, entry: NewEntry) -> Entry | None:
-    """Numbers and inserts `entry`; None when the ledger has no counter.
+def take_next_sequences_and_insert(
+    conn: Connection, ledger: str, batch: Sequence[NewEntry]
+) -> list[Entry] | None:
+    """Numbers and inserts `batch` (all of `ledger`, keys distinct) with the
+    next len(batch) numbers, in order; None when the ledger has no counter.
 
-    Raises sqlalchemy IntegrityError when the idempotency key was taken by a
-    concurrent transaction (the caller rolls back, so the number is not lost).
+    Raises sqlalchemy IntegrityError when an idempotency key was taken by a
+    concurrent transaction (the caller rolls back, so no number is lost).
     """
-    params = {
-        "ledger": entry.ledger,
-        "idempotency_key": entry.idempotency_key,
-        "debit_account": entry.debit_account,
-        "credit_account": entry.credit_account,
-        "amount": entry.amount,
-        "asset": entry.asset,
-        "entry_type": entry.entry_type,
-        "description": entry.description,
-    }
+    n = len(batch)
     name = dialect.name_of(conn)
     if name == dialect.POSTGRES:
-        row = conn.execute(
-            _TAKE_AND_INSERT_PG, {**params, "metadata": json.dumps(dict(entry.metadata))}
-        ).first()
-        if row is None:
+        rows = conn.execute(
+            _TAKE_AND_INSERT_PG,
+            {
+                "ledger": ledger,
+                "n": n,
+                "idempotency_keys": [e.idempotency_key for e in batch],
+                "debit_accounts": [e.debit_account for e in batch],
+                "credit_accounts": [e.credit_account for e in batch],
+                "amounts": [e.amount for e in batch],
+                "assets": [e.asset for e in batch],
+                "entry_types": [e.entry_type for e in batch],
+                "descriptions": [e.description for e in batch],
+                "metadatas": [json.dumps(dict(e.metadata)) for e in batch],
+            },
+        ).all()
+        if not rows:
             return None
-        sequence, created_at = row.sequence, row.created_at
+        stamps = [(row.sequence, row.created_at) for row in rows]
     else:
         # SQLite holds its database write lock from BEGIN IMMEDIATE to commit,
-        # so the two statements are just as serialized; no NOTIFY (streams in
-        # this process are woken after commit, others poll).
-        value = conn.execute(
+        # so separate statements are just as serialized; no NOTIFY (streams in
+        # this process are woken after commit, other processes poll).
+        last = conn.execute(
             sa.update(counters)
-            .where(counters.c.ledger == entry.ledger)
-            .values(value=counters.c.value + 1)
+            .where(counters.c.ledger == ledger)
+            .values(value=counters.c.value + n)
             .returning(counters.c.value)
         ).scalar()
-        if value is None:
+        if last is None:
             return None
-        created_at = conn.execute(
-            sa.insert(entries)
-            .values(
-                **params,
-                sequence=value,
-                metadata=dict(entry.metadata),
-                created_at=dialect.now(name),
-            )
-            .returning(entries.c.created_at)
-        ).scalar_one()
-        sequence = value
-    return Entry(sequence=sequence, created_at=as_utc(created_at), payload=entry)
+        now = conn.execute(sa.select(sa.type_coerce(dialect.now(name), sa.DateTime()))).scalar_one()
+        conn.execute(
+            sa.insert(entries),
+            [
+                {
+                    "ledger": ledger,
+                    "sequence": last - n + i,
+                    "idempotency_key": e.idempotency_key,
+                    "debit_account": e.debit_account,
+                    "credit_account": e.credit_account,
+                    "amount": e.amount,
+                    "asset": e.asset,
+                    "entry_type": e.entry_type,
+                    "description": e.description,
+                    "metadata": dict(e.metadata),
+                    "created_at": now,
+                }
+                for i, e in enumerate(batch, start=1)
+            ],
+        )
+        stamps = [(last - n + i, now) for i in range(1, n + 1)]
+    return [
+        Entry(sequence=seq, created_at=as_utc(created), payload=e)
+        for (seq, created), e in zip(stamps, batch, strict=True)
+    ]
 
 
 def as_utc(value: datetime) -> datetime:

@@ -5,6 +5,7 @@ The repository never opens or commits a transaction: the unit of work does.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from sqlalchemy.engine import Connection
 
 from ..domain import INT64_MAX, AccountView, AssetTotals, Entry, NewEntry
 from . import dialect
-from .numbering import as_utc, take_next_sequence_and_insert
+from .numbering import as_utc, take_next_sequences_and_insert
 from .schema import account_totals, counters, entries
 
 
@@ -79,37 +80,40 @@ class LedgerRepository:
         return value
 
     # -- entries ----------------------------------------------------------
-    def find_by_key(self, ledger: str, idempotency_key: str) -> Entry | None:
-        row = self.conn.execute(
+    def find_by_keys(self, ledger: str, keys: Collection[str]) -> dict[str, Entry]:
+        """Stored entries of `ledger` with any of `keys`, by key (one query)."""
+        rows = self.conn.execute(
             sa.select(entries).where(
-                entries.c.ledger == ledger, entries.c.idempotency_key == idempotency_key
+                entries.c.ledger == ledger, entries.c.idempotency_key.in_(list(keys))
             )
-        ).first()
-        return None if row is None else _entry_from_row(row)
+        ).all()
+        return {row.idempotency_key: _entry_from_row(row) for row in rows}
 
-    def add_to_account_totals(self, entry: NewEntry) -> bool:
-        """Adds the entry to both accounts' totals; False (and nothing changed
-        by this statement) if a total would exceed int64.
+    def add_to_account_totals(self, batch: Sequence[NewEntry]) -> bool:
+        """Adds the entries to their accounts' totals, one row update per
+        (account, asset) however many entries touch it. False (and the
+        transaction must be rolled back) if a total would exceed int64.
 
-        One statement for both rows, in (account, asset) order so that
-        concurrent posts lock account rows in the same order and cannot deadlock.
+        One statement for all rows, in (account, asset) order, so that
+        concurrent writers lock account rows in the same order and cannot
+        deadlock.
         """
-        rows = sorted(
-            [
-                (entry.debit_account, entry.amount, 0),
-                (entry.credit_account, 0, entry.amount),
-            ]
-        )
+        sums: dict[tuple[str, str], list[int]] = {}
+        for e in batch:
+            sums.setdefault((e.debit_account, e.asset), [0, 0])[0] += e.amount
+            sums.setdefault((e.credit_account, e.asset), [0, 0])[1] += e.amount
+        if any(debit > INT64_MAX or credit > INT64_MAX for debit, credit in sums.values()):
+            return False
         ins = dialect.insert(self.dialect, account_totals).values(
             [
                 {
-                    "ledger": entry.ledger,
+                    "ledger": batch[0].ledger,
                     "account": account,
-                    "asset": entry.asset,
+                    "asset": asset,
                     "debits": debit,
                     "credits": credit,
                 }
-                for account, debit, credit in rows
+                for (account, asset), (debit, credit) in sorted(sums.items())
             ]
         )
         stmt = ins.on_conflict_do_update(
@@ -127,15 +131,15 @@ class LedgerRepository:
         # RETURNING rather than rowcount: rows the guard skipped return nothing,
         # and it is reliable on every driver.
         updated = self.conn.execute(stmt.returning(account_totals.c.account)).all()
-        return len(updated) == len(rows)
+        return len(updated) == len(sums)
 
-    def append(self, entry: NewEntry) -> Entry | None:
-        """Numbers and stores the entry (see numbering.py); None without a counter."""
+    def append(self, ledger: str, batch: Sequence[NewEntry]) -> list[Entry] | None:
+        """Numbers and stores the entries (see numbering.py); None without a counter."""
         try:
-            return take_next_sequence_and_insert(self.conn, entry)
+            return take_next_sequences_and_insert(self.conn, ledger, batch)
         except sa.exc.IntegrityError as exc:
             if dialect.is_idempotency_key_violation(exc):
-                raise DuplicateIdempotencyKey(entry.idempotency_key) from exc
+                raise DuplicateIdempotencyKey(ledger) from exc
             raise
 
     def page_after(self, ledger: str, after_sequence: int, limit: int) -> Page:

@@ -284,6 +284,166 @@ class PostEntryResponse(_message.Message):
 Global___PostEntryResponse: _TypeAlias = PostEntryResponse  # noqa: Y015
 
 @_typing.final
+class EntryInput(_message.Message):
+    """One entry of a PostEntriesRequest: the fields of PostEntryRequest without
+    the ledger, with the same limits.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    DEBIT_ACCOUNT_FIELD_NUMBER: _builtins.int
+    CREDIT_ACCOUNT_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    ENTRY_TYPE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Caller-chosen key, 1-128 characters; unique per ledger and within the
+    request.
+    """
+    debit_account: _builtins.str
+    """Account debited: 1-128 characters, no control characters."""
+    credit_account: _builtins.str
+    """Account credited: 1-128 characters; must differ from `debit_account`."""
+    amount: _builtins.int
+    """Amount in minor units of `asset`: 1 to 9223372036854775807."""
+    asset: _builtins.str
+    """Asset code, as in PostEntryRequest.asset."""
+    entry_type: _builtins.str
+    """Optional free label, at most 64 characters."""
+    description: _builtins.str
+    """Optional free text, at most 1024 characters."""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Optional, as in PostEntryRequest.metadata."""
+
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        debit_account: _builtins.str = ...,
+        credit_account: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        asset: _builtins.str = ...,
+        entry_type: _builtins.str = ...,
+        description: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "credit_account", b"credit_account", "debit_account", b"debit_account", "description", b"description", "entry_type", b"entry_type", "idempotency_key", b"idempotency_key", "metadata", b"metadata"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EntryInput: _TypeAlias = EntryInput  # noqa: Y015
+
+@_typing.final
+class PostEntriesRequest(_message.Message):
+    """Request for PostEntries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEDGER_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    ledger: _builtins.str
+    """Ledger name (see InitializeCounterRequest.ledger); its counter must have
+    been initialized.
+    """
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___EntryInput]:
+        """1 to 1000 entries, with distinct idempotency keys."""
+
+    def __init__(
+        self,
+        *,
+        ledger: _builtins.str = ...,
+        entries: _abc.Iterable[Global___EntryInput] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "ledger", b"ledger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostEntriesRequest: _TypeAlias = PostEntriesRequest  # noqa: Y015
+
+@_typing.final
+class PostedEntry(_message.Message):
+    """The outcome of one entry of a PostEntries call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when the key had already been posted with the same payload."""
+    @_builtins.property
+    def entry(self) -> Global___Entry:
+        """The stored entry, with its number."""
+
+    def __init__(
+        self,
+        *,
+        entry: Global___Entry | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostedEntry: _TypeAlias = PostedEntry  # noqa: Y015
+
+@_typing.final
+class PostEntriesResponse(_message.Message):
+    """Response of PostEntries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___PostedEntry]:
+        """One result per request entry, in request order. New entries have
+        contiguous numbers in that order.
+        """
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___PostedEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostEntriesResponse: _TypeAlias = PostEntriesResponse  # noqa: Y015
+
+@_typing.final
 class StreamEntriesRequest(_message.Message):
     """Request for StreamEntries."""
 

@@ -54,6 +54,11 @@ class LedgerServiceStub:
                 request_serializer=ledger_dot_v1_dot_ledger__pb2.PostEntryRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_ledger__pb2.PostEntryResponse.FromString,
                 _registered_method=True)
+        self.PostEntries = channel.unary_unary(
+                '/ledger.v1.LedgerService/PostEntries',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.PostEntriesRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.PostEntriesResponse.FromString,
+                _registered_method=True)
         self.StreamEntries = channel.unary_stream(
                 '/ledger.v1.LedgerService/StreamEntries',
                 request_serializer=ledger_dot_v1_dot_ledger__pb2.StreamEntriesRequest.SerializeToString,
@@ -98,6 +103,17 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PostEntries(self, request, context):
+        """Posts up to 1000 entries of one ledger atomically: all new entries commit
+        with contiguous numbers, in request order, or none does. Entries whose
+        key was already posted with the same payload are returned as replayed
+        and take no number. Any invalid entry or conflicting key rejects the
+        whole batch, naming the entry's index.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StreamEntries(self, request, context):
         """Streams a ledger's entries in number order, starting after
         `after_sequence`; with `follow = true`, then stays open and delivers new
@@ -126,6 +142,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.PostEntry,
                     request_deserializer=ledger_dot_v1_dot_ledger__pb2.PostEntryRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_ledger__pb2.PostEntryResponse.SerializeToString,
+            ),
+            'PostEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.PostEntries,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.PostEntriesRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.PostEntriesResponse.SerializeToString,
             ),
             'StreamEntries': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamEntries,
@@ -202,6 +223,33 @@ class LedgerService:
             '/ledger.v1.LedgerService/PostEntry',
             ledger_dot_v1_dot_ledger__pb2.PostEntryRequest.SerializeToString,
             ledger_dot_v1_dot_ledger__pb2.PostEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PostEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/PostEntries',
+            ledger_dot_v1_dot_ledger__pb2.PostEntriesRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.PostEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,13 @@ class LedgerServiceStub:
     Safe to retry with the same `idempotency_key`: the original entry is
     returned with `replayed = true` and no number is consumed.
     """
+    PostEntries: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.PostEntriesRequest, _ledger_pb2.PostEntriesResponse]
+    """Posts up to 1000 entries of one ledger atomically: all new entries commit
+    with contiguous numbers, in request order, or none does. Entries whose
+    key was already posted with the same payload are returned as replayed
+    and take no number. Any invalid entry or conflicting key rejects the
+    whole batch, naming the entry's index.
+    """
     StreamEntries: _grpc.UnaryStreamMultiCallable[_ledger_pb2.StreamEntriesRequest, _ledger_pb2.StreamEntriesResponse]
     """Streams a ledger's entries in number order, starting after
     `after_sequence`; with `follow = true`, then stays open and delivers new
@@ -87,6 +94,13 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """Posts one journal entry and gives it the ledger's next number.
     Safe to retry with the same `idempotency_key`: the original entry is
     returned with `replayed = true` and no number is consumed.
+    """
+    PostEntries: _aio.UnaryUnaryMultiCallable[_ledger_pb2.PostEntriesRequest, _ledger_pb2.PostEntriesResponse]  # type: ignore[assignment]
+    """Posts up to 1000 entries of one ledger atomically: all new entries commit
+    with contiguous numbers, in request order, or none does. Entries whose
+    key was already posted with the same payload are returned as replayed
+    and take no number. Any invalid entry or conflicting key rejects the
+    whole batch, naming the entry's index.
     """
     StreamEntries: _aio.UnaryStreamMultiCallable[_ledger_pb2.StreamEntriesRequest, _ledger_pb2.StreamEntriesResponse]  # type: ignore[assignment]
     """Streams a ledger's entries in number order, starting after
@@ -130,6 +144,19 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Posts one journal entry and gives it the ledger's next number.
         Safe to retry with the same `idempotency_key`: the original entry is
         returned with `replayed = true` and no number is consumed.
+        """
+
+    @_abc_1.abstractmethod
+    def PostEntries(
+        self,
+        request: _ledger_pb2.PostEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.PostEntriesResponse, _abc.Awaitable[_ledger_pb2.PostEntriesResponse]]:
+        """Posts up to 1000 entries of one ledger atomically: all new entries commit
+        with contiguous numbers, in request order, or none does. Entries whose
+        key was already posted with the same payload are returned as replayed
+        and take no number. Any invalid entry or conflicting key rejects the
+        whole batch, naming the entry's index.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,112 @@
+"""Group commit: concurrent PostEntry calls for one ledger share a transaction.
+
+The counter row admits one writer per ledger at a time, so one transaction per
+entry caps a ledger at about one commit (one WAL flush) per entry. Here each
+ledger has at most one transaction in flight per process; posts that arrive
+meanwhile queue up and go together in the next one (one counter bump, one
+insert round trip, one commit). A lone caller is not delayed: with nothing in
+flight its post starts at once, as a batch of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from .domain import DeadlineExceeded, LedgerError, NewEntry, Overloaded, PostResult
+
+log = logging.getLogger(__name__)
+
+# Runs one batch (in the database thread pool) -> one outcome per entry.
+BatchWriter = Callable[
+    [Sequence[NewEntry], float | None], Awaitable[list[PostResult | LedgerError]]
+]
+
+
+@dataclass
+class _Pending:
+    entry: NewEntry
+    deadline: float | None  # time.monotonic() value, None for no deadline
+    future: asyncio.Future[PostResult]
+
+
+class GroupCommitter:
+    def __init__(self, write: BatchWriter, *, max_batch: int = 1000, max_pending: int = 10_000):
+        if max_batch < 1 or max_pending < 1:
+            raise ValueError("max_batch and max_pending must be >= 1")
+        self._write = write
+        self._max_batch = max_batch
+        # Bound on posts waiting in this process (all ledgers): beyond it new
+        # posts get RESOURCE_EXHAUSTED instead of growing memory.
+        self._max_pending = max_pending
+        self._pending = 0
+        self._queues: dict[str, deque[_Pending]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak refs
+
+    async def post(self, entry: NewEntry, time_left: float | None) -> PostResult:
+        """Queues `entry` for the next transaction of its ledger; `time_left`
+        is the caller's remaining deadline (bounds the database work)."""
+        if self._pending >= self._max_pending:
+            raise Overloaded(self._max_pending)
+        loop = asyncio.get_running_loop()
+        item = _Pending(
+            entry, None if time_left is None else time.monotonic() + time_left, loop.create_future()
+        )
+        queue = self._queues.get(entry.ledger)
+        if queue is None:
+            # No batch in flight for this ledger: become its flusher.
+            queue = self._queues[entry.ledger] = deque()
+            queue.append(item)
+            self._pending += 1
+            task = loop.create_task(self._flush(entry.ledger, queue))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            queue.append(item)
+            self._pending += 1
+        return await item.future
+
+    async def _flush(self, ledger: str, queue: deque[_Pending]) -> None:
+        try:
+            while queue:
+                batch: list[_Pending] = []
+                now = time.monotonic()
+                while queue and len(batch) < self._max_batch:
+                    item = queue.popleft()
+                    self._pending -= 1
+                    if item.future.done():  # the caller went away (cancelled)
+                        continue
+                    if item.deadline is not None and item.deadline <= now:
+                        item.future.set_exception(
+                            DeadlineExceeded("deadline exceeded while queued; nothing was written")
+                        )
+                        continue
+                    batch.append(item)
+                if batch:
+                    await self._run(batch, now)
+        finally:
+            del self._queues[ledger]
+
+    async def _run(self, batch: list[_Pending], now: float) -> None:
+        # The transaction may run as long as the most patient caller allows.
+        deadlines = [p.deadline for p in batch]
+        timeout = None if None in deadlines else max(d for d in deadlines if d) - now
+        log.debug("group commit: ledger %s, batch of %d", batch[0].entry.ledger, len(batch))
+        try:
+            outcomes = await self._write([p.entry for p in batch], timeout)
+        except Exception as exc:  # the batch failed as a whole (e.g. UNAVAILABLE)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        for p, outcome in zip(batch, outcomes, strict=True):
+            if p.future.done():
+                continue
+            if isinstance(outcome, LedgerError):
+                p.future.set_exception(outcome)
+            else:
+                p.future.set_result(outcome)
