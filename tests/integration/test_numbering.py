@@ -3,10 +3,6 @@ with real threads, separate connections and real commits."""
 
 from __future__ import annotations
 
-import functools
-import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -18,62 +14,12 @@ from ledger_service.domain import (
     INT64_MAX,
     CounterNotInitialized,
     IdempotencyConflict,
-    NewEntry,
     PostResult,
     TotalOverflow,
-    validate_new_entry,
 )
 from ledger_service.storage.schema import account_totals, counters, entries
-from ledger_service.storage.uow import UnitOfWork, create_engine
 
-from ..conftest import entry_fields
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = create_engine(db_url, pool_size=40)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def uow(engine: Engine) -> Callable[..., UnitOfWork]:
-    return functools.partial(UnitOfWork, engine)
-
-
-def make_entry(ledger: str, key: str, **overrides: Any) -> NewEntry:
-    return validate_new_entry(**entry_fields(ledger, key, **overrides))
-
-
-def sequences(engine: Engine, ledger: str) -> list[int]:
-    with engine.connect() as conn:
-        return list(
-            conn.execute(
-                sa.select(entries.c.sequence)
-                .where(entries.c.ledger == ledger)
-                .order_by(entries.c.sequence)
-            ).scalars()
-        )
-
-
-def counter_value(engine: Engine, ledger: str) -> int | None:
-    with engine.connect() as conn:
-        return conn.execute(sa.select(counters.c.value).where(counters.c.ledger == ledger)).scalar()
-
-
-def run_concurrently(n: int, fn: Callable[[int], Any]) -> list[Any]:
-    """Starts n calls together (barrier) on n threads; returns results or exceptions."""
-    barrier = threading.Barrier(n)
-
-    def call(i: int) -> Any:
-        barrier.wait()
-        try:
-            return fn(i)
-        except Exception as exc:
-            return exc
-
-    with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(call, range(n)))
+from .helpers import counter_value, make_entry, run_concurrently, sequences
 
 
 def test_initialize_counter_is_idempotent_and_never_resets(
