@@ -7,7 +7,7 @@ GEN_DIR := clients/python/src
 PROTO := protos/ledger/v1/ledger.proto
 LEDGER ?= demo
 
-.PHONY: venv run test lint typecheck generate check-generated buf-lint pytest clean
+.PHONY: venv run test lint typecheck generate check-generated buf-lint pytest clean bench bench-quick
 
 venv: $(STAMP)
 
@@ -57,3 +57,16 @@ check-generated: venv
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache ledger.sqlite3*
+
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+## Benchmark against baselines (docs/BENCHMARKS.md); `make bench-quick` is the smoke run.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run
+
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run --quick

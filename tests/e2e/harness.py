@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from collections.abc import Sequence
 from types import TracebackType
 
@@ -28,7 +29,9 @@ class ServerProcess:
         port: int = 0,
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        command: Sequence[str] = (sys.executable, "-m", "ledger_service", "serve"),
     ) -> None:
+        self.command = list(command)
         self.database_url = database_url
         self.requested_port = port
         self.extra_args = list(extra_args)
@@ -46,10 +49,7 @@ class ServerProcess:
         self.lines = []
         self.proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "ledger_service",
-                "serve",
+                *self.command,
                 "--listen",
                 f"127.0.0.1:{self.requested_port or self.port}",
                 "--database-url",
@@ -60,6 +60,7 @@ class ServerProcess:
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, **self.env},
+            cwd=Path(__file__).resolve().parents[2],
         )
         found = threading.Event()
 

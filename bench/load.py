@@ -1,0 +1,250 @@
+"""Load generator: one process of a scenario, started by bench/run.py.
+
+`python -m bench.load '<json spec>'` prints one JSON line of results. Every
+process of a run waits for the same wall-clock `start_at`, warms up, then
+counts only what completes inside the measurement window, so several load
+processes measure the same interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import grpc
+import psycopg
+from ledger.v1 import ledger_pb2, ledger_pb2_grpc
+
+# The ledger's own write path, as plain SQL for the no-gRPC database ceiling.
+_FIND = "SELECT idempotency_key FROM ledger_entries WHERE ledger = %s AND idempotency_key = ANY(%s)"
+_TOTALS = """
+INSERT INTO ledger_account_totals (ledger, account, asset, debits, credits)
+VALUES (%s, %s, 'USD', %s, 0), (%s, %s, 'USD', 0, %s)
+ON CONFLICT (ledger, account, asset) DO UPDATE
+SET debits = ledger_account_totals.debits + excluded.debits,
+    credits = ledger_account_totals.credits + excluded.credits
+"""
+_NUMBER_AND_INSERT = """
+WITH bump AS (UPDATE ledger_counters SET value = value + %(n)s WHERE ledger = %(ledger)s
+              RETURNING value),
+ins AS (INSERT INTO ledger_entries (ledger, sequence, idempotency_key, debit_account,
+            credit_account, amount, asset, entry_type, description, metadata, created_at)
+        SELECT %(ledger)s, bump.value - %(n)s + t.ord, t.k, %(debit)s, %(credit)s, 1, 'USD',
+               '', '', '{}'::jsonb, clock_timestamp()
+        FROM bump, unnest(%(keys)s::text[]) WITH ORDINALITY AS t(k, ord)
+        RETURNING sequence)
+SELECT count(*) FROM ins
+"""
+
+
+def _request(ledger: str, key: str, worker: str) -> ledger_pb2.PostEntryRequest:
+    return ledger_pb2.PostEntryRequest(
+        ledger=ledger,
+        idempotency_key=key,
+        debit_account=f"d-{worker}",
+        credit_account=f"c-{worker}",
+        amount=1,
+        asset="USD",
+    )
+
+
+async def _wait_until(t: float) -> None:
+    await asyncio.sleep(max(0.0, t - time.time()))
+
+
+async def post_load(spec: dict[str, Any]) -> dict[str, Any]:
+    """`concurrency` callers posting one entry per call (or `batch` per
+    PostEntries call) as fast as they can."""
+    start, end = (
+        spec["start_at"] + spec["warmup"],
+        spec["start_at"] + spec["warmup"] + spec["duration"],
+    )
+    batch = spec.get("batch", 0)
+    latencies: list[float] = []
+    entries = 0
+    async with grpc.aio.insecure_channel(spec["address"]) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+
+        async def caller(i: int) -> None:
+            nonlocal entries
+            worker = f"{spec['process']}-{i}"
+            n = 0
+            await _wait_until(spec["start_at"])
+            while time.time() < end:
+                n += 1
+                t0 = time.time()
+                if batch:
+                    await stub.PostEntries(
+                        ledger_pb2.PostEntriesRequest(
+                            ledger=spec["ledger"],
+                            entries=[
+                                ledger_pb2.EntryInput(
+                                    idempotency_key=f"{worker}-{n}-{j}",
+                                    debit_account=f"d-{worker}",
+                                    credit_account=f"c-{worker}",
+                                    amount=1,
+                                    asset="USD",
+                                )
+                                for j in range(batch)
+                            ],
+                        ),
+                        timeout=60,
+                    )
+                else:
+                    await stub.PostEntry(
+                        _request(spec["ledger"], f"{worker}-{n}", worker), timeout=60
+                    )
+                t1 = time.time()
+                if start <= t1 <= end:
+                    latencies.append(t1 - t0)
+                    entries += batch or 1
+
+        await asyncio.gather(*(caller(i) for i in range(spec["concurrency"])))
+    return {"entries": entries, "seconds": spec["duration"], "latencies": latencies}
+
+
+async def rate_writer(spec: dict[str, Any]) -> dict[str, Any]:
+    """Posts at a fixed total `rate` for `duration`; returns each entry's
+    acknowledgement time by sequence."""
+    acks: dict[int, float] = {}
+    interval = spec["concurrency"] / spec["rate"]
+    async with grpc.aio.insecure_channel(spec["address"]) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+
+        async def caller(i: int) -> None:
+            worker = f"{spec['process']}-{i}"
+            t = spec["start_at"] + i * interval / spec["concurrency"]
+            n = 0
+            while t < spec["start_at"] + spec["duration"]:
+                await _wait_until(t)
+                n += 1
+                r = await stub.PostEntry(
+                    _request(spec["ledger"], f"{worker}-{n}", worker), timeout=60
+                )
+                acks[r.entry.sequence] = time.time()
+                t += interval
+
+        await asyncio.gather(*(caller(i) for i in range(spec["concurrency"])))
+    return {"acks": acks}
+
+
+async def followers(spec: dict[str, Any]) -> dict[str, Any]:
+    """`streams` following streams from `after`; arrival time of every entry
+    per stream, until `until` arrived or `deadline` passed."""
+    async with grpc.aio.insecure_channel(spec["address"]) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+
+        async def follow() -> dict[int, float]:
+            seen: dict[int, float] = {}
+            call = stub.StreamEntries(
+                ledger_pb2.StreamEntriesRequest(
+                    ledger=spec["ledger"], after_sequence=spec["after"], follow=True
+                )
+            )
+            try:
+                async with asyncio.timeout(max(1.0, spec["deadline"] - time.time())):
+                    async for message in call:
+                        now = time.time()
+                        for e in message.entries:
+                            seen[e.sequence] = now
+                        if spec["until"] and spec["until"] in seen:
+                            break
+            except TimeoutError:
+                pass
+            call.cancel()
+            return seen
+
+        results = await asyncio.gather(*(follow() for _ in range(spec["streams"])))
+    return {"arrivals": results}
+
+
+async def catch_up(spec: dict[str, Any]) -> dict[str, Any]:
+    """Reads a ledger from the start (follow=false), up to `limit` entries."""
+    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    async with grpc.aio.insecure_channel(spec["address"], options=options) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        call = stub.StreamEntries(ledger_pb2.StreamEntriesRequest(ledger=spec["ledger"]))
+        count, last, t0 = 0, 0, time.time()
+        async for message in call:
+            if message.entries:
+                count += len(message.entries)
+                last = message.entries[-1].sequence
+            if count >= spec["limit"]:
+                call.cancel()
+                break
+        elapsed = time.time() - t0
+    return {"entries": count, "last": last, "seconds": elapsed}
+
+
+def db_load(spec: dict[str, Any]) -> dict[str, Any]:
+    """psycopg clients, no gRPC: the ledger's transaction (lookup, totals,
+    counter + insert, commit) with `size` entries each, as fast as they can."""
+    start, end = (
+        spec["start_at"] + spec["warmup"],
+        spec["start_at"] + spec["warmup"] + spec["duration"],
+    )
+    size = spec["size"]
+    latencies: list[float] = []
+    counts = [0] * spec["concurrency"]
+
+    def client(i: int) -> None:
+        worker = f"{spec['process']}-{i}-{uuid.uuid4().hex[:6]}"
+        with psycopg.connect(spec["url"]) as conn:
+            time.sleep(max(0.0, spec["start_at"] - time.time()))
+            n = 0
+            while time.time() < end:
+                n += 1
+                keys = [f"{worker}-{n}-{j}" for j in range(size)]
+                t0 = time.time()
+                with conn.transaction():
+                    conn.execute(_FIND, (spec["ledger"], keys))
+                    conn.execute(
+                        _TOTALS,
+                        (spec["ledger"], f"d-{worker}", size, spec["ledger"], f"c-{worker}", size),
+                    )
+                    conn.execute(
+                        _NUMBER_AND_INSERT,
+                        {
+                            "n": size,
+                            "ledger": spec["ledger"],
+                            "debit": f"d-{worker}",
+                            "credit": f"c-{worker}",
+                            "keys": keys,
+                        },
+                    )
+                t1 = time.time()
+                if start <= t1 <= end:
+                    counts[i] += size
+                    latencies.append(t1 - t0)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(spec["concurrency"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"entries": sum(counts), "seconds": spec["duration"], "latencies": latencies}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    kind = spec["kind"]
+    if kind == "db":
+        result = db_load(spec)
+    else:
+        runner = {
+            "post": post_load,
+            "rate_writer": rate_writer,
+            "followers": followers,
+            "catch_up": catch_up,
+        }[kind]
+        result = asyncio.run(runner(spec))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

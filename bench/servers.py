@@ -1,0 +1,123 @@
+"""Bench-only servers for the baselines, on the same gRPC path as the ledger:
+
+- `sequence`: PostEntry numbered by a Postgres SEQUENCE (not gap-free): same
+  validation, idempotency lookup and account totals, no counter row;
+- `noop`: PostEntry validated and answered without any database work (the
+  gRPC ceiling).
+
+`python -m bench.servers --mode sequence --database-url URL --listen ADDR`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import sqlalchemy as sa
+from ledger.v1 import ledger_pb2, ledger_pb2_grpc
+
+from ledger_service.api.convert import entry_to_proto, new_entry_from_request
+from ledger_service.api.errors import ErrorMappingInterceptor
+from ledger_service.api.servicer import LedgerServicer, StreamSettings
+from ledger_service.domain import Entry, NewEntry
+from ledger_service.storage.uow import UnitOfWork, create_engine
+from ledger_service.watch import HeadWatcher
+
+log = logging.getLogger("bench.servers")
+
+SETUP_SQL = [
+    "CREATE SEQUENCE IF NOT EXISTS bench_seq",
+    "CREATE TABLE IF NOT EXISTS bench_seq_entries (LIKE ledger_entries INCLUDING ALL)",
+]
+
+_INSERT_WITH_SEQUENCE = sa.text(
+    """
+    INSERT INTO bench_seq_entries (
+        ledger, sequence, idempotency_key, debit_account, credit_account, amount, asset,
+        entry_type, description, metadata, created_at)
+    VALUES (:ledger, nextval('bench_seq'), :idempotency_key, :debit_account, :credit_account,
+            :amount, :asset, :entry_type, :description, CAST(:metadata AS JSONB), clock_timestamp())
+    RETURNING sequence, created_at
+    """
+)
+
+
+def post_with_sequence(engine: sa.Engine, entry: NewEntry) -> Entry:
+    with UnitOfWork(engine, write=True) as uow:
+        # The same work as the ledger's write path, minus the counter row.
+        uow.ledger.find_by_keys(entry.ledger, [entry.idempotency_key])
+        uow.ledger.add_to_account_totals([entry])
+        row = uow.ledger.conn.execute(
+            _INSERT_WITH_SEQUENCE,
+            {
+                "ledger": entry.ledger,
+                "idempotency_key": entry.idempotency_key,
+                "debit_account": entry.debit_account,
+                "credit_account": entry.credit_account,
+                "amount": entry.amount,
+                "asset": entry.asset,
+                "entry_type": entry.entry_type,
+                "description": entry.description,
+                "metadata": json.dumps(dict(entry.metadata)),
+            },
+        ).one()
+        uow.commit()
+    return Entry(row.sequence, row.created_at, entry)
+
+
+class BaselineServicer(LedgerServicer):
+    def __init__(self, mode: str, engine: sa.Engine, executor: ThreadPoolExecutor) -> None:
+        super().__init__(engine, executor, HeadWatcher(), StreamSettings(), group_commit=False)
+        self._mode = mode
+        self._bench_engine = engine
+
+    async def PostEntry(
+        self, request: ledger_pb2.PostEntryRequest, context: Any
+    ) -> ledger_pb2.PostEntryResponse:
+        entry = new_entry_from_request(request)
+        if self._mode == "noop":
+            stored = Entry(1, datetime.now(UTC), entry)
+        else:
+            stored = await self._run(post_with_sequence, self._bench_engine, entry)
+        return ledger_pb2.PostEntryResponse(entry=entry_to_proto(stored))
+
+
+async def serve(mode: str, database_url: str, listen: str, pool_size: int) -> None:
+    engine = create_engine(database_url, pool_size=pool_size)
+    with engine.begin() as conn:
+        for statement in SETUP_SQL:
+            conn.exec_driver_sql(statement)
+    executor = ThreadPoolExecutor(pool_size)
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor()], options=[("grpc.so_reuseport", 0)]
+    )
+    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
+        BaselineServicer(mode, engine, executor), server
+    )
+    port = server.add_insecure_port(listen)
+    await server.start()
+    log.info("ledger-service listening on %s:%d (bench %s)", listen.rsplit(":", 1)[0], port, mode)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["sequence", "noop"], required=True)
+    parser.add_argument("--database-url", required=True)
+    parser.add_argument("--listen", default="127.0.0.1:0")
+    parser.add_argument("--pool-size", type=int, default=16)
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve(args.mode, args.database_url, args.listen, args.pool_size))
+
+
+if __name__ == "__main__":
+    main()
