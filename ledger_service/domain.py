@@ -176,6 +176,9 @@ class Entry:
     sequence: int
     created_at: datetime
     payload: NewEntry
+    # The entry's ledger.v1.Entry encoding when storage has it at hand (a cache
+    # for the gRPC edge; not part of the value).
+    wire: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

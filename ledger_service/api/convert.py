@@ -41,6 +41,8 @@ def batch_from_request(request: ledger_pb2.PostEntriesRequest) -> list[NewEntry]
 
 
 def entry_to_proto(entry: Entry) -> ledger_pb2.Entry:
+    if entry.wire is not None:  # parsing the stored encoding beats building it
+        return ledger_pb2.Entry.FromString(entry.wire)
     p = entry.payload
     message = ledger_pb2.Entry(
         ledger=p.ledger,

@@ -16,7 +16,7 @@ import grpc
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from sqlalchemy.engine import Engine
 
-from .. import service
+from .. import service, wire
 from ..domain import (
     STREAM_MESSAGE_MAX_ENTRIES,
     DeadlineExceeded,
@@ -161,16 +161,16 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 service.read_page, self._uow, ledger, position, settings.page_size
             )
             head = max(head, page.head or 0)
-            full = len(page.entries) == settings.page_size
-            if page.entries:
-                position = page.entries[-1].sequence
+            full = len(page.sequences) == settings.page_size
+            if page.sequences:
+                position = page.sequences[-1]
                 marker = not full and not caught_up
                 caught_up = caught_up or marker
-                yield ledger_pb2.StreamEntriesResponse(
-                    entries=[entry_to_proto(e) for e in page.entries],
-                    caught_up=marker,
-                    head_sequence=max(head, position),
-                )
+                # Assembled from the stored encodings: no message per entry.
+                message = ledger_pb2.StreamEntriesResponse.FromString(wire.repeated(page.encoded))
+                message.caught_up = marker
+                message.head_sequence = max(head, position)
+                yield message
                 last_sent = time.monotonic()
                 if full:
                     continue

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from .. import wire
 from ..domain import Entry, NewEntry
 from . import dialect
 from .schema import counters, entries
@@ -46,17 +47,18 @@ _TAKE_AND_INSERT_PG = sa.text(
     ), ins AS (
         INSERT INTO ledger_entries (
             ledger, sequence, idempotency_key, debit_account, credit_account,
-            amount, asset, entry_type, description, metadata, created_at)
+            amount, asset, entry_type, description, metadata, created_at, wire)
         SELECT :ledger, bump.value - :n + t.ord, t.idempotency_key, t.debit_account,
                t.credit_account, t.amount, t.asset, t.entry_type, t.description,
-               t.metadata, clock_timestamp()
+               t.metadata, clock_timestamp(), t.wire
         FROM bump, unnest(
             CAST(:idempotency_keys AS TEXT[]), CAST(:debit_accounts AS TEXT[]),
             CAST(:credit_accounts AS TEXT[]), CAST(:amounts AS BIGINT[]),
             CAST(:assets AS TEXT[]), CAST(:entry_types AS TEXT[]),
-            CAST(:descriptions AS TEXT[]), CAST(:metadatas AS JSONB[])
+            CAST(:descriptions AS TEXT[]), CAST(:metadatas AS JSONB[]),
+            CAST(:wires AS BYTEA[])
         ) WITH ORDINALITY AS t(idempotency_key, debit_account, credit_account, amount,
-                               asset, entry_type, description, metadata, ord)
+                               asset, entry_type, description, metadata, wire, ord)
         RETURNING sequence, created_at
     )
     SELECT ins.sequence, ins.created_at
@@ -78,6 +80,7 @@ def take_next_sequences_and_insert(
     concurrent transaction (the caller rolls back, so no number is lost).
     """
     n = len(batch)
+    payloads = [wire.payload(e) for e in batch]
     name = dialect.name_of(conn)
     if name == dialect.POSTGRES:
         rows = conn.execute(
@@ -93,6 +96,7 @@ def take_next_sequences_and_insert(
                 "entry_types": [e.entry_type for e in batch],
                 "descriptions": [e.description for e in batch],
                 "metadatas": [json.dumps(dict(e.metadata)) for e in batch],
+                "wires": payloads,
             },
         ).all()
         if not rows:
@@ -126,14 +130,15 @@ def take_next_sequences_and_insert(
                     "description": e.description,
                     "metadata": dict(e.metadata),
                     "created_at": now,
+                    "wire": payload,
                 }
-                for i, e in enumerate(batch, start=1)
+                for i, (e, payload) in enumerate(zip(batch, payloads, strict=True), start=1)
             ],
         )
         stamps = [(last - n + i, now) for i in range(1, n + 1)]
     return [
-        Entry(sequence=seq, created_at=as_utc(created), payload=e)
-        for (seq, created), e in zip(stamps, batch, strict=True)
+        Entry(seq, as_utc(created), e, wire.entry(payload, seq, created))
+        for (seq, created), e, payload in zip(stamps, batch, payloads, strict=True)
     ]
 
 

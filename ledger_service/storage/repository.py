@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from .. import wire
 from ..domain import INT64_MAX, AccountView, AssetTotals, Entry, NewEntry
 from . import dialect
 from .numbering import as_utc, take_next_sequences_and_insert
@@ -24,15 +25,20 @@ class DuplicateIdempotencyKey(Exception):
 
 @dataclass(frozen=True)
 class Page:
-    entries: list[Entry]
+    """Consecutive entries, as ledger.v1.Entry encodings (see wire.py)."""
+
+    sequences: list[int]
+    encoded: list[bytes]
     # The counter's value when the page was read, or None without a counter.
     head: int | None
 
 
 def _entry_from_row(row: Any) -> Entry:
+    created_at = as_utc(row.created_at)
     return Entry(
         sequence=row.sequence,
-        created_at=as_utc(row.created_at),
+        created_at=created_at,
+        wire=None if row.wire is None else wire.entry(row.wire, row.sequence, created_at),
         payload=NewEntry(
             ledger=row.ledger,
             idempotency_key=row.idempotency_key,
@@ -144,16 +150,31 @@ class LedgerRepository:
 
     def page_after(self, ledger: str, after_sequence: int, limit: int) -> Page:
         """Up to `limit` entries above `after_sequence`, by keyset on the
-        primary key (never OFFSET), plus the counter value."""
+        primary key (never OFFSET), plus the counter value read after them
+        (so head >= every entry of the page)."""
         rows = self.conn.execute(
-            sa.select(entries)
+            sa.select(entries.c.sequence, entries.c.created_at, entries.c.wire)
             .where(entries.c.ledger == ledger, entries.c.sequence > after_sequence)
             .order_by(entries.c.sequence)
             .limit(limit)
         ).all()
-        page = [_entry_from_row(r) for r in rows]
-        head = self.counter_value(ledger)
-        return Page(page, head)
+        sequences = [r.sequence for r in rows]
+        missing = [r.sequence for r in rows if r.wire is None]
+        restored = {}
+        if missing:  # rows written by other means (restored data): encode from columns
+            full = self.conn.execute(
+                sa.select(entries).where(
+                    entries.c.ledger == ledger, entries.c.sequence.in_(missing)
+                )
+            ).all()
+            restored = {r.sequence: wire.payload(_entry_from_row(r).payload) for r in full}
+        encoded = [
+            wire.entry(
+                r.wire if r.wire is not None else restored[r.sequence], r.sequence, r.created_at
+            )
+            for r in rows
+        ]
+        return Page(sequences, encoded, self.counter_value(ledger))
 
     # -- accounts ---------------------------------------------------------
     def account_view(self, ledger: str, account: str) -> AccountView | None:

@@ -37,6 +37,9 @@ entries = sa.Table(
     sa.Column("description", sa.Text, nullable=False),
     sa.Column("metadata", JsonMap, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # ledger.v1.Entry encoding without sequence and created_at (ledger_service/
+    # wire.py); NULL for rows written by other means, encoded when read.
+    sa.Column("wire", sa.LargeBinary, nullable=True),
     sa.UniqueConstraint("ledger", "idempotency_key", name="uq_ledger_entries_idempotency_key"),
     sa.CheckConstraint("sequence > 0", name="ck_ledger_entries_sequence_positive"),
     sa.CheckConstraint("amount > 0", name="ck_ledger_entries_amount_positive"),

@@ -40,6 +40,7 @@ def upgrade() -> None:
         sa.Column("description", sa.Text, nullable=False),
         sa.Column("metadata", JsonMap, nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("wire", sa.LargeBinary, nullable=True),
         sa.UniqueConstraint("ledger", "idempotency_key", name="uq_ledger_entries_idempotency_key"),
         sa.CheckConstraint("sequence > 0", name="ck_ledger_entries_sequence_positive"),
         sa.CheckConstraint("amount > 0", name="ck_ledger_entries_amount_positive"),
