@@ -27,6 +27,7 @@ from ..domain import (
     validate_stream_request,
 )
 from ..group_commit import GroupCommitter
+from ..storage.repository import Page
 from ..storage.uow import UnitOfWork
 from ..watch import HeadWatcher
 from .convert import (
@@ -142,52 +143,71 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> AsyncIterator[ledger_pb2.StreamEntriesResponse]:
         """Catch-up in bounded keyset pages, then (follow) live entries.
 
-        Each page is read in its own short transaction and sent before the next
-        is read: a slow consumer holds one page in memory and no database
-        lock, and gRPC flow control makes this generator wait for it.
+        Each page is read in its own short statement. While a full page is
+        being sent, the next one is read (one page ahead, no more): a slow
+        consumer holds at most two pages in memory and no database lock, and
+        gRPC flow control makes this generator wait for it.
         """
         ledger, position = request.ledger, request.after_sequence
         validate_stream_request(ledger, position)
         head = await self._run(service.stream_start, self._uow, ledger, position)
         settings = self._streams
+        db_page = settings.page_size * _PAGES_PER_READ
         caught_up = False
         last_sent = time.monotonic()
-        while True:
-            if self._stopping:
-                raise ShuttingDown()
-            # Taken before the read, so a commit during the read still wakes us.
-            wake = self._watcher.event(ledger)
-            page = await self._run(
-                service.read_page, self._uow, ledger, position, settings.page_size
-            )
-            head = max(head, page.head or 0)
-            full = len(page.sequences) == settings.page_size
-            if page.sequences:
-                position = page.sequences[-1]
-                marker = not full and not caught_up
-                caught_up = caught_up or marker
-                # Assembled from the stored encodings: no message per entry.
-                message = ledger_pb2.StreamEntriesResponse.FromString(wire.repeated(page.encoded))
-                message.caught_up = marker
-                message.head_sequence = max(head, position)
-                yield message
-                last_sent = time.monotonic()
+        # Taken before each read, so a commit during the read still wakes us.
+        wake = self._watcher.event(ledger)
+        pending = self._read_page(ledger, position, db_page)
+        try:
+            while True:
+                page = await pending
+                woken_by = wake
+                head = max(head, page.head or 0)
+                full = len(page.rows) == db_page
+                if full:
+                    wake = self._watcher.event(ledger)
+                    pending = self._read_page(ledger, page.rows[-1][0], db_page)
+                for start in range(0, len(page.rows), settings.page_size):
+                    if self._stopping:
+                        raise ShuttingDown()
+                    rows = page.rows[start : start + settings.page_size]
+                    position = rows[-1][0]
+                    # Assembled from the stored encodings, not built entry by entry.
+                    message = wire.stream_message(rows)
+                    if not full and not caught_up and position == page.rows[-1][0]:
+                        message.caught_up = caught_up = True
+                    message.head_sequence = max(head, position)
+                    yield message
+                    last_sent = time.monotonic()
                 if full:
                     continue
-            elif not caught_up:
-                caught_up = True
-                yield ledger_pb2.StreamEntriesResponse(caught_up=True, head_sequence=head)
-                last_sent = time.monotonic()
-            if not request.follow:
-                return
-            idle = time.monotonic() - last_sent
-            if idle >= settings.heartbeat_interval:
-                yield ledger_pb2.StreamEntriesResponse(heartbeat=True, head_sequence=head)
-                last_sent = time.monotonic()
-                idle = 0.0
-            wait = min(settings.poll_interval, settings.heartbeat_interval - idle)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=wait)
+                if not caught_up:
+                    caught_up = True
+                    yield ledger_pb2.StreamEntriesResponse(caught_up=True, head_sequence=head)
+                    last_sent = time.monotonic()
+                if not request.follow:
+                    return
+                idle = time.monotonic() - last_sent
+                if idle >= settings.heartbeat_interval:
+                    yield ledger_pb2.StreamEntriesResponse(heartbeat=True, head_sequence=head)
+                    last_sent = time.monotonic()
+                    idle = 0.0
+                wait = min(settings.poll_interval, settings.heartbeat_interval - idle)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken_by.wait(), timeout=wait)
+                if self._stopping:
+                    raise ShuttingDown()
+                wake = self._watcher.event(ledger)
+                pending = self._read_page(ledger, position, db_page)
+        finally:
+            pending.cancel()
+
+    def _read_page(self, ledger: str, after: int, limit: int) -> asyncio.Future[Page]:
+        return asyncio.ensure_future(self._run(service.read_page, self._uow, ledger, after, limit))
+
+
+# Rows per database read, in stream messages: fewer round trips per entry.
+_PAGES_PER_READ = 2
 
 
 def _remaining(context: Context) -> float | None:

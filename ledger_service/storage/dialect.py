@@ -34,6 +34,21 @@ def now(dialect_name: str) -> sa.ColumnElement[Any]:
     return sa.func.strftime("%Y-%m-%d %H:%M:%f", "now")
 
 
+def epoch_micros(dialect_name: str, column: sa.ColumnElement[Any]) -> sa.ColumnElement[int]:
+    """A timestamp column as integer microseconds since the epoch: streams
+    turn it into a protobuf Timestamp with two integer operations instead of
+    parsing a datetime per row."""
+    if dialect_name == POSTGRES:
+        return sa.cast(sa.extract("epoch", column) * 1_000_000, sa.BigInteger)
+    # SQLite keeps milliseconds (see now()); julianday() is a float, so round.
+    return (
+        sa.cast(
+            sa.func.round((sa.func.julianday(column) - 2440587.5) * 86_400_000.0), sa.BigInteger
+        )
+        * 1000
+    )
+
+
 def insert(dialect_name: str, table: sa.Table) -> Any:
     """INSERT that supports ON CONFLICT (same API on both dialects)."""
     if dialect_name == POSTGRES:

@@ -25,12 +25,16 @@ class DuplicateIdempotencyKey(Exception):
 
 @dataclass(frozen=True)
 class Page:
-    """Consecutive entries, as ledger.v1.Entry encodings (see wire.py)."""
+    """Consecutive entries as (sequence, created_at in epoch microseconds,
+    payload encoding) rows (see wire.py), plus the counter's value read after
+    them (None: no counter)."""
 
-    sequences: list[int]
-    encoded: list[bytes]
-    # The counter's value when the page was read, or None without a counter.
+    rows: list[tuple[int, int, bytes]]
     head: int | None
+
+    @property
+    def sequences(self) -> list[int]:
+        return [row[0] for row in self.rows]
 
 
 def _entry_from_row(row: Any) -> Entry:
@@ -152,14 +156,20 @@ class LedgerRepository:
         """Up to `limit` entries above `after_sequence`, by keyset on the
         primary key (never OFFSET), plus the counter value read after them
         (so head >= every entry of the page)."""
+        head = sa.select(counters.c.value).where(counters.c.ledger == ledger).scalar_subquery()
+        # One statement, head included: one round trip per page.
         rows = self.conn.execute(
-            sa.select(entries.c.sequence, entries.c.created_at, entries.c.wire)
+            sa.select(
+                entries.c.sequence,
+                dialect.epoch_micros(self.dialect, entries.c.created_at),
+                entries.c.wire,
+                head,
+            )
             .where(entries.c.ledger == ledger, entries.c.sequence > after_sequence)
             .order_by(entries.c.sequence)
             .limit(limit)
         ).all()
-        sequences = [r.sequence for r in rows]
-        missing = [r.sequence for r in rows if r.wire is None]
+        missing = [seq for seq, _, payload, _ in rows if payload is None]
         restored = {}
         if missing:  # rows written by other means (restored data): encode from columns
             full = self.conn.execute(
@@ -168,13 +178,11 @@ class LedgerRepository:
                 )
             ).all()
             restored = {r.sequence: wire.payload(_entry_from_row(r).payload) for r in full}
-        encoded = [
-            wire.entry(
-                r.wire if r.wire is not None else restored[r.sequence], r.sequence, r.created_at
-            )
-            for r in rows
+        page = [
+            (seq, micros, payload if payload is not None else restored[seq])
+            for seq, micros, payload, _ in rows
         ]
-        return Page(sequences, encoded, self.counter_value(ledger))
+        return Page(page, rows[-1][3] if rows else self.counter_value(ledger))
 
     # -- accounts ---------------------------------------------------------
     def account_view(self, ledger: str, account: str) -> AccountView | None:

@@ -101,6 +101,10 @@ class UnitOfWork:
         try:
             if self._write and conn.dialect.name == dialect.SQLITE:
                 conn.execution_options(sqlite_begin="IMMEDIATE")
+            elif not self._write and conn.dialect.name == dialect.POSTGRES:
+                # Reads are single statements (each its own snapshot): no
+                # BEGIN/ROLLBACK round trips around them.
+                conn.execution_options(isolation_level="AUTOCOMMIT")
             conn.begin()
             if self._timeout is not None and conn.dialect.name == dialect.POSTGRES:
                 # Honour the caller's deadline inside the database too, lock

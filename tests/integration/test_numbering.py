@@ -7,10 +7,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from ledger.v1 import ledger_pb2
 from sqlalchemy.engine import Engine
 
-from ledger_service import service
+from ledger_service import service, wire
 from ledger_service.domain import (
     INT64_MAX,
     CounterNotInitialized,
@@ -74,7 +73,7 @@ def test_counter_is_seeded_from_existing_entries(uow: Any, engine: Engine, ledge
     # Restored rows have no stored encoding; streams encode them from columns.
     page = service.read_page(uow, ledger, 0, 10)
     assert page.sequences == [1, 2, 3, 7, 8]
-    decoded = [ledger_pb2.Entry.FromString(b) for b in page.encoded]
+    decoded = wire.stream_message(page.rows).entries
     assert [(e.sequence, e.idempotency_key, e.amount) for e in decoded] == [
         (1, "restored-1", 1),
         (2, "restored-2", 1),

@@ -49,9 +49,13 @@ def test_encoded_entry_parses_to_the_same_message(created_at: datetime) -> None:
     assert ledger_pb2.Entry.FromString(wire.entry(wire.payload(ENTRY), 300, created_at)) == expected
 
 
-def test_repeated_entries_form_a_stream_message() -> None:
-    at = datetime(2026, 11, 27, tzinfo=UTC)
-    encoded = [wire.entry(wire.payload(ENTRY), seq, at) for seq in (1, 2, 3)]
-    message = ledger_pb2.StreamEntriesResponse.FromString(wire.repeated(encoded))
+def test_stream_messages_are_assembled_from_payloads() -> None:
+    at = datetime(2026, 11, 27, 1, 2, 3, 456789, tzinfo=UTC)
+    micros = int(at.timestamp()) * 1_000_000 + at.microsecond
+    rows = [(seq, micros, wire.payload(ENTRY)) for seq in (1, 2, 3)]
+    message = wire.stream_message(rows)
     assert [e.sequence for e in message.entries] == [1, 2, 3]
     assert message.entries[2].metadata == {"a": "1", "b": "2"}
+    assert message.entries[0].created_at.ToDatetime(tzinfo=UTC) == at
+    single = ledger_pb2.Entry.FromString(wire.entry(wire.payload(ENTRY), 2, at))
+    assert message.entries[1] == single
