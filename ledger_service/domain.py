@@ -176,9 +176,9 @@ class Entry:
     sequence: int
     created_at: datetime
     payload: NewEntry
-    # The entry's ledger.v1.Entry encoding when storage has it at hand (a cache
-    # for the gRPC edge; not part of the value).
-    wire: bytes | None = field(default=None, compare=False, repr=False)
+    # The payload's ledger.v1.Entry encoding when storage has it at hand (a
+    # cache for the gRPC edge, see wire.py; not part of the value).
+    payload_wire: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,8 @@ def _check_text(
         out.append(FieldViolation(name, f"must match {pattern_text}"))
     elif allow_control and "\x00" in value:
         out.append(FieldViolation(name, "must not contain NUL"))
-    elif not allow_control and _CONTROL_RE.search(value):
+    # isprintable() is a fast C check that rules out every control character.
+    elif not allow_control and not value.isprintable() and _CONTROL_RE.search(value):
         out.append(FieldViolation(name, "must not contain control characters"))
 
 
@@ -295,6 +296,37 @@ def validate_new_entry(
     """Checks every field and reports every violation at once."""
     out: list[FieldViolation] = []
     _check_ledger(out, ledger)
+    entry = _checked_entry(
+        out,
+        ledger=ledger,
+        idempotency_key=idempotency_key,
+        debit_account=debit_account,
+        credit_account=credit_account,
+        amount=amount,
+        asset=asset,
+        entry_type=entry_type,
+        description=description,
+        metadata=metadata,
+    )
+    _raise_if(out)
+    return entry
+
+
+def _checked_entry(
+    out: list[FieldViolation],
+    *,
+    ledger: str,
+    idempotency_key: str,
+    debit_account: str,
+    credit_account: str,
+    amount: int,
+    asset: str,
+    entry_type: str = "",
+    description: str = "",
+    metadata: Mapping[str, str] | None = None,
+) -> NewEntry:
+    """Appends the violations of every field but `ledger` (checked by the caller,
+    once per batch) to `out`; returns the entry, meaningful only if none."""
     _check_text(out, "idempotency_key", idempotency_key, max_chars=KEY_MAX_CHARS)
     _check_text(out, "debit_account", debit_account, max_chars=ACCOUNT_MAX_CHARS)
     _check_text(out, "credit_account", credit_account, max_chars=ACCOUNT_MAX_CHARS)
@@ -348,7 +380,6 @@ def validate_new_entry(
             out.append(
                 FieldViolation("metadata", f"must be at most {METADATA_MAX_BYTES} bytes of UTF-8")
             )
-    _raise_if(out)
     return NewEntry(
         ledger=ledger,
         idempotency_key=idempotency_key,
@@ -375,12 +406,10 @@ def validate_batch(ledger: str, items: Sequence[Mapping[str, Any]]) -> list[NewE
     batch: list[NewEntry] = []
     first_index: dict[str, int] = {}
     for i, item in enumerate(items):
-        try:
-            batch.append(validate_new_entry(ledger=ledger, **item))
-        except InvalidArgument as exc:
-            out.extend(
-                FieldViolation(f"entries[{i}].{v.field}", v.description) for v in exc.violations
-            )
+        mine: list[FieldViolation] = []
+        batch.append(_checked_entry(mine, ledger=ledger, **item))
+        if mine:
+            out.extend(FieldViolation(f"entries[{i}].{v.field}", v.description) for v in mine)
             continue
         key = batch[-1].idempotency_key
         if key in first_index:

@@ -2,11 +2,11 @@
 
 Entries never change, so each entry's `ledger.v1.Entry` encoding, minus the two
 fields only the database knows (sequence, created_at), is computed once when
-it is written and stored beside the columns (`ledger_entries.wire`). Reading
-then appends those two fields; protobuf merges concatenated encodings, so
-`payload + sequence + created_at` is a valid Entry. Catch-up streams and batch
-responses are assembled from these bytes instead of building a Python message
-per entry, which is what limited them (see docs/BENCHMARKS.md).
+it is written and stored beside the columns (`ledger_entries.wire`). Messages
+of many entries are then made by one parse of the concatenated payloads (with
+their field tags) plus two fields set per entry, instead of a Python message
+built field by field per entry, which is what limited catch-up streams and
+batch responses (see docs/BENCHMARKS.md).
 
 This couples the table to the wire contract on purpose: the contract only
 ever grows compatibly (buf breaking), and rows written without `wire` (restored
@@ -16,15 +16,17 @@ data) are encoded from their columns instead.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from ledger.v1 import ledger_pb2
 
 from .domain import NewEntry
 
-_SEQUENCE_TAG = b"\x10"  # field 2, varint
-_CREATED_AT_TAG = b"\x5a"  # field 11, length-delimited
-_ENTRIES_TAG = b"\x0a"  # StreamEntriesResponse.entries / repeated field 1
+_ENTRIES_TAG = b"\x0a"  # field 1, length-delimited (entries, results, entry)
+_REPLAYED_TRUE = b"\x10\x01"  # PostedEntry.replayed = true
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def _varint(value: int) -> bytes:
@@ -56,22 +58,42 @@ def payload(entry: NewEntry) -> bytes:
     ).SerializeToString()
 
 
-def entry(payload_bytes: bytes, sequence: int, created_at: datetime) -> bytes:
-    """A complete ledger.v1.Entry encoding."""
-    if created_at.tzinfo is None:
-        created_at = created_at.replace(tzinfo=UTC)
-    seconds = int(created_at.timestamp() // 1)  # floor, as Timestamp wants
-    timestamp = b"\x08" + _varint(seconds)
-    if created_at.microsecond:
-        timestamp += b"\x10" + _varint(created_at.microsecond * 1000)
-    return (
-        payload_bytes
-        + _SEQUENCE_TAG
-        + _varint(sequence)
-        + _CREATED_AT_TAG
-        + _varint(len(timestamp))
-        + timestamp
-    )
+def _set_timestamp(stamp: Timestamp, micros: int) -> None:
+    seconds, fraction = divmod(micros, 1_000_000)
+    stamp.seconds = seconds
+    stamp.nanos = fraction * 1000
+
+
+def epoch_micros(value: datetime) -> int:
+    if value.tzinfo is None:  # naive values are UTC (SQLite)
+        value = value.replace(tzinfo=UTC)
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def entry_message(payload_bytes: bytes, sequence: int, created_at: datetime) -> ledger_pb2.Entry:
+    """A complete ledger.v1.Entry from a stored payload encoding."""
+    message = ledger_pb2.Entry.FromString(payload_bytes)
+    message.sequence = sequence
+    _set_timestamp(message.created_at, epoch_micros(created_at))
+    return message
+
+
+def posted_entries_message(
+    results: Sequence[tuple[bytes, int, datetime, bool]],
+) -> ledger_pb2.PostEntriesResponse:
+    """A PostEntriesResponse of (payload, sequence, created_at, replayed)
+    results: one parse, then the database-made fields set per entry."""
+    parts = []
+    for payload_bytes, _, _, replayed in results:
+        posted = _ENTRIES_TAG + _varint(len(payload_bytes)) + payload_bytes  # PostedEntry.entry
+        if replayed:
+            posted += _REPLAYED_TRUE
+        parts.append(_ENTRIES_TAG + _varint(len(posted)) + posted)  # PostEntriesResponse.results
+    message = ledger_pb2.PostEntriesResponse.FromString(b"".join(parts))
+    for posted_message, (_, sequence, created_at, _) in zip(message.results, results, strict=True):
+        posted_message.entry.sequence = sequence
+        _set_timestamp(posted_message.entry.created_at, epoch_micros(created_at))
+    return message
 
 
 def repeated(encoded_entries: Iterable[bytes]) -> bytes:
@@ -87,8 +109,5 @@ def stream_message(rows: Sequence[tuple[int, int, bytes]]) -> ledger_pb2.StreamE
     message = ledger_pb2.StreamEntriesResponse.FromString(repeated(p for _, _, p in rows))
     for entry_message, (sequence, micros, _) in zip(message.entries, rows, strict=True):
         entry_message.sequence = sequence
-        seconds, fraction = divmod(micros, 1_000_000)
-        stamp = entry_message.created_at
-        stamp.seconds = seconds
-        stamp.nanos = fraction * 1000
+        _set_timestamp(entry_message.created_at, micros)
     return message

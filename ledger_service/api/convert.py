@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ledger.v1 import ledger_pb2
 
+from .. import wire
 from ..domain import AccountView, Entry, NewEntry, validate_batch, validate_new_entry
 
 
@@ -41,8 +42,8 @@ def batch_from_request(request: ledger_pb2.PostEntriesRequest) -> list[NewEntry]
 
 
 def entry_to_proto(entry: Entry) -> ledger_pb2.Entry:
-    if entry.wire is not None:  # parsing the stored encoding beats building it
-        return ledger_pb2.Entry.FromString(entry.wire)
+    if entry.payload_wire is not None:  # parsing the stored encoding beats building it
+        return wire.entry_message(entry.payload_wire, entry.sequence, entry.created_at)
     p = entry.payload
     message = ledger_pb2.Entry(
         ledger=p.ledger,

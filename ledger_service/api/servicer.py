@@ -124,9 +124,14 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         results = await self._run(service.post_atomic, self._uow, batch, _remaining(context))
         if any(not r.replayed for r in results):
             self._watcher.publish(request.ledger)
-        return ledger_pb2.PostEntriesResponse(
-            results=[
-                ledger_pb2.PostedEntry(entry=entry_to_proto(r.entry), replayed=r.replayed)
+        return wire.posted_entries_message(
+            [
+                (
+                    r.entry.payload_wire or wire.payload(r.entry.payload),
+                    r.entry.sequence,
+                    r.entry.created_at,
+                    r.replayed,
+                )
                 for r in results
             ]
         )

@@ -38,36 +38,36 @@ from .schema import counters, entries
 # and one NOTIFY, in one statement. Row i of the arrays gets number
 # old value + i, so a batch's numbers are contiguous and in request order.
 # The NOTIFY is delivered at commit, to every server process's listener.
-_TAKE_AND_INSERT_PG = sa.text(
-    f"""
+# Driver-level SQL: the arrays go as binary parameters (%(...)b), which psycopg
+# encodes several times faster than text arrays.
+TAKE_AND_INSERT_PG = f"""
     WITH bump AS (
-        UPDATE ledger_counters SET value = value + :n
-        WHERE ledger = :ledger
+        UPDATE ledger_counters SET value = value + %(n)s
+        WHERE ledger = %(ledger)s
         RETURNING value
     ), ins AS (
         INSERT INTO ledger_entries (
             ledger, sequence, idempotency_key, debit_account, credit_account,
             amount, asset, entry_type, description, metadata, created_at, wire)
-        SELECT :ledger, bump.value - :n + t.ord, t.idempotency_key, t.debit_account,
+        SELECT %(ledger)s, bump.value - %(n)s + t.ord, t.idempotency_key, t.debit_account,
                t.credit_account, t.amount, t.asset, t.entry_type, t.description,
-               t.metadata, clock_timestamp(), t.wire
+               CAST(t.metadata AS JSONB), clock_timestamp(), t.wire
         FROM bump, unnest(
-            CAST(:idempotency_keys AS TEXT[]), CAST(:debit_accounts AS TEXT[]),
-            CAST(:credit_accounts AS TEXT[]), CAST(:amounts AS BIGINT[]),
-            CAST(:assets AS TEXT[]), CAST(:entry_types AS TEXT[]),
-            CAST(:descriptions AS TEXT[]), CAST(:metadatas AS JSONB[]),
-            CAST(:wires AS BYTEA[])
+            %(idempotency_keys)b::TEXT[], %(debit_accounts)b::TEXT[],
+            %(credit_accounts)b::TEXT[], %(amounts)b::BIGINT[],
+            %(assets)b::TEXT[], %(entry_types)b::TEXT[],
+            %(descriptions)b::TEXT[], %(metadatas)b::TEXT[],
+            %(wires)b::BYTEA[]
         ) WITH ORDINALITY AS t(idempotency_key, debit_account, credit_account, amount,
                                asset, entry_type, description, metadata, wire, ord)
         RETURNING sequence, created_at
     )
     SELECT ins.sequence, ins.created_at
     FROM ins CROSS JOIN (
-        SELECT pg_notify('{dialect.NOTIFY_CHANNEL}', :ledger || ':' || max(sequence)) FROM ins
+        SELECT pg_notify('{dialect.NOTIFY_CHANNEL}', %(ledger)s || ':' || max(sequence)) FROM ins
     ) AS notified
     ORDER BY ins.sequence
-    """
-)
+"""
 
 
 def take_next_sequences_and_insert(
@@ -83,8 +83,8 @@ def take_next_sequences_and_insert(
     payloads = [wire.payload(e) for e in batch]
     name = dialect.name_of(conn)
     if name == dialect.POSTGRES:
-        rows = conn.execute(
-            _TAKE_AND_INSERT_PG,
+        rows = conn.exec_driver_sql(
+            TAKE_AND_INSERT_PG,
             {
                 "ledger": ledger,
                 "n": n,
@@ -101,7 +101,7 @@ def take_next_sequences_and_insert(
         ).all()
         if not rows:
             return None
-        stamps = [(row.sequence, row.created_at) for row in rows]
+        stamps = [(row[0], row[1]) for row in rows]
     else:
         # SQLite holds its database write lock from BEGIN IMMEDIATE to commit,
         # so separate statements are just as serialized; no NOTIFY (streams in
@@ -137,7 +137,7 @@ def take_next_sequences_and_insert(
         )
         stamps = [(last - n + i, now) for i in range(1, n + 1)]
     return [
-        Entry(seq, as_utc(created), e, wire.entry(payload, seq, created))
+        Entry(seq, as_utc(created), e, payload)
         for (seq, created), e, payload in zip(stamps, batch, payloads, strict=True)
     ]
 

@@ -42,7 +42,7 @@ def _entry_from_row(row: Any) -> Entry:
     return Entry(
         sequence=row.sequence,
         created_at=created_at,
-        wire=None if row.wire is None else wire.entry(row.wire, row.sequence, created_at),
+        payload_wire=row.wire,
         payload=NewEntry(
             ledger=row.ledger,
             idempotency_key=row.idempotency_key,
@@ -94,7 +94,8 @@ class LedgerRepository:
         """Stored entries of `ledger` with any of `keys`, by key (one query)."""
         rows = self.conn.execute(
             sa.select(entries).where(
-                entries.c.ledger == ledger, entries.c.idempotency_key.in_(list(keys))
+                entries.c.ledger == ledger,
+                dialect.one_of(self.dialect, entries.c.idempotency_key, keys),
             )
         ).all()
         return {row.idempotency_key: _entry_from_row(row) for row in rows}

@@ -46,16 +46,25 @@ def test_encoded_entry_parses_to_the_same_message(created_at: datetime) -> None:
         metadata=ENTRY.metadata,
     )
     expected.created_at.FromDatetime(created_at)
-    assert ledger_pb2.Entry.FromString(wire.entry(wire.payload(ENTRY), 300, created_at)) == expected
+    assert wire.entry_message(wire.payload(ENTRY), 300, created_at) == expected
+    micros = wire.epoch_micros(created_at)
+    assert wire.stream_message([(300, micros, wire.payload(ENTRY))]).entries[0] == expected
 
 
 def test_stream_messages_are_assembled_from_payloads() -> None:
     at = datetime(2026, 11, 27, 1, 2, 3, 456789, tzinfo=UTC)
-    micros = int(at.timestamp()) * 1_000_000 + at.microsecond
-    rows = [(seq, micros, wire.payload(ENTRY)) for seq in (1, 2, 3)]
+    rows = [(seq, wire.epoch_micros(at), wire.payload(ENTRY)) for seq in (1, 2, 3)]
     message = wire.stream_message(rows)
     assert [e.sequence for e in message.entries] == [1, 2, 3]
     assert message.entries[2].metadata == {"a": "1", "b": "2"}
     assert message.entries[0].created_at.ToDatetime(tzinfo=UTC) == at
-    single = ledger_pb2.Entry.FromString(wire.entry(wire.payload(ENTRY), 2, at))
-    assert message.entries[1] == single
+    assert message.entries[1] == wire.entry_message(wire.payload(ENTRY), 2, at)
+
+
+def test_posted_entries_carry_replayed_flags() -> None:
+    at = datetime(2026, 11, 27, 1, 2, 3, 456789, tzinfo=UTC)
+    message = wire.posted_entries_message(
+        [(wire.payload(ENTRY), 7, at, False), (wire.payload(ENTRY), 3, at, True)]
+    )
+    assert [(r.entry.sequence, r.replayed) for r in message.results] == [(7, False), (3, True)]
+    assert message.results[0].entry == wire.entry_message(wire.payload(ENTRY), 7, at)
