@@ -118,24 +118,48 @@ def new_ledger(server: ServerProcess, prefix: str) -> str:
 
 
 def seed(url: str, ledger: str, n: int) -> None:
-    """n entries straight into the tables (posting a million through the API
-    would measure the write path again, not the stream)."""
-    engine = create_engine(url, pool_size=1)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "INSERT INTO ledger_entries (ledger, sequence, idempotency_key, debit_account,"
-            " credit_account, amount, asset, entry_type, description, metadata, created_at)"
-            " SELECT %(l)s, g, 'seed-' || g, 'cash', 'sales', 1 + g %% 1000, 'USD', 'sale',"
-            " 'seeded entry', '{\"order\": \"42\"}'::jsonb, now()"
-            " FROM generate_series(1, %(n)s) AS g",
-            {"l": ledger, "n": n},
+    """n entries straight into the tables, stored encodings included (posting a
+    million through the API would measure the write path again, not the
+    stream)."""
+    import psycopg
+
+    from ledger_service import wire
+    from ledger_service.domain import validate_new_entry
+
+    conninfo = sa.make_url(url).set(drivername="postgresql").render_as_string(False)
+    with psycopg.connect(conninfo) as conn:
+        for start in range(1, n + 1, 50_000):
+            sequences = list(range(start, min(n, start + 49_999) + 1))
+            payloads = [
+                wire.payload(
+                    validate_new_entry(
+                        ledger=ledger,
+                        idempotency_key=f"seed-{s}",
+                        debit_account="cash",
+                        credit_account="sales",
+                        amount=1 + s % 1000,
+                        asset="USD",
+                        entry_type="sale",
+                        description="seeded entry",
+                        metadata={"order": "42"},
+                    )
+                )
+                for s in sequences
+            ]
+            conn.execute(
+                "INSERT INTO ledger_entries (ledger, sequence, idempotency_key, debit_account,"
+                " credit_account, amount, asset, entry_type, description, metadata, created_at,"
+                " wire)"
+                " SELECT %(l)s, t.s, 'seed-' || t.s, 'cash', 'sales', 1 + t.s %% 1000, 'USD',"
+                " 'sale', 'seeded entry', '{\"order\": \"42\"}'::jsonb, clock_timestamp(), t.w"
+                " FROM unnest(%(s)b::bigint[], %(w)b::bytea[]) AS t(s, w)",
+                {"l": ledger, "s": sequences, "w": payloads},
+            )
+        conn.execute(
+            "INSERT INTO ledger_counters (ledger, value, created_at) VALUES (%s, %s, now())",
+            (ledger, n),
         )
-        conn.exec_driver_sql(
-            "INSERT INTO ledger_counters (ledger, value, created_at) VALUES (%(l)s, %(n)s, now())",
-            {"l": ledger, "n": n},
-        )
-        conn.exec_driver_sql("ANALYZE ledger_entries")
-    engine.dispose()
+        conn.execute("ANALYZE ledger_entries")
 
 
 def run(quick: bool) -> dict[str, Any]:

@@ -7,7 +7,6 @@ map to "unavailable" / "deadline exceeded".
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from typing import Any
 
 import sqlalchemy as sa
@@ -48,17 +47,6 @@ def epoch_micros(dialect_name: str, column: sa.ColumnElement[Any]) -> sa.ColumnE
         )
         * 1000
     )
-
-
-def one_of(
-    dialect_name: str, column: sa.ColumnElement[Any], values: Collection[str]
-) -> sa.ColumnElement[bool]:
-    """`column` equals one of `values`. Postgres takes them as one array
-    parameter (`= ANY(...)`): a 1000-key lookup is not a 1000-parameter
-    statement to compile and send."""
-    if dialect_name == POSTGRES:
-        return column == sa.any_(sa.bindparam(None, list(values), type_=postgresql.ARRAY(sa.Text)))
-    return column.in_(list(values))
 
 
 def insert(dialect_name: str, table: sa.Table) -> Any:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from .. import wire
@@ -57,6 +58,85 @@ def _entry_from_row(row: Any) -> Entry:
     )
 
 
+# Statements built once: constructing and compiling a statement per call cost
+# more than the database round trip it makes (profiled).
+_COUNTER_VALUE = sa.select(counters.c.value).where(counters.c.ledger == sa.bindparam("ledger"))
+
+_FIND_BY_KEYS = sa.select(entries).where(
+    entries.c.ledger == sa.bindparam("ledger"),
+    entries.c.idempotency_key.in_(sa.bindparam("keys", expanding=True)),
+)
+# Postgres takes the keys as one array: a 1000-key lookup is not a
+# 1000-parameter statement.
+_FIND_BY_KEYS_PG = sa.select(entries).where(
+    entries.c.ledger == sa.bindparam("ledger"),
+    entries.c.idempotency_key == sa.any_(sa.bindparam("keys", type_=postgresql.ARRAY(sa.Text))),
+)
+
+# The guard in WHERE is written as a subtraction so it cannot overflow itself;
+# rows it refuses are not updated and not returned.
+_ADD_TOTALS_PG = sa.text(
+    f"""
+    INSERT INTO ledger_account_totals (ledger, account, asset, debits, credits)
+    SELECT :ledger, t.account, t.asset, t.debits, t.credits
+    FROM unnest(CAST(:accounts AS TEXT[]), CAST(:assets AS TEXT[]),
+                CAST(:debits AS BIGINT[]), CAST(:credits AS BIGINT[]))
+         WITH ORDINALITY AS t(account, asset, debits, credits, ord)
+    ORDER BY t.ord
+    ON CONFLICT (ledger, account, asset) DO UPDATE
+    SET debits = ledger_account_totals.debits + excluded.debits,
+        credits = ledger_account_totals.credits + excluded.credits
+    WHERE ledger_account_totals.debits <= {INT64_MAX} - excluded.debits
+      AND ledger_account_totals.credits <= {INT64_MAX} - excluded.credits
+    RETURNING account
+    """
+)
+_sqlite_totals = sqlite.insert(account_totals).values(
+    ledger=sa.bindparam("ledger"),
+    account=sa.bindparam("account"),
+    asset=sa.bindparam("asset"),
+    debits=sa.bindparam("debits"),
+    credits=sa.bindparam("credits"),
+)
+_ADD_TOTALS_SQLITE = _sqlite_totals.on_conflict_do_update(
+    index_elements=["ledger", "account", "asset"],
+    set_={
+        "debits": account_totals.c.debits + _sqlite_totals.excluded.debits,
+        "credits": account_totals.c.credits + _sqlite_totals.excluded.credits,
+    },
+    where=sa.and_(
+        account_totals.c.debits <= INT64_MAX - _sqlite_totals.excluded.debits,
+        account_totals.c.credits <= INT64_MAX - _sqlite_totals.excluded.credits,
+    ),
+).returning(account_totals.c.account)
+
+
+def _page_statement(dialect_name: str) -> sa.Select[Any]:
+    # One statement per page, the counter included: one round trip.
+    head = (
+        sa.select(counters.c.value)
+        .where(counters.c.ledger == sa.bindparam("ledger"))
+        .scalar_subquery()
+    )
+    return (
+        sa.select(
+            entries.c.sequence,
+            dialect.epoch_micros(dialect_name, entries.c.created_at),
+            entries.c.wire,
+            head,
+        )
+        .where(
+            entries.c.ledger == sa.bindparam("ledger"), entries.c.sequence > sa.bindparam("after")
+        )
+        .order_by(entries.c.sequence)
+        .limit(sa.bindparam("limit"))
+    )
+
+
+_PAGE_PG = _page_statement(dialect.POSTGRES)
+_PAGE_SQLITE = _page_statement(dialect.SQLITE)
+
+
 class LedgerRepository:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -64,9 +144,7 @@ class LedgerRepository:
 
     # -- counters ---------------------------------------------------------
     def counter_value(self, ledger: str) -> int | None:
-        return self.conn.execute(
-            sa.select(counters.c.value).where(counters.c.ledger == ledger)
-        ).scalar()
+        return self.conn.execute(_COUNTER_VALUE, {"ledger": ledger}).scalar()
 
     def create_counter(self, ledger: str) -> int | None:
         """Creates the counter, seeded with the highest existing entry number (0
@@ -92,12 +170,8 @@ class LedgerRepository:
     # -- entries ----------------------------------------------------------
     def find_by_keys(self, ledger: str, keys: Collection[str]) -> dict[str, Entry]:
         """Stored entries of `ledger` with any of `keys`, by key (one query)."""
-        rows = self.conn.execute(
-            sa.select(entries).where(
-                entries.c.ledger == ledger,
-                dialect.one_of(self.dialect, entries.c.idempotency_key, keys),
-            )
-        ).all()
+        statement = _FIND_BY_KEYS_PG if self.dialect == dialect.POSTGRES else _FIND_BY_KEYS
+        rows = self.conn.execute(statement, {"ledger": ledger, "keys": list(keys)}).all()
         return {row.idempotency_key: _entry_from_row(row) for row in rows}
 
     def add_to_account_totals(self, batch: Sequence[NewEntry]) -> bool:
@@ -115,34 +189,31 @@ class LedgerRepository:
             sums.setdefault((e.credit_account, e.asset), [0, 0])[1] += e.amount
         if any(debit > INT64_MAX or credit > INT64_MAX for debit, credit in sums.values()):
             return False
-        ins = dialect.insert(self.dialect, account_totals).values(
-            [
+        rows = sorted(sums.items())
+        if self.dialect == dialect.POSTGRES:
+            updated = self.conn.execute(
+                _ADD_TOTALS_PG,
                 {
                     "ledger": batch[0].ledger,
-                    "account": account,
-                    "asset": asset,
-                    "debits": debit,
-                    "credits": credit,
-                }
-                for (account, asset), (debit, credit) in sorted(sums.items())
-            ]
-        )
-        stmt = ins.on_conflict_do_update(
-            index_elements=["ledger", "account", "asset"],
-            set_={
-                "debits": account_totals.c.debits + ins.excluded.debits,
-                "credits": account_totals.c.credits + ins.excluded.credits,
-            },
-            # Written as a subtraction so the check itself cannot overflow.
-            where=sa.and_(
-                account_totals.c.debits <= INT64_MAX - ins.excluded.debits,
-                account_totals.c.credits <= INT64_MAX - ins.excluded.credits,
-            ),
-        )
-        # RETURNING rather than rowcount: rows the guard skipped return nothing,
-        # and it is reliable on every driver.
-        updated = self.conn.execute(stmt.returning(account_totals.c.account)).all()
-        return len(updated) == len(sums)
+                    "accounts": [account for (account, _), _ in rows],
+                    "assets": [asset for (_, asset), _ in rows],
+                    "debits": [debit for _, (debit, _) in rows],
+                    "credits": [credit for _, (_, credit) in rows],
+                },
+            ).all()
+            return len(updated) == len(rows)
+        # SQLite: one row per statement (the write lock is held anyway).
+        for (account, asset), (debit, credit) in rows:
+            params = {
+                "ledger": batch[0].ledger,
+                "account": account,
+                "asset": asset,
+                "debits": debit,
+                "credits": credit,
+            }
+            if self.conn.execute(_ADD_TOTALS_SQLITE, params).first() is None:
+                return False
+        return True
 
     def append(self, ledger: str, batch: Sequence[NewEntry]) -> list[Entry] | None:
         """Numbers and stores the entries (see numbering.py); None without a counter."""
@@ -157,18 +228,9 @@ class LedgerRepository:
         """Up to `limit` entries above `after_sequence`, by keyset on the
         primary key (never OFFSET), plus the counter value read after them
         (so head >= every entry of the page)."""
-        head = sa.select(counters.c.value).where(counters.c.ledger == ledger).scalar_subquery()
-        # One statement, head included: one round trip per page.
+        statement = _PAGE_PG if self.dialect == dialect.POSTGRES else _PAGE_SQLITE
         rows = self.conn.execute(
-            sa.select(
-                entries.c.sequence,
-                dialect.epoch_micros(self.dialect, entries.c.created_at),
-                entries.c.wire,
-                head,
-            )
-            .where(entries.c.ledger == ledger, entries.c.sequence > after_sequence)
-            .order_by(entries.c.sequence)
-            .limit(limit)
+            statement, {"ledger": ledger, "after": after_sequence, "limit": limit}
         ).all()
         missing = [seq for seq, _, payload, _ in rows if payload is None]
         restored = {}
