@@ -152,6 +152,9 @@ class NewEntry:
     entry_type: str = ""
     description: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # Its ledger.v1.Entry encoding (without sequence and created_at) when the
+    # edge already has it (see wire.py); not part of the value.
+    encoded: bytes | None = field(default=None, compare=False, repr=False)
 
     def differing_fields(self, other: NewEntry) -> list[str]:
         """Payload fields (not ledger or key) whose values differ from `other`."""
@@ -292,6 +295,7 @@ def validate_new_entry(
     entry_type: str = "",
     description: str = "",
     metadata: Mapping[str, str] | None = None,
+    encoded: bytes | None = None,
 ) -> NewEntry:
     """Checks every field and reports every violation at once."""
     out: list[FieldViolation] = []
@@ -307,6 +311,7 @@ def validate_new_entry(
         entry_type=entry_type,
         description=description,
         metadata=metadata,
+        encoded=encoded,
     )
     _raise_if(out)
     return entry
@@ -324,6 +329,7 @@ def _checked_entry(
     entry_type: str = "",
     description: str = "",
     metadata: Mapping[str, str] | None = None,
+    encoded: bytes | None = None,
 ) -> NewEntry:
     """Appends the violations of every field but `ledger` (checked by the caller,
     once per batch) to `out`; returns the entry, meaningful only if none."""
@@ -390,6 +396,7 @@ def _checked_entry(
         entry_type=entry_type,
         description=description,
         metadata=meta,
+        encoded=encoded,
     )
 
 

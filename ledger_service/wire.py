@@ -45,6 +45,8 @@ def _varint(value: int) -> bytes:
 
 def payload(entry: NewEntry) -> bytes:
     """Encoding of every Entry field except sequence and created_at."""
+    if entry.encoded is not None:  # the request's own bytes (see ledger.proto)
+        return entry.encoded
     return ledger_pb2.Entry(
         ledger=entry.ledger,
         idempotency_key=entry.idempotency_key,
@@ -111,3 +113,9 @@ def stream_message(rows: Sequence[tuple[int, int, bytes]]) -> ledger_pb2.StreamE
         entry_message.sequence = sequence
         _set_timestamp(entry_message.created_at, micros)
     return message
+
+
+def ledger_field(ledger: str) -> bytes:
+    """Entry.ledger (field 1) encoded: prefix of an EntryInput's encoding."""
+    raw = ledger.encode()
+    return _ENTRIES_TAG + _varint(len(raw)) + raw

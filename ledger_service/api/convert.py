@@ -9,6 +9,9 @@ from ..domain import AccountView, Entry, NewEntry, validate_batch, validate_new_
 
 
 def new_entry_from_request(request: ledger_pb2.PostEntryRequest) -> NewEntry:
+    # Fields the server does not know (a newer client) must not reach the
+    # stored encoding, where they would read as Entry fields.
+    request.DiscardUnknownFields()
     return validate_new_entry(
         ledger=request.ledger,
         idempotency_key=request.idempotency_key,
@@ -19,10 +22,14 @@ def new_entry_from_request(request: ledger_pb2.PostEntryRequest) -> NewEntry:
         entry_type=request.entry_type,
         description=request.description,
         metadata=dict(request.metadata),
+        # PostEntryRequest's field numbers are Entry's (see ledger.proto).
+        encoded=request.SerializeToString(),
     )
 
 
 def batch_from_request(request: ledger_pb2.PostEntriesRequest) -> list[NewEntry]:
+    request.DiscardUnknownFields()
+    ledger = wire.ledger_field(request.ledger)
     return validate_batch(
         request.ledger,
         [
@@ -35,6 +42,8 @@ def batch_from_request(request: ledger_pb2.PostEntriesRequest) -> list[NewEntry]
                 "entry_type": e.entry_type,
                 "description": e.description,
                 "metadata": dict(e.metadata),
+                # EntryInput's field numbers are Entry's: ledger + item = payload.
+                "encoded": ledger + e.SerializeToString(),
             }
             for e in request.entries
         ],

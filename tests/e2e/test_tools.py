@@ -91,5 +91,5 @@ def test_grpcurl_describes_the_contract_through_reflection(fresh_server: ServerP
         f"grpcurl -plaintext {README_ADDRESS} describe ledger.v1.PostEntryRequest", fresh_server
     )
     assert result.returncode == 0, result.stderr
-    assert "int64 amount = 5;" in result.stdout
-    assert "map<string, string> metadata = 9;" in result.stdout
+    assert "int64 amount = 6;" in result.stdout
+    assert "map<string, string> metadata = 10;" in result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from ledger.v1 import ledger_pb2
@@ -68,3 +69,31 @@ def test_posted_entries_carry_replayed_flags() -> None:
     )
     assert [(r.entry.sequence, r.replayed) for r in message.results] == [(7, False), (3, True)]
     assert message.results[0].entry == wire.entry_message(wire.payload(ENTRY), 7, at)
+
+
+def test_a_post_request_encoding_is_the_entry_payload_encoding() -> None:
+    from ledger_service.api.convert import batch_from_request, new_entry_from_request
+
+    fields: dict[str, Any] = {
+        "idempotency_key": ENTRY.idempotency_key,
+        "debit_account": ENTRY.debit_account,
+        "credit_account": ENTRY.credit_account,
+        "amount": ENTRY.amount,
+        "asset": ENTRY.asset,
+        "entry_type": ENTRY.entry_type,
+        "description": ENTRY.description,
+        "metadata": dict(ENTRY.metadata),
+    }
+    built = ledger_pb2.Entry.FromString(wire.payload(ENTRY))  # field by field
+    request = ledger_pb2.PostEntryRequest(ledger=ENTRY.ledger, **fields)
+    # A newer client's field 2 or 11 must not become Entry.sequence/created_at.
+    request.MergeFromString(b"\x10\x07" + b"\xf8\x01\x01")
+    from_request = new_entry_from_request(request)
+    assert from_request == ENTRY
+    assert ledger_pb2.Entry.FromString(wire.payload(from_request)) == built
+    batch = batch_from_request(
+        ledger_pb2.PostEntriesRequest(
+            ledger=ENTRY.ledger, entries=[ledger_pb2.EntryInput(**fields)]
+        )
+    )
+    assert ledger_pb2.Entry.FromString(wire.payload(batch[0])) == built

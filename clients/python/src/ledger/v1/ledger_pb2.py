@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ledger/v1/ledger.proto\x12\tledger.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x02\n\x05\x45ntry\x12\x0e\n\x06ledger\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x15\n\rdebit_account\x18\x04 \x01(\t\x12\x16\n\x0e\x63redit_account\x18\x05 \x01(\t\x12\x0e\n\x06\x61mount\x18\x06 \x01(\x03\x12\r\n\x05\x61sset\x18\x07 \x01(\t\x12\x12\n\nentry_type\x18\x08 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12\x30\n\x08metadata\x18\n \x03(\x0b\x32\x1e.ledger.v1.Entry.MetadataEntry\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x18InitializeCounterRequest\x12\x0e\n\x06ledger\x18\x01 \x01(\t\"K\n\x19InitializeCounterResponse\x12\x0e\n\x06ledger\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"\xa0\x02\n\x10PostEntryRequest\x12\x0e\n\x06ledger\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x15\n\rdebit_account\x18\x03 \x01(\t\x12\x16\n\x0e\x63redit_account\x18\x04 \x01(\t\x12\x0e\n\x06\x61mount\x18\x05 \x01(\x03\x12\r\n\x05\x61sset\x18\x06 \x01(\t\x12\x12\n\nentry_type\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t\x12;\n\x08metadata\x18\t \x03(\x0b\x32).ledger.v1.PostEntryRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x11PostEntryResponse\x12\x1f\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x10.ledger.v1.Entry\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"\x84\x02\n\nEntryInput\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x15\n\rdebit_account\x18\x02 \x01(\t\x12\x16\n\x0e\x63redit_account\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12\r\n\x05\x61sset\x18\x05 \x01(\t\x12\x12\n\nentry_type\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x35\n\x08metadata\x18\x08 \x03(\x0b\x32#.ledger.v1.EntryInput.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x12PostEntriesRequest\x12\x0e\n\x06ledger\x18\x01 \x01(\t\x12&\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x15.ledger.v1.EntryInput\"@\n\x0bPostedEntry\x12\x1f\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x10.ledger.v1.Entry\x12\x10\n\x08replayed\x18\x02 \x01(\x08\">\n\x13PostEntriesResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.ledger.v1.PostedEntry\"N\n\x14StreamEntriesRequest\x12\x0e\n\x06ledger\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"w\n\x15StreamEntriesResponse\x12!\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x10.ledger.v1.Entry\x12\x11\n\tcaught_up\x18\x02 \x01(\x08\x12\x15\n\rhead_sequence\x18\x03 \x01(\x03\x12\x11\n\theartbeat\x18\x04 \x01(\x08\"4\n\x11GetAccountRequest\x12\x0e\n\x06ledger\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\"[\n\x0c\x41ssetBalance\x12\r\n\x05\x61sset\x18\x01 \x01(\t\x12\x14\n\x0ctotal_debits\x18\x02 \x01(\x03\x12\x15\n\rtotal_credits\x18\x03 \x01(\x03\x12\x0f\n\x07\x62\x61lance\x18\x04 \x01(\x03\"x\n\x12GetAccountResponse\x12\x0e\n\x06ledger\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12)\n\x08\x62\x61lances\x18\x03 \x03(\x0b\x32\x17.ledger.v1.AssetBalance\x12\x16\n\x0e\x61s_of_sequence\x18\x04 \x01(\x03\x32\xa6\x03\n\rLedgerService\x12^\n\x11InitializeCounter\x12#.ledger.v1.InitializeCounterRequest\x1a$.ledger.v1.InitializeCounterResponse\x12\x46\n\tPostEntry\x12\x1b.ledger.v1.PostEntryRequest\x1a\x1c.ledger.v1.PostEntryResponse\x12L\n\x0bPostEntries\x12\x1d.ledger.v1.PostEntriesRequest\x1a\x1e.ledger.v1.PostEntriesResponse\x12T\n\rStreamEntries\x12\x1f.ledger.v1.StreamEntriesRequest\x1a .ledger.v1.StreamEntriesResponse0\x01\x12I\n\nGetAccount\x12\x1c.ledger.v1.GetAccountRequest\x1a\x1d.ledger.v1.GetAccountResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ledger/v1/ledger.proto\x12\tledger.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x02\n\x05\x45ntry\x12\x0e\n\x06ledger\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x15\n\rdebit_account\x18\x04 \x01(\t\x12\x16\n\x0e\x63redit_account\x18\x05 \x01(\t\x12\x0e\n\x06\x61mount\x18\x06 \x01(\x03\x12\r\n\x05\x61sset\x18\x07 \x01(\t\x12\x12\n\nentry_type\x18\x08 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12\x30\n\x08metadata\x18\n \x03(\x0b\x32\x1e.ledger.v1.Entry.MetadataEntry\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x18InitializeCounterRequest\x12\x0e\n\x06ledger\x18\x01 \x01(\t\"K\n\x19InitializeCounterResponse\x12\x0e\n\x06ledger\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"\xac\x02\n\x10PostEntryRequest\x12\x0e\n\x06ledger\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x15\n\rdebit_account\x18\x04 \x01(\t\x12\x16\n\x0e\x63redit_account\x18\x05 \x01(\t\x12\x0e\n\x06\x61mount\x18\x06 \x01(\x03\x12\r\n\x05\x61sset\x18\x07 \x01(\t\x12\x12\n\nentry_type\x18\x08 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12;\n\x08metadata\x18\n \x03(\x0b\x32).ledger.v1.PostEntryRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x02\x10\x03J\x04\x08\x0b\x10\x0c\"F\n\x11PostEntryResponse\x12\x1f\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x10.ledger.v1.Entry\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"\x96\x02\n\nEntryInput\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x15\n\rdebit_account\x18\x04 \x01(\t\x12\x16\n\x0e\x63redit_account\x18\x05 \x01(\t\x12\x0e\n\x06\x61mount\x18\x06 \x01(\x03\x12\r\n\x05\x61sset\x18\x07 \x01(\t\x12\x12\n\nentry_type\x18\x08 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12\x35\n\x08metadata\x18\n \x03(\x0b\x32#.ledger.v1.EntryInput.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x0b\x10\x0c\"L\n\x12PostEntriesRequest\x12\x0e\n\x06ledger\x18\x01 \x01(\t\x12&\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x15.ledger.v1.EntryInput\"@\n\x0bPostedEntry\x12\x1f\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x10.ledger.v1.Entry\x12\x10\n\x08replayed\x18\x02 \x01(\x08\">\n\x13PostEntriesResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.ledger.v1.PostedEntry\"N\n\x14StreamEntriesRequest\x12\x0e\n\x06ledger\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"w\n\x15StreamEntriesResponse\x12!\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x10.ledger.v1.Entry\x12\x11\n\tcaught_up\x18\x02 \x01(\x08\x12\x15\n\rhead_sequence\x18\x03 \x01(\x03\x12\x11\n\theartbeat\x18\x04 \x01(\x08\"4\n\x11GetAccountRequest\x12\x0e\n\x06ledger\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\"[\n\x0c\x41ssetBalance\x12\r\n\x05\x61sset\x18\x01 \x01(\t\x12\x14\n\x0ctotal_debits\x18\x02 \x01(\x03\x12\x15\n\rtotal_credits\x18\x03 \x01(\x03\x12\x0f\n\x07\x62\x61lance\x18\x04 \x01(\x03\"x\n\x12GetAccountResponse\x12\x0e\n\x06ledger\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12)\n\x08\x62\x61lances\x18\x03 \x03(\x0b\x32\x17.ledger.v1.AssetBalance\x12\x16\n\x0e\x61s_of_sequence\x18\x04 \x01(\x03\x32\xa6\x03\n\rLedgerService\x12^\n\x11InitializeCounter\x12#.ledger.v1.InitializeCounterRequest\x1a$.ledger.v1.InitializeCounterResponse\x12\x46\n\tPostEntry\x12\x1b.ledger.v1.PostEntryRequest\x1a\x1c.ledger.v1.PostEntryResponse\x12L\n\x0bPostEntries\x12\x1d.ledger.v1.PostEntriesRequest\x1a\x1e.ledger.v1.PostEntriesResponse\x12T\n\rStreamEntries\x12\x1f.ledger.v1.StreamEntriesRequest\x1a .ledger.v1.StreamEntriesResponse0\x01\x12I\n\nGetAccount\x12\x1c.ledger.v1.GetAccountRequest\x1a\x1d.ledger.v1.GetAccountResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,31 +47,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INITIALIZECOUNTERRESPONSE']._serialized_start=449
   _globals['_INITIALIZECOUNTERRESPONSE']._serialized_end=524
   _globals['_POSTENTRYREQUEST']._serialized_start=527
-  _globals['_POSTENTRYREQUEST']._serialized_end=815
+  _globals['_POSTENTRYREQUEST']._serialized_end=827
   _globals['_POSTENTRYREQUEST_METADATAENTRY']._serialized_start=356
   _globals['_POSTENTRYREQUEST_METADATAENTRY']._serialized_end=403
-  _globals['_POSTENTRYRESPONSE']._serialized_start=817
-  _globals['_POSTENTRYRESPONSE']._serialized_end=887
-  _globals['_ENTRYINPUT']._serialized_start=890
-  _globals['_ENTRYINPUT']._serialized_end=1150
+  _globals['_POSTENTRYRESPONSE']._serialized_start=829
+  _globals['_POSTENTRYRESPONSE']._serialized_end=899
+  _globals['_ENTRYINPUT']._serialized_start=902
+  _globals['_ENTRYINPUT']._serialized_end=1180
   _globals['_ENTRYINPUT_METADATAENTRY']._serialized_start=356
   _globals['_ENTRYINPUT_METADATAENTRY']._serialized_end=403
-  _globals['_POSTENTRIESREQUEST']._serialized_start=1152
-  _globals['_POSTENTRIESREQUEST']._serialized_end=1228
-  _globals['_POSTEDENTRY']._serialized_start=1230
-  _globals['_POSTEDENTRY']._serialized_end=1294
-  _globals['_POSTENTRIESRESPONSE']._serialized_start=1296
-  _globals['_POSTENTRIESRESPONSE']._serialized_end=1358
-  _globals['_STREAMENTRIESREQUEST']._serialized_start=1360
-  _globals['_STREAMENTRIESREQUEST']._serialized_end=1438
-  _globals['_STREAMENTRIESRESPONSE']._serialized_start=1440
-  _globals['_STREAMENTRIESRESPONSE']._serialized_end=1559
-  _globals['_GETACCOUNTREQUEST']._serialized_start=1561
-  _globals['_GETACCOUNTREQUEST']._serialized_end=1613
-  _globals['_ASSETBALANCE']._serialized_start=1615
-  _globals['_ASSETBALANCE']._serialized_end=1706
-  _globals['_GETACCOUNTRESPONSE']._serialized_start=1708
-  _globals['_GETACCOUNTRESPONSE']._serialized_end=1828
-  _globals['_LEDGERSERVICE']._serialized_start=1831
-  _globals['_LEDGERSERVICE']._serialized_end=2253
+  _globals['_POSTENTRIESREQUEST']._serialized_start=1182
+  _globals['_POSTENTRIESREQUEST']._serialized_end=1258
+  _globals['_POSTEDENTRY']._serialized_start=1260
+  _globals['_POSTEDENTRY']._serialized_end=1324
+  _globals['_POSTENTRIESRESPONSE']._serialized_start=1326
+  _globals['_POSTENTRIESRESPONSE']._serialized_end=1388
+  _globals['_STREAMENTRIESREQUEST']._serialized_start=1390
+  _globals['_STREAMENTRIESREQUEST']._serialized_end=1468
+  _globals['_STREAMENTRIESRESPONSE']._serialized_start=1470
+  _globals['_STREAMENTRIESRESPONSE']._serialized_end=1589
+  _globals['_GETACCOUNTREQUEST']._serialized_start=1591
+  _globals['_GETACCOUNTREQUEST']._serialized_end=1643
+  _globals['_ASSETBALANCE']._serialized_start=1645
+  _globals['_ASSETBALANCE']._serialized_end=1736
+  _globals['_GETACCOUNTRESPONSE']._serialized_start=1738
+  _globals['_GETACCOUNTRESPONSE']._serialized_end=1858
+  _globals['_LEDGERSERVICE']._serialized_start=1861
+  _globals['_LEDGERSERVICE']._serialized_end=2283
 # @@protoc_insertion_point(module_scope)

@@ -167,7 +167,12 @@ Global___InitializeCounterResponse: _TypeAlias = InitializeCounterResponse  # no
 
 @_typing.final
 class PostEntryRequest(_message.Message):
-    """Request for PostEntry."""
+    """Request for PostEntry.
+
+    Field numbers mirror Entry's on purpose: the request's encoding is the
+    stored entry's encoding (the server adds sequence and created_at), so
+    posting needs no re-encoding. Number 2 is Entry.sequence, set by the server.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -286,7 +291,8 @@ Global___PostEntryResponse: _TypeAlias = PostEntryResponse  # noqa: Y015
 @_typing.final
 class EntryInput(_message.Message):
     """One entry of a PostEntriesRequest: the fields of PostEntryRequest without
-    the ledger, with the same limits.
+    the ledger, with the same limits. Field numbers mirror Entry's, like
+    PostEntryRequest's.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
