@@ -333,6 +333,39 @@ def _checked_entry(
 ) -> NewEntry:
     """Appends the violations of every field but `ledger` (checked by the caller,
     once per batch) to `out`; returns the entry, meaningful only if none."""
+    if (
+        # Fast path for the common, plainly valid entry (profiled: validation
+        # was the largest cost of a 1000-entry batch). isprintable() is stricter
+        # than "no control characters", so anything it refuses takes the
+        # detailed checks below, which decide.
+        not metadata
+        and 0 < len(idempotency_key) <= KEY_MAX_CHARS
+        and 0 < len(debit_account) <= ACCOUNT_MAX_CHARS
+        and 0 < len(credit_account) <= ACCOUNT_MAX_CHARS
+        and 0 < len(asset) <= ASSET_MAX_CHARS
+        and len(entry_type) <= ENTRY_TYPE_MAX_CHARS
+        and len(description) <= DESCRIPTION_MAX_CHARS
+        and 0 < amount <= INT64_MAX
+        and debit_account != credit_account
+        and idempotency_key.isprintable()
+        and debit_account.isprintable()
+        and credit_account.isprintable()
+        and entry_type.isprintable()
+        and "\x00" not in description
+        and _ASSET_RE.fullmatch(asset) is not None
+    ):
+        return NewEntry(
+            ledger,
+            idempotency_key,
+            debit_account,
+            credit_account,
+            amount,
+            asset,
+            entry_type,
+            description,
+            {},
+            encoded,
+        )
     _check_text(out, "idempotency_key", idempotency_key, max_chars=KEY_MAX_CHARS)
     _check_text(out, "debit_account", debit_account, max_chars=ACCOUNT_MAX_CHARS)
     _check_text(out, "credit_account", credit_account, max_chars=ACCOUNT_MAX_CHARS)

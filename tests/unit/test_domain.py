@@ -99,3 +99,27 @@ def test_queries_are_validated() -> None:
     with pytest.raises(InvalidArgument) as error:
         validate_stream_request("demo", -1)
     assert fields_of(error.value) == ["after_sequence"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"metadata": {}},  # the fast path
+        {"metadata": {}, "idempotency_key": "no\u00a0break"},  # not isprintable(), still valid
+        {"metadata": {}, "description": "tab\tand\nnewline"},
+    ],
+)
+def test_valid_entries_pass_either_path_unchanged(overrides: dict[str, Any]) -> None:
+    fields = {**GOOD, **overrides}
+    entry = validate_new_entry(**fields)
+    assert (entry.idempotency_key, entry.description, dict(entry.metadata)) == (
+        fields["idempotency_key"],
+        fields["description"],
+        {},
+    )
+    assert (entry.debit_account, entry.credit_account, entry.amount, entry.asset) == (
+        GOOD["debit_account"],
+        GOOD["credit_account"],
+        GOOD["amount"],
+        GOOD["asset"],
+    )
