@@ -30,13 +30,14 @@ EXPECTED = [
     ['"status": "SERVING"'],
     ['"ledger": "demo"', '"created": true'],
     ['"sequence": "1"', '"idempotency_key": "order-1001"', '"amount": "1250"', '"order": "1001"'],
-    ['"asset": "USD"', '"total_debits": "1250"', '"balance": "1250"', '"as_of_sequence": "1"'],
-    ['"sequence": "1"', '"caught_up": true'],
+    ['"sequence": "2"', '"sequence": "3"', '"idempotency_key": "order-1004"'],
+    ['"asset": "USD"', '"total_debits": "1280"', '"balance": "1280"', '"as_of_sequence": "3"'],
+    ['"sequence": "1"', '"sequence": "3"', '"caught_up": true'],
     ["ledger.v1.LedgerService/PostEntry", "ledger.v1.LedgerService/StreamEntries"],
-    ['"value": "1"'],
-    ['"sequence": "2"', '"idempotencyKey": "order-1002"'],
-    ['"totalCredits": "1349"', '"balance": "-1349"', '"asOfSequence": "2"'],
-    ['"sequence": "2"', '"caughtUp": true'],
+    ['"value": "3"'],
+    ['"sequence": "4"', '"idempotencyKey": "order-1002"'],
+    ['"totalCredits": "1379"', '"balance": "-1379"', '"asOfSequence": "4"'],
+    ['"sequence": "2"', '"sequence": "4"', '"caughtUp": true'],
 ]
 
 
