@@ -91,6 +91,7 @@ class UnitOfWork:
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._conn: Connection | None = None
         self._committed = False
+        self._manual = False
 
     def __enter__(self) -> UnitOfWork:
         try:
@@ -98,19 +99,25 @@ class UnitOfWork:
         except sa.exc.DBAPIError as exc:
             raise StorageUnavailable(f"database unreachable: {_first_line(exc)}") from exc
         self._conn = conn
+        self._manual = conn.dialect.name == dialect.POSTGRES
         try:
-            if self._write and conn.dialect.name == dialect.SQLITE:
-                conn.execution_options(sqlite_begin="IMMEDIATE")
-            elif not self._write and conn.dialect.name == dialect.POSTGRES:
-                # Reads are single statements (each its own snapshot): no
-                # BEGIN/ROLLBACK round trips around them.
+            if not self._manual:
+                if self._write:
+                    conn.execution_options(sqlite_begin="IMMEDIATE")
+                conn.begin()
+            else:
+                # Postgres: the driver in autocommit mode, transactions by hand.
+                # Reads are single statements (each its own snapshot) and need
+                # no BEGIN/ROLLBACK round trips; a write sends BEGIN and the
+                # caller's deadline (statement_timeout, lock waits included;
+                # LOCAL ends with the transaction) in ONE round trip.
                 conn.execution_options(isolation_level="AUTOCOMMIT")
-            conn.begin()
-            if self._timeout is not None and conn.dialect.name == dialect.POSTGRES:
-                # Honour the caller's deadline inside the database too, lock
-                # waits included; LOCAL ends with the transaction.
-                ms = max(1, int(self._timeout * 1000))
-                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
+                if self._write:
+                    begin = "BEGIN"
+                    if self._timeout is not None:
+                        ms = max(1, int(self._timeout * 1000))
+                        begin += f"; SET LOCAL statement_timeout = {ms}"
+                    conn.exec_driver_sql(begin)
         except BaseException as exc:
             conn.close()
             self._conn = None
@@ -125,7 +132,10 @@ class UnitOfWork:
             # the outcome depend on a race with it. (A commit that started in
             # time may still finish late: retrying with the same key is safe.)
             raise DeadlineExceeded("deadline exceeded before commit; nothing was written")
-        self._conn.commit()
+        if self._manual:
+            self._conn.exec_driver_sql("COMMIT")
+        else:
+            self._conn.commit()
         self._committed = True
 
     def __exit__(
@@ -137,8 +147,12 @@ class UnitOfWork:
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
-                if not self._committed:
+                if self._committed:
+                    pass
+                elif not self._manual:
                     conn.rollback()
+                elif self._write:
+                    conn.exec_driver_sql("ROLLBACK")
             except sa.exc.DBAPIError:
                 log.debug("rollback failed", exc_info=True)
             finally:
