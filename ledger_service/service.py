@@ -49,6 +49,11 @@ _KEY_RACE_ATTEMPTS = 3
 Outcome = PostResult | LedgerError
 
 
+class _LookUpFirst(Exception):
+    """An optimistic write met a key already stored (or no counter): redo it
+    with the idempotency lookup."""
+
+
 class _SplitBatch(Exception):
     """A group-commit batch hit something that only one of its entries may
     deserve (an overflowing total, a key a concurrent transaction just took):
@@ -84,7 +89,7 @@ def post_group(
     counter bump, contiguous numbers). Each entry gets its own outcome: a
     replay, a conflict or an error of its own does not stop the others."""
     try:
-        return _write(uow_factory, batch, timeout, atomic=False)
+        return _write_with_fallback(uow_factory, batch, timeout, atomic=False)
     except _SplitBatch:
         return [_post_one(uow_factory, entry, timeout) for entry in batch]
 
@@ -96,7 +101,7 @@ def post_atomic(
     already posted with the same payload replay and take no number."""
     for _ in range(_KEY_RACE_ATTEMPTS):
         try:
-            outcomes = _write(uow_factory, batch, timeout, atomic=True)
+            outcomes = _write_with_fallback(uow_factory, batch, timeout, atomic=True)
         except _SplitBatch:
             continue  # a concurrent post took one of the keys: look again
         return [o for o in outcomes if isinstance(o, PostResult)]
@@ -106,7 +111,7 @@ def post_atomic(
 def _post_one(uow_factory: UowFactory, entry: NewEntry, timeout: float | None) -> Outcome:
     for _ in range(_KEY_RACE_ATTEMPTS):
         try:
-            return _write(uow_factory, [entry], timeout, atomic=False)[0]
+            return _write_with_fallback(uow_factory, [entry], timeout, atomic=False)[0]
         except _SplitBatch:
             continue  # the same key was committed concurrently: replay it now
         except LedgerError as exc:
@@ -114,19 +119,42 @@ def _post_one(uow_factory: UowFactory, entry: NewEntry, timeout: float | None) -
     raise RuntimeError(f"idempotency key {entry.idempotency_key!r} kept racing; giving up")
 
 
-def _write(
+def _write_with_fallback(
     uow_factory: UowFactory, batch: Sequence[NewEntry], timeout: float | None, *, atomic: bool
 ) -> list[Outcome]:
-    """The one write path. Order inside the transaction: idempotency lookup,
-    account totals, and only then the counter (storage/numbering.py), so every
-    way to fail comes before a number is taken and the counter lock is held
-    for one statement plus the commit."""
+    """Writes as if every key were new (no lookup round trip: the common
+    case); if one was not, the unique key refuses the insert, the transaction
+    rolls back whole, and the write is redone with the lookup."""
+    try:
+        return _write(uow_factory, batch, timeout, atomic=atomic, optimistic=True)
+    except _LookUpFirst:
+        return _write(uow_factory, batch, timeout, atomic=atomic, optimistic=False)
+
+
+def _write(
+    uow_factory: UowFactory,
+    batch: Sequence[NewEntry],
+    timeout: float | None,
+    *,
+    atomic: bool,
+    optimistic: bool,
+) -> list[Outcome]:
+    """The one write path. Order inside the transaction: idempotency lookup
+    (unless optimistic), account totals, and only then the counter
+    (storage/numbering.py), so every way to fail comes before a number is
+    taken and the counter lock is held for one statement plus the commit.
+    An optimistic write that fails in any way raises _LookUpFirst: only the
+    careful write decides what the caller hears."""
     ledger = batch[0].ledger
     outcomes: list[Outcome | None] = [None] * len(batch)
     first_of_key: dict[str, int] = {}
     fresh: list[int] = []
     with uow_factory(write=True, timeout=timeout) as uow:
-        stored = uow.ledger.find_by_keys(ledger, {e.idempotency_key for e in batch})
+        stored = (
+            {}
+            if optimistic
+            else uow.ledger.find_by_keys(ledger, {e.idempotency_key for e in batch})
+        )
         for i, entry in enumerate(batch):
             existing = stored.get(entry.idempotency_key)
             if existing is not None:
@@ -141,12 +169,16 @@ def _write(
             new = [batch[i] for i in fresh]
             try:
                 if not uow.ledger.add_to_account_totals(new):
+                    if optimistic:
+                        raise _LookUpFirst()  # a replay's amount may have been counted
                     if atomic or len(new) == 1:
                         raise TotalOverflow(ledger)
                     raise _SplitBatch()
                 appended = uow.ledger.append(ledger, new)
             except DuplicateIdempotencyKey as exc:
-                raise _SplitBatch() from exc
+                raise (_LookUpFirst() if optimistic else _SplitBatch()) from exc
+            if appended is None and optimistic:
+                raise _LookUpFirst()
             if appended is None:
                 raise CounterNotInitialized(ledger) if atomic or len(batch) == 1 else _SplitBatch()
             uow.commit()
