@@ -157,7 +157,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         validate_stream_request(ledger, position)
         head = await self._run(service.stream_start, self._uow, ledger, position)
         settings = self._streams
-        db_page = settings.page_size * _PAGES_PER_READ
+        db_page = max(_ROWS_PER_READ, settings.page_size)
         caught_up = False
         last_sent = time.monotonic()
         # Taken before each read, so a commit during the read still wakes us.
@@ -211,8 +211,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return asyncio.ensure_future(self._run(service.read_page, self._uow, ledger, after, limit))
 
 
-# Rows per database read, in stream messages: fewer round trips per entry.
-_PAGES_PER_READ = 2
+# Rows per database read, sent as messages of page_size entries: one round
+# trip per 512 entries however small the messages are.
+_ROWS_PER_READ = 512
 
 
 def _remaining(context: Context) -> float | None:
