@@ -50,8 +50,9 @@ TAKE_AND_INSERT_PG = f"""
             ledger, sequence, idempotency_key, debit_account, credit_account,
             amount, asset, entry_type, description, metadata, created_at, wire)
         SELECT %(ledger)s, bump.value - %(n)s + t.ord, t.idempotency_key, t.debit_account,
-               t.credit_account, t.amount, t.asset, t.entry_type, t.description,
-               CAST(t.metadata AS JSONB), clock_timestamp(), t.wire
+               t.credit_account, t.amount, t.asset, COALESCE(t.entry_type, ''),
+               COALESCE(t.description, ''), CAST(COALESCE(NULLIF(t.metadata, ''), '{{}}') AS JSONB),
+               clock_timestamp(), t.wire
         FROM bump, unnest(
             %(idempotency_keys)b::TEXT[], %(debit_accounts)b::TEXT[],
             %(credit_accounts)b::TEXT[], %(amounts)b::BIGINT[],
@@ -93,9 +94,14 @@ def take_next_sequences_and_insert(
                 "credit_accounts": [e.credit_account for e in batch],
                 "amounts": [e.amount for e in batch],
                 "assets": [e.asset for e in batch],
-                "entry_types": [e.entry_type for e in batch],
-                "descriptions": [e.description for e in batch],
-                "metadatas": [json.dumps(dict(e.metadata)) for e in batch],
+                # Optional columns that are empty throughout the batch go as
+                # empty arrays (unnest pads them with NULL, COALESCEd above):
+                # nothing to encode for the common case.
+                "entry_types": _unless_all_empty([e.entry_type for e in batch]),
+                "descriptions": _unless_all_empty([e.description for e in batch]),
+                "metadatas": _unless_all_empty(
+                    [json.dumps(dict(e.metadata)) if e.metadata else "" for e in batch]
+                ),
                 "wires": payloads,
             },
         ).all()
@@ -144,6 +150,10 @@ def take_next_sequences_and_insert(
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _unless_all_empty(values: list[str]) -> list[str]:
+    return values if any(values) else []
 
 
 def as_utc(value: datetime) -> datetime:

@@ -7,6 +7,7 @@ import random
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ledger_service import service
@@ -18,6 +19,7 @@ from ledger_service.domain import (
     PostResult,
     TotalOverflow,
 )
+from ledger_service.storage.schema import entries
 
 from .helpers import counter_value, make_entry, run_concurrently, sequences
 
@@ -172,3 +174,33 @@ def test_groups_racing_on_the_same_keys_store_each_key_once(
     assert all(r == results[0] for r in results)  # everyone agrees on each key's number
     assert sorted(results[0].values()) == list(range(1, 21))
     assert sequences(engine, ledger) == list(range(1, 21))
+
+
+def test_optional_columns_are_stored_per_entry_in_a_mixed_batch(
+    uow: Any, engine: Engine, ledger: str
+) -> None:
+    service.initialize_counter(uow, ledger)
+    service.post_atomic(
+        uow,
+        [
+            make_entry(ledger, "plain"),
+            make_entry(ledger, "rich", entry_type="fee", description="d", metadata={"k": "v"}),
+            make_entry(ledger, "plain-2"),
+        ],
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(
+                entries.c.idempotency_key,
+                entries.c.entry_type,
+                entries.c.description,
+                entries.c.metadata,
+            )
+            .where(entries.c.ledger == ledger)
+            .order_by(entries.c.sequence)
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        ("plain", "", "", {}),
+        ("rich", "fee", "d", {"k": "v"}),
+        ("plain-2", "", "", {}),
+    ]
