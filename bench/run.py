@@ -166,7 +166,7 @@ def run(quick: bool) -> dict[str, Any]:
     reps = 1 if quick else 3
     duration, warmup = (1.0, 0.3) if quick else (5.0, 1.0)
     catchup_n = 50_000 if quick else 1_000_000
-    one_per_message_n = 20_000 if quick else 200_000
+    one_per_message_n = 20_000 if quick else 100_000
     samples: dict[str, list[dict[str, float]]] = {}
 
     def record(name: str, value: dict[str, float]) -> None:
