@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,6 +29,7 @@ from ..domain import (
 from ..group_commit import GroupCommitter
 from ..storage.repository import Page
 from ..storage.uow import UnitOfWork
+from ..tail import Tails
 from ..watch import HeadWatcher
 from .convert import (
     account_to_proto,
@@ -67,6 +68,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self._stopping = False
         # Without group commit every post is its own transaction (the naive
         # path, kept as a server mode for comparison in the benchmark).
+        self._tails = Tails(self._read_tail, watcher, poll_interval=stream_settings.poll_interval)
         self._committer = (
             GroupCommitter(self._write_group, max_pending=max_pending_posts)
             if group_commit
@@ -77,6 +79,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         """Following streams end (UNAVAILABLE, resumable) instead of waiting out the grace."""
         self._stopping = True
         self._watcher.publish_all()
+        self._tails.wake_all()
 
     def _uow(self, write: bool = False, timeout: float | None = None) -> UnitOfWork:
         return UnitOfWork(self._engine, write=write, timeout=timeout)
@@ -148,64 +151,88 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> AsyncIterator[ledger_pb2.StreamEntriesResponse]:
         """Catch-up in bounded keyset pages, then (follow) live entries.
 
-        Each page is read in its own short statement. While a full page is
-        being sent, the next one is read (one page ahead, no more): a slow
-        consumer holds at most two pages in memory and no database lock, and
-        gRPC flow control makes this generator wait for it.
+        Catch-up: each page is one short statement; while a full page is being
+        sent the next is read (one ahead, no more), so a slow consumer holds
+        at most two pages and no database lock, and gRPC flow control makes
+        this generator wait for it. Following: entries come from the ledger's
+        shared tail (tail.py), one database read per commit for all followers.
         """
         ledger, position = request.ledger, request.after_sequence
         validate_stream_request(ledger, position)
         head = await self._run(service.stream_start, self._uow, ledger, position)
         settings = self._streams
         db_page = max(_ROWS_PER_READ, settings.page_size)
-        caught_up = False
-        last_sent = time.monotonic()
-        # Taken before each read, so a commit during the read still wakes us.
-        wake = self._watcher.event(ledger)
         pending = self._read_page(ledger, position, db_page)
         try:
-            while True:
+            while True:  # catch-up
+                if self._stopping:
+                    raise ShuttingDown()
                 page = await pending
-                woken_by = wake
                 head = max(head, page.head or 0)
                 full = len(page.rows) == db_page
                 if full:
-                    wake = self._watcher.event(ledger)
                     pending = self._read_page(ledger, page.rows[-1][0], db_page)
-                for start in range(0, len(page.rows), settings.page_size):
-                    if self._stopping:
-                        raise ShuttingDown()
-                    rows = page.rows[start : start + settings.page_size]
-                    position = rows[-1][0]
-                    # Assembled from the stored encodings, not built entry by entry.
-                    message = wire.stream_message(rows)
-                    if not full and not caught_up and position == page.rows[-1][0]:
-                        message.caught_up = caught_up = True
-                    message.head_sequence = max(head, position)
+                for message in self._messages(page.rows, head, caught_up=not full):
                     yield message
+                if page.rows:
+                    position = page.rows[-1][0]
+                if not full:
+                    break
+        finally:
+            pending.cancel()
+        if not page.rows:
+            yield ledger_pb2.StreamEntriesResponse(caught_up=True, head_sequence=head)
+        if not request.follow:
+            return
+        last_sent = time.monotonic()
+        async with self._tails.follow(ledger, position) as tail:
+            while True:
+                if self._stopping:
+                    raise ShuttingDown()
+                if tail.error is not None:
+                    raise tail.error
+                updated = tail.updated
+                rows = tail.after(position, settings.page_size)
+                if rows is None:  # behind the shared buffer: read on our own
+                    rows = (
+                        await self._run(service.read_page, self._uow, ledger, position, db_page)
+                    ).rows
+                if rows:
+                    for message in self._messages(rows, max(head, tail.head), caught_up=False):
+                        yield message
+                    position = rows[-1][0]
                     last_sent = time.monotonic()
-                if full:
                     continue
-                if not caught_up:
-                    caught_up = True
-                    yield ledger_pb2.StreamEntriesResponse(caught_up=True, head_sequence=head)
-                    last_sent = time.monotonic()
-                if not request.follow:
-                    return
                 idle = time.monotonic() - last_sent
                 if idle >= settings.heartbeat_interval:
+                    head = max(head, tail.head)
                     yield ledger_pb2.StreamEntriesResponse(heartbeat=True, head_sequence=head)
                     last_sent = time.monotonic()
                     idle = 0.0
-                wait = min(settings.poll_interval, settings.heartbeat_interval - idle)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken_by.wait(), timeout=wait)
-                if self._stopping:
-                    raise ShuttingDown()
-                wake = self._watcher.event(ledger)
-                pending = self._read_page(ledger, position, db_page)
-        finally:
-            pending.cancel()
+                    await asyncio.wait_for(
+                        updated.wait(), timeout=settings.heartbeat_interval - idle
+                    )
+
+    def _messages(
+        self, rows: list[tuple[int, int, bytes]], head: int, *, caught_up: bool
+    ) -> Iterator[ledger_pb2.StreamEntriesResponse]:
+        """Messages of at most page_size entries; `caught_up` marks the last."""
+        size = self._streams.page_size
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            # Assembled from the stored encodings, not built entry by entry.
+            message = wire.stream_message(chunk)
+            message.head_sequence = max(head, chunk[-1][0])
+            if caught_up and start + size >= len(rows):
+                message.caught_up = True
+            yield message
+
+    async def _read_tail(
+        self, ledger: str, after: int, limit: int
+    ) -> tuple[list[tuple[int, int, bytes]], int | None]:
+        page = await self._run(service.read_page, self._uow, ledger, after, limit)
+        return page.rows, page.head
 
     def _read_page(self, ledger: str, after: int, limit: int) -> asyncio.Future[Page]:
         return asyncio.ensure_future(self._run(service.read_page, self._uow, ledger, after, limit))

@@ -269,3 +269,42 @@ def test_sigterm_ends_following_streams_resumably_and_exits_cleanly(
     assert info is not None and info.reason == "SERVER_SHUTTING_DOWN"
     assert server.proc.wait(30) == 0
     assert any("stopped" in line for line in server.lines)
+
+
+def test_many_followers_of_one_process_share_the_tail_and_see_one_to_n(
+    pg_server: ServerProcess, ledger: str
+) -> None:
+    """24 followers on one process (one shared reader) and one joining late
+    from position 0 while 4 writers post: each sees exactly 1..N in order."""
+    stub = pg_server.stub
+    init(stub, ledger)
+    writers, per_writer = 4, 30
+    total = writers * per_writer
+
+    def follow(after: int) -> list[int]:
+        seen: list[int] = []
+        call = stub.StreamEntries(
+            ledger_pb2.StreamEntriesRequest(ledger=ledger, after_sequence=after, follow=True),
+            timeout=120,
+        )
+        for message in call:
+            seen.extend(e.sequence for e in message.entries)
+            if seen and seen[-1] >= total:
+                call.cancel()
+                break
+        return seen
+
+    results: list[Any] = [None] * 25
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, follow(0))) for i in range(24)
+    ]
+    for t in threads:
+        t.start()
+    run_threads(writers, lambda w: post_many(stub, ledger, per_writer // 2, prefix=f"a{w}-"))
+    late = threading.Thread(target=lambda: results.__setitem__(24, follow(0)))
+    late.start()
+    run_threads(writers, lambda w: post_many(stub, ledger, per_writer // 2, prefix=f"b{w}-"))
+    for t in [*threads, late]:
+        t.join(150)
+    for seen in results:
+        assert seen == list(range(1, total + 1))

@@ -1,0 +1,120 @@
+"""Fan-out of live entries: one database reader per followed ledger per process.
+
+Without it, every commit would wake every following stream of the ledger and
+each would read the same new rows from the database: N followers, N reads per
+commit, and under load the reads queue up behind each other. Here one task per
+ledger reads the new rows once into a bounded buffer of recent entries, and
+every caught-up follower takes its next rows from there. A follower that falls
+behind the buffer reads from the database on its own until it is back.
+
+Order and completeness rest on the same rule as everywhere: rows are read
+`sequence > last` in keyset order, so the buffer always holds consecutive
+entries, and a follower asks for exactly the entries after its position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from .domain import LedgerError
+from .watch import HeadWatcher
+
+log = logging.getLogger(__name__)
+
+Row = tuple[int, int, bytes]  # (sequence, created_at epoch microseconds, payload)
+# read(ledger, after_sequence, limit) -> (rows, head or None)
+Reader = Callable[[str, int, int], Awaitable[tuple[list[Row], int | None]]]
+
+
+@dataclass
+class _Tail:
+    last: int  # sequence of the newest row read (rows, if any, end with it)
+    rows: list[Row] = field(default_factory=list)  # consecutive, oldest first
+    head: int = 0
+    subscribers: int = 0
+    updated: asyncio.Event = field(default_factory=asyncio.Event)
+    error: LedgerError | None = None
+    task: asyncio.Task[None] | None = None
+
+    def after(self, position: int, limit: int) -> list[Row] | None:
+        """Up to `limit` rows right after `position`; [] if none yet; None if
+        `position` is older than the buffer (read the database instead)."""
+        if not self.rows:
+            return [] if position >= self.last else None
+        first = self.rows[0][0]
+        if position < first - 1:
+            return None
+        start = position - first + 1
+        return self.rows[start : start + limit]
+
+
+class Tails:
+    def __init__(
+        self,
+        read: Reader,
+        watcher: HeadWatcher,
+        *,
+        poll_interval: float,
+        capacity: int = 4096,
+        read_size: int = 512,
+    ) -> None:
+        self._read = read
+        self._watcher = watcher
+        self._poll = poll_interval
+        self._capacity = capacity
+        self._read_size = read_size
+        self._tails: dict[str, _Tail] = {}
+
+    @contextlib.asynccontextmanager
+    async def follow(self, ledger: str, position: int) -> AsyncIterator[_Tail]:
+        """Subscribes to `ledger`'s tail (starting its reader if needed)."""
+        tail = self._tails.get(ledger)
+        if tail is None or tail.error is not None:
+            tail = self._tails[ledger] = _Tail(last=position)
+            tail.task = asyncio.get_running_loop().create_task(self._refresh(ledger, tail))
+        tail.subscribers += 1
+        try:
+            yield tail
+        finally:
+            tail.subscribers -= 1
+            if tail.subscribers == 0 and tail.task is not None:
+                tail.task.cancel()
+                if self._tails.get(ledger) is tail:
+                    del self._tails[ledger]
+
+    async def _refresh(self, ledger: str, tail: _Tail) -> None:
+        try:
+            while True:
+                wake = self._watcher.event(ledger)  # before the read: no lost wake-up
+                rows, head = await self._read(ledger, tail.last, self._read_size)
+                if rows:
+                    tail.rows.extend(rows)
+                    tail.last = rows[-1][0]
+                    if len(tail.rows) > self._capacity:
+                        del tail.rows[: len(tail.rows) - self._capacity]
+                tail.head = max(tail.head, head or 0, tail.last)
+                if rows:
+                    self._notify(tail)
+                if len(rows) == self._read_size:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), timeout=self._poll)
+        except LedgerError as exc:
+            # Followers end with this error (e.g. UNAVAILABLE) and resume;
+            # the next follower starts a new reader.
+            tail.error = exc
+            self._notify(tail)
+
+    def wake_all(self) -> None:
+        """Wakes every follower (e.g. to notice a shutdown)."""
+        for tail in self._tails.values():
+            self._notify(tail)
+
+    @staticmethod
+    def _notify(tail: _Tail) -> None:
+        event, tail.updated = tail.updated, asyncio.Event()
+        event.set()
