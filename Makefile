@@ -7,7 +7,7 @@ GEN_DIR := clients/python/src
 PROTO := protos/ledger/v1/ledger.proto
 LEDGER ?= demo
 
-.PHONY: venv run test lint typecheck generate check-generated buf-lint pytest clean bench bench-quick
+.PHONY: venv run test lint typecheck generate check-generated contract proto-image pytest clean bench bench-quick
 
 venv: $(STAMP)
 
@@ -24,7 +24,7 @@ run: venv
 	$(BIN)/ledger-service serve
 
 ## Everything CI checks: lint, types, contract, generated stubs, then the tests.
-test: venv lint typecheck buf-lint check-generated pytest
+test: venv lint typecheck contract check-generated pytest
 
 lint: venv
 	$(BIN)/ruff check .
@@ -33,9 +33,21 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-buf-lint: venv
+## The contract: buf lint (STANDARD), formatting, and no breaking change
+## against the released image protos/ledger.v1.binpb, which must be current.
+contract: venv
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code protos
+	$(BIN)/buf breaking --against protos/ledger.v1.binpb
+	@tmp=$$(mktemp) && $(BIN)/buf build -o $$tmp && \
+	cmp -s $$tmp protos/ledger.v1.binpb \
+	  || { echo "protos/ changed (compatibly): run 'make proto-image' and commit the image"; rm -f $$tmp; exit 1; }; \
+	rm -f $$tmp
+
+## Record the contract as released (after review of an additive change).
+proto-image: venv
+	$(BIN)/buf breaking --against protos/ledger.v1.binpb
+	$(BIN)/buf build -o protos/ledger.v1.binpb
 
 pytest: venv
 	$(BIN)/pytest
