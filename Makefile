@@ -7,7 +7,7 @@ GEN_DIR := clients/python/src
 PROTO := protos/ledger/v1/ledger.proto
 LEDGER ?= demo
 
-.PHONY: venv run test lint typecheck generate check-generated contract proto-image pytest clean bench bench-quick
+.PHONY: venv run test lint typecheck generate check-generated contract proto-image node-deps pytest clean bench bench-quick
 
 venv: $(STAMP)
 
@@ -49,7 +49,15 @@ proto-image: venv
 	$(BIN)/buf breaking --against protos/ledger.v1.binpb
 	$(BIN)/buf build -o protos/ledger.v1.binpb
 
-pytest: venv
+NODE_INTEROP := tests/interop/node
+
+## Node packages of the interop tests, from the committed lockfile.
+node-deps: $(NODE_INTEROP)/node_modules/.package-lock.json
+
+$(NODE_INTEROP)/node_modules/.package-lock.json: $(NODE_INTEROP)/package-lock.json
+	cd $(NODE_INTEROP) && npm ci --no-audit --no-fund --loglevel=error
+
+pytest: venv node-deps
 	$(BIN)/pytest
 
 ## Regenerate the committed stubs from protos/ (never edit them by hand).
@@ -68,7 +76,7 @@ check-generated: venv
 	rm -rf $$tmp
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache ledger.sqlite3*
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache ledger.sqlite3* $(NODE_INTEROP)/node_modules
 
 BENCH_STAMP := $(VENV)/.bench-installed
 

@@ -1,0 +1,53 @@
+"""Clients this project did not write, against a real server: Node with
+@grpc/grpc-js loading the .proto at run time (tests/interop/node)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .harness import ServerProcess
+
+NODE_DIR = Path(__file__).resolve().parents[1] / "interop" / "node"
+
+
+def _node() -> str:
+    node = shutil.which("node")
+    missing = None
+    if node is None:
+        missing = "node is not installed"
+    elif not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        missing = f"run `npm ci` in {NODE_DIR} (make test does)"
+    if missing:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{missing} [CI=true: interop tests must run]", pytrace=False)
+        pytest.skip(missing)
+    assert node is not None
+    return node
+
+
+def test_a_node_grpc_js_client_posts_replays_streams_and_reads_error_details(
+    server: ServerProcess, ledger: str
+) -> None:
+    result = subprocess.run(
+        [_node(), str(NODE_DIR / "interop.mjs"), server.address, ledger],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    observed = json.loads(result.stdout)
+    # Read from the grpc-status-details-bin trailer by a non-Python client.
+    assert observed["precondition_reason"] == "COUNTER_NOT_INITIALIZED"
+    assert observed["precondition_domain"] == "ledger.v1"
+    assert observed["conflict_reason"] == "IDEMPOTENCY_KEY_REUSED"
+    # Followed live while posted; int64 above 2^53 exact end to end.
+    assert observed["streamed"] == ["1", "2", "3"]
+    assert observed["streamed_amounts"] == ["9007199254740993"] * 3
+    assert observed["total_debits"] == str(3 * (2**53 + 1))
+    assert observed["as_of_sequence"] == "3"
