@@ -7,7 +7,7 @@ GEN_DIR := clients/python/src
 PROTO := protos/ledger/v1/ledger.proto
 LEDGER ?= demo
 
-.PHONY: venv run test lint typecheck generate check-generated contract proto-image node-deps pytest clean bench bench-quick
+.PHONY: venv run test lint typecheck generate check-generated contract proto-image node-deps ts-deps pytest clean bench bench-quick
 
 venv: $(STAMP)
 
@@ -57,26 +57,40 @@ node-deps: $(NODE_INTEROP)/node_modules/.package-lock.json
 $(NODE_INTEROP)/node_modules/.package-lock.json: $(NODE_INTEROP)/package-lock.json
 	cd $(NODE_INTEROP) && npm ci --no-audit --no-fund --loglevel=error
 
-pytest: venv node-deps
+pytest: venv node-deps ts-deps
 	$(BIN)/pytest
 
+TS_DIR := clients/typescript
+TS_GEN := $(TS_DIR)/src/gen
+# protoc-gen-es from the TypeScript package's pinned devDependencies: a local
+# plugin, no remote generation.
+PROTOC_GEN := PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
+	--plugin=protoc-gen-es=$(TS_DIR)/node_modules/.bin/protoc-gen-es
+
+## TypeScript client packages (and protoc-gen-es), from the committed lockfile.
+ts-deps: $(TS_DIR)/node_modules/.package-lock.json
+
+$(TS_DIR)/node_modules/.package-lock.json: $(TS_DIR)/package-lock.json
+	cd $(TS_DIR) && npm ci --no-audit --no-fund --loglevel=error
+
 ## Regenerate the committed stubs from protos/ (never edit them by hand).
-generate: venv
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
-	  --python_out=$(GEN_DIR) --mypy_out=$(GEN_DIR) \
+generate: venv ts-deps
+	$(PROTOC_GEN) --python_out=$(GEN_DIR) --mypy_out=$(GEN_DIR) \
 	  --grpc_python_out=$(GEN_DIR) --mypy_grpc_out=$(GEN_DIR) $(PROTO)
+	$(PROTOC_GEN) --es_out=$(TS_GEN) --es_opt=target=ts $(PROTO)
 
 ## Fails when the committed stubs differ from what protos/ generates now.
-check-generated: venv
-	@tmp=$$(mktemp -d) && \
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
-	  --python_out=$$tmp --mypy_out=$$tmp --grpc_python_out=$$tmp --mypy_grpc_out=$$tmp $(PROTO) && \
-	diff -r -x __init__.py -x __pycache__ $$tmp/ledger/v1 $(GEN_DIR)/ledger/v1 \
+check-generated: venv ts-deps
+	@tmp=$$(mktemp -d) && mkdir $$tmp/py $$tmp/ts && \
+	$(PROTOC_GEN) --python_out=$$tmp/py --mypy_out=$$tmp/py --grpc_python_out=$$tmp/py \
+	  --mypy_grpc_out=$$tmp/py --es_out=$$tmp/ts --es_opt=target=ts $(PROTO) && \
+	diff -r -x __init__.py -x __pycache__ $$tmp/py/ledger/v1 $(GEN_DIR)/ledger/v1 && \
+	diff -r $$tmp/ts $(TS_GEN) \
 	  || { echo "generated stubs are stale: run 'make generate' and commit"; rm -rf $$tmp; exit 1; }; \
 	rm -rf $$tmp
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache ledger.sqlite3* $(NODE_INTEROP)/node_modules
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache ledger.sqlite3* $(NODE_INTEROP)/node_modules $(TS_DIR)/node_modules $(TS_DIR)/dist
 
 BENCH_STAMP := $(VENV)/.bench-installed
 

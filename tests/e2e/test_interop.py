@@ -51,3 +51,30 @@ def test_a_node_grpc_js_client_posts_replays_streams_and_reads_error_details(
     assert observed["streamed_amounts"] == ["9007199254740993"] * 3
     assert observed["total_debits"] == str(3 * (2**53 + 1))
     assert observed["as_of_sequence"] == "3"
+
+
+TS_DIR = Path(__file__).resolve().parents[2] / "clients" / "typescript"
+
+
+def test_the_typescript_client_package_passes_its_tests_against_a_real_server(
+    pg_server: ServerProcess,
+) -> None:
+    """clients/typescript: generated messages (protoc-gen-es), the thin client
+    over connect-node's gRPC transport, bigint int64, ErrorInfo reasons."""
+    npm = shutil.which("npm")
+    if npm is None or not (TS_DIR / "node_modules" / "typescript").is_dir():
+        missing = "npm or clients/typescript/node_modules missing (make test runs npm ci)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{missing} [CI=true: interop tests must run]", pytrace=False)
+        pytest.skip(missing)
+    assert npm is not None
+    result = subprocess.run(
+        [npm, "test", "--silent"],
+        cwd=TS_DIR,
+        env={**os.environ, "LEDGER_ADDRESS": pg_server.address},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "# pass 1" in result.stdout and "# fail 0" in result.stdout

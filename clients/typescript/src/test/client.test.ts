@@ -1,0 +1,63 @@
+// Runs against a real server: LEDGER_ADDRESS=127.0.0.1:50051 npm test
+// (tests/e2e/test_interop.py starts one and runs this).
+import assert from "node:assert/strict";
+import { randomUUID } from "node:crypto";
+import { test } from "node:test";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { LedgerClient, errorReason } from "../index.js";
+
+const address = process.env.LEDGER_ADDRESS;
+if (!address) throw new Error("set LEDGER_ADDRESS to a running ledger server (host:port)");
+const client = new LedgerClient(`http://${address}`);
+const BIG = 2n ** 53n + 1n; // not representable as a JavaScript number
+
+test("posts, replays, conflicts, follows a stream and reads balances exactly", async () => {
+  const ledger = `ts-${randomUUID().slice(0, 8)}`;
+
+  await assert.rejects(
+    client.postEntry(ledger, { debitAccount: "cash", creditAccount: "sales", amount: 1n, asset: "USD" }),
+    (error: unknown) =>
+      ConnectError.from(error).code === Code.FailedPrecondition &&
+      errorReason(error) === "COUNTER_NOT_INITIALIZED",
+  );
+  const counter = await client.initializeCounter(ledger);
+  assert.equal(counter.created, true);
+  assert.equal(counter.value, 0n);
+
+  const seen: bigint[] = [];
+  const abort = new AbortController();
+  const follower = (async () => {
+    try {
+      for await (const entry of client.streamEntries(ledger, { follow: true, signal: abort.signal })) {
+        seen.push(entry.sequence);
+        assert.equal(entry.amount, BIG);
+        if (seen.length === 3) abort.abort();
+      }
+    } catch (error) {
+      if (ConnectError.from(error).code !== Code.Canceled) throw error;
+    }
+  })();
+
+  const input = { debitAccount: "cash", creditAccount: "sales", amount: BIG, asset: "USD", idempotencyKey: "k1" };
+  const first = await client.postEntry(ledger, input);
+  assert.equal(first.replayed, false);
+  assert.equal(first.entry?.sequence, 1n);
+  assert.equal(first.entry?.amount, BIG);
+  const replay = await client.postEntry(ledger, input);
+  assert.equal(replay.replayed, true);
+  assert.equal(replay.entry?.sequence, 1n);
+  await assert.rejects(
+    client.postEntry(ledger, { ...input, amount: 5n }),
+    (error: unknown) =>
+      ConnectError.from(error).code === Code.AlreadyExists &&
+      errorReason(error) === "IDEMPOTENCY_KEY_REUSED",
+  );
+  await client.postEntry(ledger, { ...input, idempotencyKey: undefined });
+  await client.postEntry(ledger, { ...input, idempotencyKey: undefined });
+
+  await follower;
+  assert.deepEqual(seen, [1n, 2n, 3n]);
+  const account = await client.getAccount(ledger, "cash");
+  assert.equal(account.asOfSequence, 3n);
+  assert.equal(account.balances[0]?.totalDebits, 3n * BIG);
+});
