@@ -30,11 +30,17 @@ ADMIN_URL = os.environ.get("LEDGER_TEST_ADMIN_URL") or (
 )
 
 
-def _postgres_unreachable(reason: str) -> NoReturn:
-    message = f"PostgreSQL not reachable ({reason}); start it or set LEDGER_TEST_DATABASE_URL"
+def missing_requirement(message: str) -> NoReturn:
+    """Skips with `message`, except under CI=true, where nothing may be skipped."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{message} [CI=true: Postgres tests must run]", pytrace=False)
+        pytest.fail(f"{message} [CI=true: these tests must run]", pytrace=False)
     pytest.skip(message)
+
+
+def _postgres_unreachable(reason: str) -> NoReturn:
+    missing_requirement(
+        f"PostgreSQL not reachable ({reason}); start it or set LEDGER_TEST_DATABASE_URL"
+    )
 
 
 def migrated(url: str) -> str:

@@ -9,8 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
+from ..conftest import missing_requirement
 from .harness import ServerProcess
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "interop" / "node"
@@ -24,9 +23,7 @@ def _node() -> str:
     elif not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
         missing = f"run `npm ci` in {NODE_DIR} (make test does)"
     if missing:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{missing} [CI=true: interop tests must run]", pytrace=False)
-        pytest.skip(missing)
+        missing_requirement(missing)
     assert node is not None
     return node
 
@@ -63,10 +60,9 @@ def test_the_typescript_client_package_passes_its_tests_against_a_real_server(
     over connect-node's gRPC transport, bigint int64, ErrorInfo reasons."""
     npm = shutil.which("npm")
     if npm is None or not (TS_DIR / "node_modules" / "typescript").is_dir():
-        missing = "npm or clients/typescript/node_modules missing (make test runs npm ci)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{missing} [CI=true: interop tests must run]", pytrace=False)
-        pytest.skip(missing)
+        missing_requirement(
+            "npm or clients/typescript/node_modules missing (make test runs npm ci)"
+        )
     assert npm is not None
     result = subprocess.run(
         [npm, "test", "--silent"],
