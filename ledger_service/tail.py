@@ -20,7 +20,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from .domain import LedgerError
+from .domain import LedgerError, StorageUnavailable
 from .watch import HeadWatcher
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,10 @@ class Tails:
             # Followers end with this error (e.g. UNAVAILABLE) and resume;
             # the next follower starts a new reader.
             tail.error = exc
+            self._notify(tail)
+        except Exception as exc:  # a bug: never leave followers waiting silently
+            log.exception("tail reader of ledger %s failed", ledger)
+            tail.error = StorageUnavailable(f"reading new entries failed ({exc}); resume")
             self._notify(tail)
 
     def wake_all(self) -> None:

@@ -88,3 +88,15 @@ def test_a_read_error_reaches_the_followers() -> None:
             assert fresh.after(0, 10) == rows(1, 2)
 
     asyncio.run(scenario())
+
+
+def test_an_unexpected_reader_failure_still_ends_the_followers() -> None:
+    async def scenario() -> None:
+        ledger, watcher = Ledger(), HeadWatcher()
+        ledger.fail = ZeroDivisionError("bug")
+        tails = Tails(ledger.read, watcher, poll_interval=60)
+        async with tails.follow("l", 0) as tail:
+            await asyncio.wait_for(tail.updated.wait(), 5)
+            assert isinstance(tail.error, StorageUnavailable)
+
+    asyncio.run(scenario())
