@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.timestamp_pb2 import Timestamp
 from ledger.v1 import ledger_pb2
 
-from .domain import NewEntry
+from .domain import Entry, NewEntry
 
 _ENTRIES_TAG = b"\x0a"  # field 1, length-delimited (entries, results, entry)
 _REPLAYED_TRUE = b"\x10\x01"  # PostedEntry.replayed = true
@@ -60,10 +60,20 @@ def payload(entry: NewEntry) -> bytes:
     ).SerializeToString()
 
 
+def stored_payload(entry: Entry) -> bytes:
+    """A committed entry's payload encoding: the stored one when storage had it
+    (restored rows may lack it), else built from its fields."""
+    return entry.payload_wire if entry.payload_wire is not None else payload(entry.payload)
+
+
 def _set_timestamp(stamp: Timestamp, micros: int) -> None:
     seconds, fraction = divmod(micros, 1_000_000)
     stamp.seconds = seconds
     stamp.nanos = fraction * 1000
+
+
+def from_epoch_micros(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
 
 
 def epoch_micros(value: datetime) -> int:

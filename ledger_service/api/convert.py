@@ -51,23 +51,8 @@ def batch_from_request(request: ledger_pb2.PostEntriesRequest) -> list[NewEntry]
 
 
 def entry_to_proto(entry: Entry) -> ledger_pb2.Entry:
-    if entry.payload_wire is not None:  # parsing the stored encoding beats building it
-        return wire.entry_message(entry.payload_wire, entry.sequence, entry.created_at)
-    p = entry.payload
-    message = ledger_pb2.Entry(
-        ledger=p.ledger,
-        sequence=entry.sequence,
-        idempotency_key=p.idempotency_key,
-        debit_account=p.debit_account,
-        credit_account=p.credit_account,
-        amount=p.amount,
-        asset=p.asset,
-        entry_type=p.entry_type,
-        description=p.description,
-        metadata=p.metadata,
-    )
-    message.created_at.FromDatetime(entry.created_at)
-    return message
+    # Parsing the stored encoding beats building the message field by field.
+    return wire.entry_message(wire.stored_payload(entry), entry.sequence, entry.created_at)
 
 
 def account_to_proto(view: AccountView) -> ledger_pb2.GetAccountResponse:

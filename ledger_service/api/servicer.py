@@ -66,9 +66,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self._watcher = watcher
         self._streams = stream_settings
         self._stopping = False
+        self._tails = Tails(self._read_tail, watcher, poll_interval=stream_settings.poll_interval)
         # Without group commit every post is its own transaction (the naive
         # path, kept as a server mode for comparison in the benchmark).
-        self._tails = Tails(self._read_tail, watcher, poll_interval=stream_settings.poll_interval)
         self._committer = (
             GroupCommitter(self._write_group, max_pending=max_pending_posts)
             if group_commit
@@ -130,7 +130,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return wire.posted_entries_message(
             [
                 (
-                    r.entry.payload_wire or wire.payload(r.entry.payload),
+                    wire.stored_payload(r.entry),
                     r.entry.sequence,
                     r.entry.created_at,
                     r.replayed,

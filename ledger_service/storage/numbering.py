@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -108,7 +108,7 @@ def take_next_sequences_and_insert(
         if not rows:
             return None
         # created_at comes as epoch microseconds: cheaper than parsing text.
-        stamps = [(row[0], _EPOCH + timedelta(microseconds=row[1])) for row in rows]
+        stamps = [(row[0], wire.from_epoch_micros(row[1])) for row in rows]
     else:
         # SQLite holds its database write lock from BEGIN IMMEDIATE to commit,
         # so separate statements are just as serialized; no NOTIFY (streams in
@@ -121,7 +121,9 @@ def take_next_sequences_and_insert(
         ).scalar()
         if last is None:
             return None
-        now = conn.execute(sa.select(sa.type_coerce(dialect.now(name), sa.DateTime()))).scalar_one()
+        now = as_utc(
+            conn.execute(sa.select(sa.type_coerce(dialect.now(name), sa.DateTime()))).scalar_one()
+        )
         conn.execute(
             sa.insert(entries),
             [
@@ -144,12 +146,9 @@ def take_next_sequences_and_insert(
         )
         stamps = [(last - n + i, now) for i in range(1, n + 1)]
     return [
-        Entry(seq, as_utc(created), e, payload)
+        Entry(seq, created, e, payload)
         for (seq, created), e, payload in zip(stamps, batch, payloads, strict=True)
     ]
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _unless_all_empty(values: list[str]) -> list[str]:
