@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
@@ -56,31 +57,45 @@ def insert(dialect_name: str, table: sa.Table) -> Any:
     return sqlite.insert(table)
 
 
-def violated_constraint(exc: sa.exc.IntegrityError) -> str:
+# The Postgres hot path runs on the psycopg connection itself (see
+# storage/pg.py), so its errors arrive unwrapped: every helper below takes
+# either a SQLAlchemy error or the driver's own.
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    orig = getattr(exc, "orig", None)
+    return orig if isinstance(orig, BaseException) else exc
+
+
+def violated_constraint(exc: BaseException) -> str:
     """Name (Postgres) or column list (SQLite) of the violated constraint."""
-    diag = getattr(exc.orig, "diag", None)
-    name = getattr(diag, "constraint_name", None)
+    orig = _driver_error(exc)
+    name = getattr(getattr(orig, "diag", None), "constraint_name", None)
     if name:
         return str(name)
     # SQLite: "UNIQUE constraint failed: ledger_entries.ledger, ledger_entries.idempotency_key"
-    return str(exc.orig)
+    return str(orig)
 
 
-def is_idempotency_key_violation(exc: sa.exc.IntegrityError) -> bool:
+def is_integrity_error(exc: BaseException) -> bool:
+    return isinstance(exc, sa.exc.IntegrityError | psycopg.IntegrityError)
+
+
+def is_idempotency_key_violation(exc: BaseException) -> bool:
     text = violated_constraint(exc)
     return text == "uq_ledger_entries_idempotency_key" or "ledger_entries.idempotency_key" in text
 
 
 def is_query_canceled(exc: BaseException) -> bool:
     """Postgres statement_timeout fired (SQLSTATE 57014)."""
-    return getattr(getattr(exc, "orig", None), "sqlstate", None) == "57014"
+    return getattr(_driver_error(exc), "sqlstate", None) == "57014"
 
 
 def is_unavailable(exc: BaseException) -> bool:
     """The database could not be reached or dropped the connection; safe to retry."""
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return True
-    if isinstance(exc, sa.exc.OperationalError):
+    if isinstance(exc, sa.exc.OperationalError | psycopg.OperationalError):
         # SQLite "database is locked" after busy_timeout is also worth a retry.
         return not is_query_canceled(exc)
     return isinstance(exc, sa.exc.TimeoutError)  # pool exhausted

@@ -25,21 +25,24 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .. import wire
 from ..domain import Entry, NewEntry
-from . import dialect
+from . import dialect, pg
 from .schema import counters, entries
 
 # Postgres: counter bump by n, insert of all n rows (arrays, one round trip)
 # and one NOTIFY, in one statement. Row i of the arrays gets number
 # old value + i, so a batch's numbers are contiguous and in request order.
 # The NOTIFY is delivered at commit, to every server process's listener.
-# Driver-level SQL: the arrays go as binary parameters (%(...)b), which psycopg
-# encodes several times faster than text arrays.
+# Driver-level SQL, run on the psycopg connection (storage/pg.py): the arrays
+# go as binary parameters (%(...)b) in pg.py's array types, which encode
+# several times faster than text arrays or psycopg's generic list dumper.
 TAKE_AND_INSERT_PG = f"""
     WITH bump AS (
         UPDATE ledger_counters SET value = value + %(n)s
@@ -72,28 +75,31 @@ TAKE_AND_INSERT_PG = f"""
 
 
 def take_next_sequences_and_insert(
-    conn: Connection, ledger: str, batch: Sequence[NewEntry]
+    conn: Connection, raw: psycopg.Connection[Any] | None, ledger: str, batch: Sequence[NewEntry]
 ) -> list[Entry] | None:
     """Numbers and inserts `batch` (all of `ledger`, keys distinct) with the
     next len(batch) numbers, in order; None when the ledger has no counter.
+    On Postgres the statement runs on `raw`, the driver connection under
+    `conn` (storage/pg.py).
 
-    Raises sqlalchemy IntegrityError when an idempotency key was taken by a
-    concurrent transaction (the caller rolls back, so no number is lost).
+    Raises an IntegrityError (sqlalchemy's or psycopg's) when an idempotency
+    key was taken by a concurrent transaction (the caller rolls back, so no
+    number is lost).
     """
     n = len(batch)
     payloads = [wire.payload(e) for e in batch]
-    name = dialect.name_of(conn)
-    if name == dialect.POSTGRES:
-        rows = conn.exec_driver_sql(
+    if raw is not None:
+        rows = pg.fetch(
+            raw,
             TAKE_AND_INSERT_PG,
             {
                 "ledger": ledger,
                 "n": n,
-                "idempotency_keys": [e.idempotency_key for e in batch],
-                "debit_accounts": [e.debit_account for e in batch],
-                "credit_accounts": [e.credit_account for e in batch],
-                "amounts": [e.amount for e in batch],
-                "assets": [e.asset for e in batch],
+                "idempotency_keys": pg.TextArray([e.idempotency_key for e in batch]),
+                "debit_accounts": pg.TextArray([e.debit_account for e in batch]),
+                "credit_accounts": pg.TextArray([e.credit_account for e in batch]),
+                "amounts": pg.BigintArray([e.amount for e in batch]),
+                "assets": pg.TextArray([e.asset for e in batch]),
                 # Optional columns that are empty throughout the batch go as
                 # empty arrays (unnest pads them with NULL, COALESCEd above):
                 # nothing to encode for the common case.
@@ -102,9 +108,9 @@ def take_next_sequences_and_insert(
                 "metadatas": _unless_all_empty(
                     [json.dumps(dict(e.metadata)) if e.metadata else "" for e in batch]
                 ),
-                "wires": payloads,
+                "wires": pg.ByteaArray(payloads),
             },
-        ).all()
+        )
         if not rows:
             return None
         # created_at comes as epoch microseconds: cheaper than parsing text.
@@ -113,6 +119,7 @@ def take_next_sequences_and_insert(
         # SQLite holds its database write lock from BEGIN IMMEDIATE to commit,
         # so separate statements are just as serialized; no NOTIFY (streams in
         # this process are woken after commit, other processes poll).
+        name = dialect.name_of(conn)
         last = conn.execute(
             sa.update(counters)
             .where(counters.c.ledger == ledger)
@@ -151,8 +158,8 @@ def take_next_sequences_and_insert(
     ]
 
 
-def _unless_all_empty(values: list[str]) -> list[str]:
-    return values if any(values) else []
+def _unless_all_empty(values: list[str]) -> pg.TextArray:
+    return pg.TextArray(values if any(values) else ())
 
 
 def as_utc(value: datetime) -> datetime:

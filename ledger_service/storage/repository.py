@@ -9,13 +9,14 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from .. import wire
 from ..domain import INT64_MAX, AccountView, AssetTotals, Entry, NewEntry
-from . import dialect
+from . import dialect, pg
 from .numbering import as_utc, take_next_sequences_and_insert
 from .schema import account_totals, counters, entries
 
@@ -74,13 +75,12 @@ _FIND_BY_KEYS_PG = sa.select(entries).where(
 )
 
 # The guard in WHERE is written as a subtraction so it cannot overflow itself;
-# rows it refuses are not updated and not returned.
-_ADD_TOTALS_PG = sa.text(
-    f"""
+# rows it refuses are not updated and not returned. Driver SQL (storage/pg.py).
+_ADD_TOTALS_PG = f"""
     INSERT INTO ledger_account_totals (ledger, account, asset, debits, credits)
-    SELECT :ledger, t.account, t.asset, t.debits, t.credits
-    FROM unnest(CAST(:accounts AS TEXT[]), CAST(:assets AS TEXT[]),
-                CAST(:debits AS BIGINT[]), CAST(:credits AS BIGINT[]))
+    SELECT %(ledger)s, t.account, t.asset, t.debits, t.credits
+    FROM unnest(%(accounts)b::TEXT[], %(assets)b::TEXT[],
+                %(debits)b::BIGINT[], %(credits)b::BIGINT[])
          WITH ORDINALITY AS t(account, asset, debits, credits, ord)
     ORDER BY t.ord
     ON CONFLICT (ledger, account, asset) DO UPDATE
@@ -89,8 +89,7 @@ _ADD_TOTALS_PG = sa.text(
     WHERE ledger_account_totals.debits <= {INT64_MAX} - excluded.debits
       AND ledger_account_totals.credits <= {INT64_MAX} - excluded.credits
     RETURNING account
-    """
-)
+"""
 _sqlite_totals = sqlite.insert(account_totals).values(
     ledger=sa.bindparam("ledger"),
     account=sa.bindparam("account"),
@@ -111,36 +110,38 @@ _ADD_TOTALS_SQLITE = _sqlite_totals.on_conflict_do_update(
 ).returning(account_totals.c.account)
 
 
-def _page_statement(dialect_name: str) -> sa.Select[Any]:
-    # One statement per page, the counter included: one round trip.
-    head = (
+# One statement per page, the counter included: one round trip. Keyset on the
+# primary key (never OFFSET).
+_PAGE_PG = """
+    SELECT e.sequence, CAST(EXTRACT(EPOCH FROM e.created_at) * 1000000 AS BIGINT), e.wire,
+           (SELECT c.value FROM ledger_counters AS c WHERE c.ledger = %(ledger)s)
+    FROM ledger_entries AS e
+    WHERE e.ledger = %(ledger)s AND e.sequence > %(after)s
+    ORDER BY e.sequence
+    LIMIT %(limit)s
+"""
+_PAGE_SQLITE = (
+    sa.select(
+        entries.c.sequence,
+        dialect.epoch_micros(dialect.SQLITE, entries.c.created_at),
+        entries.c.wire,
         sa.select(counters.c.value)
         .where(counters.c.ledger == sa.bindparam("ledger"))
-        .scalar_subquery()
+        .scalar_subquery(),
     )
-    return (
-        sa.select(
-            entries.c.sequence,
-            dialect.epoch_micros(dialect_name, entries.c.created_at),
-            entries.c.wire,
-            head,
-        )
-        .where(
-            entries.c.ledger == sa.bindparam("ledger"), entries.c.sequence > sa.bindparam("after")
-        )
-        .order_by(entries.c.sequence)
-        .limit(sa.bindparam("limit"))
-    )
-
-
-_PAGE_PG = _page_statement(dialect.POSTGRES)
-_PAGE_SQLITE = _page_statement(dialect.SQLITE)
+    .where(entries.c.ledger == sa.bindparam("ledger"), entries.c.sequence > sa.bindparam("after"))
+    .order_by(entries.c.sequence)
+    .limit(sa.bindparam("limit"))
+)
 
 
 class LedgerRepository:
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, raw: psycopg.Connection[Any] | None = None) -> None:
+        """`raw`: on Postgres, the driver connection under `conn`, for the hot
+        statements (storage/pg.py)."""
         self.conn = conn
         self.dialect = dialect.name_of(conn)
+        self.raw = raw if raw is not None or self.dialect != dialect.POSTGRES else pg.driver(conn)
 
     # -- counters ---------------------------------------------------------
     def counter_value(self, ledger: str) -> int | None:
@@ -190,17 +191,18 @@ class LedgerRepository:
         if any(debit > INT64_MAX or credit > INT64_MAX for debit, credit in sums.values()):
             return False
         rows = sorted(sums.items())
-        if self.dialect == dialect.POSTGRES:
-            updated = self.conn.execute(
+        if self.raw is not None:
+            updated = pg.fetch(
+                self.raw,
                 _ADD_TOTALS_PG,
                 {
                     "ledger": batch[0].ledger,
-                    "accounts": [account for (account, _), _ in rows],
-                    "assets": [asset for (_, asset), _ in rows],
-                    "debits": [debit for _, (debit, _) in rows],
-                    "credits": [credit for _, (_, credit) in rows],
+                    "accounts": pg.TextArray([account for (account, _), _ in rows]),
+                    "assets": pg.TextArray([asset for (_, asset), _ in rows]),
+                    "debits": pg.BigintArray([debit for _, (debit, _) in rows]),
+                    "credits": pg.BigintArray([credit for _, (_, credit) in rows]),
                 },
-            ).all()
+            )
             return len(updated) == len(rows)
         # SQLite: one row per statement (the write lock is held anyway).
         for (account, asset), (debit, credit) in rows:
@@ -218,8 +220,8 @@ class LedgerRepository:
     def append(self, ledger: str, batch: Sequence[NewEntry]) -> list[Entry] | None:
         """Numbers and stores the entries (see numbering.py); None without a counter."""
         try:
-            return take_next_sequences_and_insert(self.conn, ledger, batch)
-        except sa.exc.IntegrityError as exc:
+            return take_next_sequences_and_insert(self.conn, self.raw, ledger, batch)
+        except (sa.exc.IntegrityError, psycopg.IntegrityError) as exc:
             if dialect.is_idempotency_key_violation(exc):
                 raise DuplicateIdempotencyKey(ledger) from exc
             raise
@@ -228,10 +230,12 @@ class LedgerRepository:
         """Up to `limit` entries above `after_sequence`, by keyset on the
         primary key (never OFFSET), plus the counter value read after them
         (so head >= every entry of the page)."""
-        statement = _PAGE_PG if self.dialect == dialect.POSTGRES else _PAGE_SQLITE
-        rows = self.conn.execute(
-            statement, {"ledger": ledger, "after": after_sequence, "limit": limit}
-        ).all()
+        params = {"ledger": ledger, "after": after_sequence, "limit": limit}
+        rows: Sequence[Any] = (
+            pg.fetch(self.raw, _PAGE_PG, params)
+            if self.raw is not None
+            else self.conn.execute(_PAGE_SQLITE, params).all()
+        )
         missing = [seq for seq, _, payload, _ in rows if payload is None]
         restored = {}
         if missing:  # rows written by other means (restored data): encode from columns

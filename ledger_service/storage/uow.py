@@ -8,12 +8,13 @@ import time
 from types import TracebackType
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from ..domain import DeadlineExceeded, StorageUnavailable
-from . import dialect
+from . import dialect, pg
 from .repository import LedgerRepository
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,8 @@ class UnitOfWork:
         self._timeout = timeout
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._conn: Connection | None = None
+        self._raw: psycopg.Connection[Any] | None = None  # Postgres: the driver's connection
         self._committed = False
-        self._manual = False
 
     def __enter__(self) -> UnitOfWork:
         try:
@@ -99,30 +100,31 @@ class UnitOfWork:
         except sa.exc.DBAPIError as exc:
             raise StorageUnavailable(f"database unreachable: {_first_line(exc)}") from exc
         self._conn = conn
-        self._manual = conn.dialect.name == dialect.POSTGRES
         try:
-            if not self._manual:
+            if conn.dialect.name != dialect.POSTGRES:
                 if self._write:
                     conn.execution_options(sqlite_begin="IMMEDIATE")
                 conn.begin()
             else:
-                # Postgres: the driver in autocommit mode, transactions by hand.
-                # Reads are single statements (each its own snapshot) and need
-                # no BEGIN/ROLLBACK round trips; a write sends BEGIN and the
-                # caller's deadline (statement_timeout, lock waits included;
-                # LOCAL ends with the transaction) in ONE round trip.
+                # Postgres: the driver in autocommit mode, transactions by hand
+                # on the driver's connection (storage/pg.py). Reads are single
+                # statements (each its own snapshot) and need no BEGIN/ROLLBACK
+                # round trips; a write sends BEGIN and the caller's deadline
+                # (statement_timeout, lock waits included; LOCAL ends with the
+                # transaction) in ONE round trip.
                 conn.execution_options(isolation_level="AUTOCOMMIT")
+                self._raw = pg.driver(conn)
                 if self._write:
                     begin = "BEGIN"
                     if self._timeout is not None:
                         ms = max(1, int(self._timeout * 1000))
                         begin += f"; SET LOCAL statement_timeout = {ms}"
-                    conn.exec_driver_sql(begin)
+                    self._raw.execute(begin)
         except BaseException as exc:
-            conn.close()
+            self._release(conn)
             self._conn = None
             raise _translate(exc) from exc
-        self.ledger = LedgerRepository(conn)
+        self.ledger = LedgerRepository(conn, self._raw)
         return self
 
     def commit(self) -> None:
@@ -132,8 +134,8 @@ class UnitOfWork:
             # the outcome depend on a race with it. (A commit that started in
             # time may still finish late: retrying with the same key is safe.)
             raise DeadlineExceeded("deadline exceeded before commit; nothing was written")
-        if self._manual:
-            self._conn.exec_driver_sql("COMMIT")
+        if self._raw is not None:
+            self._raw.execute("COMMIT")
         else:
             self._conn.commit()
         self._committed = True
@@ -149,18 +151,26 @@ class UnitOfWork:
             try:
                 if self._committed:
                     pass
-                elif not self._manual:
+                elif self._raw is None:
                     conn.rollback()
-                elif self._write:
-                    conn.exec_driver_sql("ROLLBACK")
-            except sa.exc.DBAPIError:
+                elif self._write and not self._raw.broken:
+                    self._raw.execute("ROLLBACK")
+            except (sa.exc.DBAPIError, psycopg.Error):
                 log.debug("rollback failed", exc_info=True)
             finally:
-                conn.close()
+                self._release(conn)
         if exc is not None:
             translated = _translate(exc)
             if translated is not exc:
                 raise translated from exc
+
+    def _release(self, conn: Connection) -> None:
+        # SQLAlchemy did not see errors raised on the driver's connection: one
+        # that broke is discarded here (else the pool finds out only when its
+        # reset fails, and logs that as an error with a traceback).
+        if self._raw is not None and (self._raw.broken or self._raw.closed):
+            conn.invalidate()
+        conn.close()
 
 
 def _first_line(exc: BaseException) -> str:

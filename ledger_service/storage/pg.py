@@ -1,0 +1,105 @@
+"""Postgres hot path: statements on the psycopg connection itself.
+
+The write transaction of a post (BEGIN, account totals, counter + insert,
+COMMIT) and the stream's page reads are a handful of fixed statements run
+thousands of times a second. Through SQLAlchemy's execution machinery each
+cost more Python CPU than the database spent on it (about 300 µs per
+group-commit transaction, measured, on a server that is CPU-bound), so they go
+straight to psycopg: driver SQL, parameters bound by psycopg, statements
+prepared automatically after a few runs. SQLAlchemy still owns the pool, the
+schema and everything off the hot path. Errors arrive as psycopg's own;
+dialect.py recognises both kinds.
+
+Array parameters are wrapped in the types below, whose dumpers write
+Postgres' binary array format directly. psycopg's generic list dumper
+inspects every list on every call to find its element type, which cost more
+than the encoding itself for the small arrays of a group commit.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from typing import Any, cast
+
+import psycopg
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
+from sqlalchemy.engine import Connection
+
+# OIDs of the built-in element and array types.
+_TEXT, _TEXT_ARRAY = 25, 1009
+_INT8, _INT8_ARRAY = 20, 1016
+_BYTEA, _BYTEA_ARRAY = 17, 1001
+
+# Binary array: ndim, has-nulls flag, element oid, then (length, lower bound)
+# for the one dimension, then each element as (byte length, bytes).
+_HEADER = struct.Struct("!iiIii")
+_EMPTY = struct.Struct("!iiI")
+_LENGTH = struct.Struct("!i").pack
+
+
+class TextArray(list[str]):
+    """A text[] parameter (no NULL elements)."""
+
+
+class BigintArray(list[int]):
+    """A bigint[] parameter (no NULL elements)."""
+
+
+class ByteaArray(list[bytes]):
+    """A bytea[] parameter (no NULL elements)."""
+
+
+def _elements(oid: int, items: list[bytes]) -> bytes:
+    if not items:
+        return _EMPTY.pack(0, 0, oid)
+    return _HEADER.pack(1, 0, oid, len(items), 1) + b"".join(
+        [_LENGTH(len(item)) + item for item in items]
+    )
+
+
+class _TextArrayDumper(Dumper):
+    format = Format.BINARY
+    oid = _TEXT_ARRAY
+
+    def dump(self, obj: Any) -> bytes:
+        return _elements(_TEXT, [s.encode() for s in obj])
+
+
+class _ByteaArrayDumper(Dumper):
+    format = Format.BINARY
+    oid = _BYTEA_ARRAY
+
+    def dump(self, obj: Any) -> bytes:
+        return _elements(_BYTEA, obj)
+
+
+class _BigintArrayDumper(Dumper):
+    format = Format.BINARY
+    oid = _INT8_ARRAY
+
+    def dump(self, obj: Any) -> bytes:
+        n = len(obj)
+        if not n:
+            return _EMPTY.pack(0, 0, _INT8)
+        # Every element is (length 8, value): one pack call for all of them.
+        pairs = [part for value in obj for part in (8, value)]
+        return _HEADER.pack(1, 0, _INT8, n, 1) + struct.pack("!" + "iq" * n, *pairs)
+
+
+# Global registration is safe: only these private types are affected.
+psycopg.adapters.register_dumper(TextArray, _TextArrayDumper)
+psycopg.adapters.register_dumper(BigintArray, _BigintArrayDumper)
+psycopg.adapters.register_dumper(ByteaArray, _ByteaArrayDumper)
+
+
+def driver(conn: Connection) -> psycopg.Connection[Any]:
+    """The psycopg connection under a checked-out SQLAlchemy connection."""
+    return cast(psycopg.Connection[Any], conn.connection.driver_connection)
+
+
+def fetch(raw: psycopg.Connection[Any], sql: str, params: Mapping[str, Any]) -> list[Any]:
+    with raw.cursor() as cur:
+        cur.execute(sql, params)
+        return cur.fetchall()
