@@ -1,10 +1,9 @@
 """Postgres hot path: statements on the psycopg connection itself.
 
 The write transaction of a post (BEGIN, account totals, counter + insert,
-COMMIT) and the stream's page reads are a handful of fixed statements run
-thousands of times a second. Through SQLAlchemy's execution machinery each
-cost more Python CPU than the database spent on it (about 300 µs per
-group-commit transaction, measured, on a server that is CPU-bound), so they go
+COMMIT) is a handful of fixed statements run many times a second. Through
+SQLAlchemy's execution machinery they cost about 300 µs more Python CPU per
+group-commit transaction (measured) on a server that is CPU-bound, so they go
 straight to psycopg: driver SQL, parameters bound by psycopg, statements
 prepared automatically after a few runs. SQLAlchemy still owns the pool, the
 schema and everything off the hot path. Errors arrive as psycopg's own;

@@ -110,29 +110,30 @@ _ADD_TOTALS_SQLITE = _sqlite_totals.on_conflict_do_update(
 ).returning(account_totals.c.account)
 
 
-# One statement per page, the counter included: one round trip. Keyset on the
-# primary key (never OFFSET).
-_PAGE_PG = """
-    SELECT e.sequence, CAST(EXTRACT(EPOCH FROM e.created_at) * 1000000 AS BIGINT), e.wire,
-           (SELECT c.value FROM ledger_counters AS c WHERE c.ledger = %(ledger)s)
-    FROM ledger_entries AS e
-    WHERE e.ledger = %(ledger)s AND e.sequence > %(after)s
-    ORDER BY e.sequence
-    LIMIT %(limit)s
-"""
-_PAGE_SQLITE = (
-    sa.select(
-        entries.c.sequence,
-        dialect.epoch_micros(dialect.SQLITE, entries.c.created_at),
-        entries.c.wire,
+def _page_statement(dialect_name: str) -> sa.Select[Any]:
+    # One statement per page, the counter included: one round trip.
+    head = (
         sa.select(counters.c.value)
         .where(counters.c.ledger == sa.bindparam("ledger"))
-        .scalar_subquery(),
+        .scalar_subquery()
     )
-    .where(entries.c.ledger == sa.bindparam("ledger"), entries.c.sequence > sa.bindparam("after"))
-    .order_by(entries.c.sequence)
-    .limit(sa.bindparam("limit"))
-)
+    return (
+        sa.select(
+            entries.c.sequence,
+            dialect.epoch_micros(dialect_name, entries.c.created_at),
+            entries.c.wire,
+            head,
+        )
+        .where(
+            entries.c.ledger == sa.bindparam("ledger"), entries.c.sequence > sa.bindparam("after")
+        )
+        .order_by(entries.c.sequence)
+        .limit(sa.bindparam("limit"))
+    )
+
+
+_PAGE_PG = _page_statement(dialect.POSTGRES)
+_PAGE_SQLITE = _page_statement(dialect.SQLITE)
 
 
 class LedgerRepository:
@@ -230,12 +231,10 @@ class LedgerRepository:
         """Up to `limit` entries above `after_sequence`, by keyset on the
         primary key (never OFFSET), plus the counter value read after them
         (so head >= every entry of the page)."""
-        params = {"ledger": ledger, "after": after_sequence, "limit": limit}
-        rows: Sequence[Any] = (
-            pg.fetch(self.raw, _PAGE_PG, params)
-            if self.raw is not None
-            else self.conn.execute(_PAGE_SQLITE, params).all()
-        )
+        statement = _PAGE_PG if self.dialect == dialect.POSTGRES else _PAGE_SQLITE
+        rows = self.conn.execute(
+            statement, {"ledger": ledger, "after": after_sequence, "limit": limit}
+        ).all()
         missing = [seq for seq, _, payload, _ in rows if payload is None]
         restored = {}
         if missing:  # rows written by other means (restored data): encode from columns
