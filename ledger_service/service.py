@@ -182,7 +182,7 @@ def _write(
             if appended is None:
                 raise CounterNotInitialized(ledger) if atomic or len(batch) == 1 else _SplitBatch()
             uow.commit()
-            for i, entry_ in zip(fresh, appended, strict=True):
+            for i, entry_ in zip(fresh, appended.entries(), strict=True):
                 outcomes[i] = PostResult(entry_, replayed=False)
     # A key repeated within one group: later copies replay the first (or
     # conflict with it), exactly as if they had arrived after it.

@@ -74,9 +74,35 @@ TAKE_AND_INSERT_PG = f"""
 """
 
 
+class Numbered:
+    """What the database gave a batch: its numbers and timestamps, in batch
+    order. `entries()` builds the domain objects from them. Callers do that
+    after COMMIT, so that the counter lock is not held while Python works
+    (about 3 ms per 1000 entries, plus however long this thread then waits
+    for the GIL)."""
+
+    def __init__(
+        self,
+        batch: Sequence[NewEntry],
+        payloads: list[bytes],
+        stamps: Sequence[tuple[int, int | datetime]],
+    ) -> None:
+        self._batch = batch
+        self._payloads = payloads
+        self._stamps = stamps
+
+    def entries(self) -> list[Entry]:
+        return [
+            # Postgres hands created_at over as epoch microseconds (cheaper
+            # than parsing text), SQLite as a datetime.
+            Entry(seq, wire.from_epoch_micros(at) if isinstance(at, int) else at, e, payload)
+            for (seq, at), e, payload in zip(self._stamps, self._batch, self._payloads, strict=True)
+        ]
+
+
 def take_next_sequences_and_insert(
     conn: Connection, raw: psycopg.Connection[Any] | None, ledger: str, batch: Sequence[NewEntry]
-) -> list[Entry] | None:
+) -> Numbered | None:
     """Numbers and inserts `batch` (all of `ledger`, keys distinct) with the
     next len(batch) numbers, in order; None when the ledger has no counter.
     On Postgres the statement runs on `raw`, the driver connection under
@@ -113,8 +139,7 @@ def take_next_sequences_and_insert(
         )
         if not rows:
             return None
-        # created_at comes as epoch microseconds: cheaper than parsing text.
-        stamps = [(row[0], wire.from_epoch_micros(row[1])) for row in rows]
+        return Numbered(batch, payloads, rows)
     else:
         # SQLite holds its database write lock from BEGIN IMMEDIATE to commit,
         # so separate statements are just as serialized; no NOTIFY (streams in
@@ -151,11 +176,7 @@ def take_next_sequences_and_insert(
                 for i, (e, payload) in enumerate(zip(batch, payloads, strict=True), start=1)
             ],
         )
-        stamps = [(last - n + i, now) for i in range(1, n + 1)]
-    return [
-        Entry(seq, created, e, payload)
-        for (seq, created), e, payload in zip(stamps, batch, payloads, strict=True)
-    ]
+        return Numbered(batch, payloads, [(last - n + i, now) for i in range(1, n + 1)])
 
 
 def _unless_all_empty(values: list[str]) -> pg.TextArray:

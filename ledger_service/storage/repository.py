@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 from .. import wire
 from ..domain import INT64_MAX, AccountView, AssetTotals, Entry, NewEntry
 from . import dialect, pg
-from .numbering import as_utc, take_next_sequences_and_insert
+from .numbering import Numbered, as_utc, take_next_sequences_and_insert
 from .schema import account_totals, counters, entries
 
 
@@ -218,7 +218,7 @@ class LedgerRepository:
                 return False
         return True
 
-    def append(self, ledger: str, batch: Sequence[NewEntry]) -> list[Entry] | None:
+    def append(self, ledger: str, batch: Sequence[NewEntry]) -> Numbered | None:
         """Numbers and stores the entries (see numbering.py); None without a counter."""
         try:
             return take_next_sequences_and_insert(self.conn, self.raw, ledger, batch)
