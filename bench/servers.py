@@ -26,7 +26,8 @@ from ledger_service.api.convert import entry_to_proto, new_entry_from_request
 from ledger_service.api.errors import ErrorMappingInterceptor
 from ledger_service.api.servicer import LedgerServicer, StreamSettings
 from ledger_service.domain import Entry, NewEntry
-from ledger_service.storage.uow import UnitOfWork, create_engine
+from ledger_service.storage.repository import LedgerRepository
+from ledger_service.storage.uow import create_engine
 from ledger_service.watch import HeadWatcher
 
 log = logging.getLogger("bench.servers")
@@ -48,26 +49,34 @@ _INSERT_WITH_SEQUENCE = sa.text(
 )
 
 
+_ADD_TOTALS = """
+    INSERT INTO ledger_account_totals (ledger, account, asset, debits, credits)
+    VALUES (:ledger, :debit_account, :asset, :amount, 0),
+           (:ledger, :credit_account, :asset, 0, :amount)
+    ON CONFLICT (ledger, account, asset) DO UPDATE
+    SET debits = ledger_account_totals.debits + excluded.debits,
+        credits = ledger_account_totals.credits + excluded.credits
+"""
+
+
 def post_with_sequence(engine: sa.Engine, entry: NewEntry) -> Entry:
-    with UnitOfWork(engine, write=True) as uow:
-        # The same work as the ledger's write path, minus the counter row.
-        uow.ledger.find_by_keys(entry.ledger, [entry.idempotency_key])
-        uow.ledger.add_to_account_totals([entry])
-        row = uow.ledger.conn.execute(
-            _INSERT_WITH_SEQUENCE,
-            {
-                "ledger": entry.ledger,
-                "idempotency_key": entry.idempotency_key,
-                "debit_account": entry.debit_account,
-                "credit_account": entry.credit_account,
-                "amount": entry.amount,
-                "asset": entry.asset,
-                "entry_type": entry.entry_type,
-                "description": entry.description,
-                "metadata": json.dumps(dict(entry.metadata)),
-            },
-        ).one()
-        uow.commit()
+    # The same work as the ledger's write path (key lookup, totals, insert,
+    # in one transaction), minus the counter row.
+    with engine.begin() as conn:
+        LedgerRepository(conn).find_by_keys(entry.ledger, [entry.idempotency_key])
+        params = {
+            "ledger": entry.ledger,
+            "idempotency_key": entry.idempotency_key,
+            "debit_account": entry.debit_account,
+            "credit_account": entry.credit_account,
+            "amount": entry.amount,
+            "asset": entry.asset,
+            "entry_type": entry.entry_type,
+            "description": entry.description,
+            "metadata": json.dumps(dict(entry.metadata)),
+        }
+        conn.execute(sa.text(_ADD_TOTALS), params)
+        row = conn.execute(_INSERT_WITH_SEQUENCE, params).one()
     return Entry(row.sequence, row.created_at, entry)
 
 

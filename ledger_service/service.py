@@ -22,7 +22,12 @@ from .domain import (
     PostResult,
     TotalOverflow,
 )
-from .storage.repository import DuplicateIdempotencyKey, LedgerRepository, Page
+from .storage.repository import (
+    DuplicateIdempotencyKey,
+    LedgerRepository,
+    Page,
+    TotalsOverflow,
+)
 
 
 class UnitOfWork(Protocol):
@@ -139,10 +144,10 @@ def _write(
     atomic: bool,
     optimistic: bool,
 ) -> list[Outcome]:
-    """The one write path. Order inside the transaction: idempotency lookup
-    (unless optimistic), account totals, and only then the counter
-    (storage/numbering.py), so every way to fail comes before a number is
-    taken and the counter lock is held for one statement plus the commit.
+    """The one write path. Order: idempotency lookup (unless optimistic),
+    then account totals and only then the counter (storage/numbering.py), so
+    every way to fail comes before a number is taken, and the counter lock is
+    held for the insert and the commit only.
     An optimistic write that fails in any way raises _LookUpFirst: only the
     careful write decides what the caller hears."""
     ledger = batch[0].ledger
@@ -168,13 +173,13 @@ def _write(
         if fresh:
             new = [batch[i] for i in fresh]
             try:
-                if not uow.ledger.add_to_account_totals(new):
-                    if optimistic:
-                        raise _LookUpFirst()  # a replay's amount may have been counted
-                    if atomic or len(new) == 1:
-                        raise TotalOverflow(ledger)
-                    raise _SplitBatch()
-                appended = uow.ledger.append(ledger, new)
+                appended = uow.ledger.add_entries(ledger, new)
+            except TotalsOverflow as exc:
+                if optimistic:
+                    raise _LookUpFirst() from exc  # a replay's amount may have been counted
+                if atomic or len(new) == 1:
+                    raise TotalOverflow(ledger) from exc
+                raise _SplitBatch() from exc
             except DuplicateIdempotencyKey as exc:
                 raise (_LookUpFirst() if optimistic else _SplitBatch()) from exc
             if appended is None and optimistic:

@@ -15,9 +15,14 @@ writer at a time). Hence:
 - commit order == number order: N+1 cannot be taken before N's transaction
   has committed (or rolled back), so a reader that sees N+1 already sees N.
 
-This is the LAST statement before COMMIT: everything that can fail or wait
-(validation, idempotency lookup, account totals) runs before it, so the lock
-is held only for this one round trip plus the commit.
+Keeping the lock short: everything that can fail or wait comes before the
+counter is touched (validation and the idempotency lookup in Python, the
+account totals first inside the statement). On Postgres the whole write is ONE
+statement, sent with BEGIN and COMMIT in one round trip (storage/pg.py), so
+the lock is held for the insert and the commit only, never across a round
+trip to this process (or its wait for the GIL). That statement writes all of a
+batch or nothing: a total that would pass int64 is an error (rolled back), and
+without a counter it changes nothing at all.
 """
 
 from __future__ import annotations
@@ -25,9 +30,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
 
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -36,23 +39,47 @@ from ..domain import Entry, NewEntry
 from . import dialect, pg
 from .schema import counters, entries
 
-# Postgres: counter bump by n, insert of all n rows (arrays, one round trip)
-# and one NOTIFY, in one statement. Row i of the arrays gets number
-# old value + i, so a batch's numbers are contiguous and in request order.
-# The NOTIFY is delivered at commit, to every server process's listener.
+# Postgres, one statement: account totals (one row per (account, asset), in
+# that order, so concurrent writers lock them in the same order), then the
+# counter bump by n, the insert of all n rows and one NOTIFY. Row i of the
+# arrays gets number old value + i, so a batch's numbers are contiguous and in
+# request order. The NOTIFY is delivered at commit, to every server process's
+# listener.
+# - The bump waits for the totals: its condition counts their rows, so the
+#   counter row is locked only after the account rows.
+# - A total passing int64 raises "bigint out of range" (SQLSTATE 22003): the
+#   transaction rolls back whole.
+# - Without a counter row nothing is written: the totals insert nothing (the
+#   EXISTS), so the bump and the insert find nothing, and no row comes back.
+#   One statement, one snapshot: a counter created concurrently is seen by
+#   all parts of it or by none.
+# (The ledger parameter is cast once per use: psycopg sends it untyped, and its
+# uses would otherwise deduce both text and varchar.)
 # Driver-level SQL, run on the psycopg connection (storage/pg.py): the arrays
 # go as binary parameters (%(...)b) in pg.py's array types, which encode
 # several times faster than text arrays or psycopg's generic list dumper.
 TAKE_AND_INSERT_PG = f"""
-    WITH bump AS (
+    WITH totals AS (
+        INSERT INTO ledger_account_totals (ledger, account, asset, debits, credits)
+        SELECT %(ledger)s::TEXT, t.account, t.asset, t.debits, t.credits
+        FROM unnest(%(accounts)b::TEXT[], %(account_assets)b::TEXT[],
+                    %(debits)b::BIGINT[], %(credits)b::BIGINT[])
+             WITH ORDINALITY AS t(account, asset, debits, credits, ord)
+        WHERE EXISTS (SELECT 1 FROM ledger_counters WHERE ledger = %(ledger)s::TEXT)
+        ORDER BY t.ord
+        ON CONFLICT (ledger, account, asset) DO UPDATE
+        SET debits = ledger_account_totals.debits + excluded.debits,
+            credits = ledger_account_totals.credits + excluded.credits
+        RETURNING 1
+    ), bump AS (
         UPDATE ledger_counters SET value = value + %(n)s
-        WHERE ledger = %(ledger)s
+        WHERE ledger = %(ledger)s::TEXT AND (SELECT count(*) FROM totals) = %(n_totals)s
         RETURNING value
     ), ins AS (
         INSERT INTO ledger_entries (
             ledger, sequence, idempotency_key, debit_account, credit_account,
             amount, asset, entry_type, description, metadata, created_at, wire)
-        SELECT %(ledger)s, bump.value - %(n)s + t.ord, t.idempotency_key, t.debit_account,
+        SELECT %(ledger)s::TEXT, bump.value - %(n)s + t.ord, t.idempotency_key, t.debit_account,
                t.credit_account, t.amount, t.asset, COALESCE(t.entry_type, ''),
                COALESCE(t.description, ''), CAST(COALESCE(NULLIF(t.metadata, ''), '{{}}') AS JSONB),
                clock_timestamp(), t.wire
@@ -68,7 +95,8 @@ TAKE_AND_INSERT_PG = f"""
     )
     SELECT ins.sequence, CAST(EXTRACT(EPOCH FROM ins.created_at) * 1000000 AS BIGINT)
     FROM ins CROSS JOIN (
-        SELECT pg_notify('{dialect.NOTIFY_CHANNEL}', %(ledger)s || ':' || max(sequence)) FROM ins
+        SELECT pg_notify('{dialect.NOTIFY_CHANNEL}', %(ledger)s::TEXT || ':' || max(sequence))
+        FROM ins
     ) AS notified
     ORDER BY ins.sequence
 """
@@ -76,10 +104,8 @@ TAKE_AND_INSERT_PG = f"""
 
 class Numbered:
     """What the database gave a batch: its numbers and timestamps, in batch
-    order. `entries()` builds the domain objects from them. Callers do that
-    after COMMIT, so that the counter lock is not held while Python works
-    (about 3 ms per 1000 entries, plus however long this thread then waits
-    for the GIL)."""
+    order. `entries()` builds the domain objects from them, after COMMIT, so
+    that no lock is held while Python works (about 3 ms per 1000 entries)."""
 
     def __init__(
         self,
@@ -100,83 +126,98 @@ class Numbered:
         ]
 
 
-def take_next_sequences_and_insert(
-    conn: Connection, raw: psycopg.Connection[Any] | None, ledger: str, batch: Sequence[NewEntry]
+def number_and_insert_pg(
+    tx: pg.WriteTransaction,
+    ledger: str,
+    batch: Sequence[NewEntry],
+    totals: Sequence[tuple[str, str, int, int]],
 ) -> Numbered | None:
-    """Numbers and inserts `batch` (all of `ledger`, keys distinct) with the
-    next len(batch) numbers, in order; None when the ledger has no counter.
-    On Postgres the statement runs on `raw`, the driver connection under
-    `conn` (storage/pg.py).
+    """Adds `totals` ((account, asset, debits, credits), sorted) to the account
+    totals and numbers and inserts `batch` (all of `ledger`, keys distinct)
+    with the next len(batch) numbers, in order, committed in the same round
+    trip; None (and nothing written) when the ledger has no counter.
 
-    Raises an IntegrityError (sqlalchemy's or psycopg's) when an idempotency
-    key was taken by a concurrent transaction (the caller rolls back, so no
-    number is lost).
+    Raises psycopg's UniqueViolation when an idempotency key was taken by a
+    concurrent transaction, NumericValueOutOfRange when a total would pass
+    int64; either way nothing was written and no number was taken.
+    """
+    payloads = [wire.payload(e) for e in batch]
+    rows = tx.commit_with(
+        TAKE_AND_INSERT_PG,
+        {
+            "ledger": ledger,
+            "n": len(batch),
+            "n_totals": len(totals),
+            "accounts": pg.TextArray([t[0] for t in totals]),
+            "account_assets": pg.TextArray([t[1] for t in totals]),
+            "debits": pg.BigintArray([t[2] for t in totals]),
+            "credits": pg.BigintArray([t[3] for t in totals]),
+            "idempotency_keys": pg.TextArray([e.idempotency_key for e in batch]),
+            "debit_accounts": pg.TextArray([e.debit_account for e in batch]),
+            "credit_accounts": pg.TextArray([e.credit_account for e in batch]),
+            "amounts": pg.BigintArray([e.amount for e in batch]),
+            "assets": pg.TextArray([e.asset for e in batch]),
+            # Optional columns that are empty throughout the batch go as
+            # empty arrays (unnest pads them with NULL, COALESCEd above):
+            # nothing to encode for the common case.
+            "entry_types": _unless_all_empty([e.entry_type for e in batch]),
+            "descriptions": _unless_all_empty([e.description for e in batch]),
+            "metadatas": _unless_all_empty(
+                [json.dumps(dict(e.metadata)) if e.metadata else "" for e in batch]
+            ),
+            "wires": pg.ByteaArray(payloads),
+        },
+    )
+    return Numbered(batch, payloads, rows) if rows else None
+
+
+def number_and_insert_sqlite(
+    conn: Connection, ledger: str, batch: Sequence[NewEntry]
+) -> Numbered | None:
+    """Numbers and inserts `batch` in the open transaction (the totals were
+    added before); None when the ledger has no counter.
+
+    SQLite holds its database write lock from BEGIN IMMEDIATE to commit, so
+    separate statements are just as serialized; no NOTIFY (streams in this
+    process are woken after commit, other processes poll). Raises
+    sqlalchemy's IntegrityError when an idempotency key is already stored.
     """
     n = len(batch)
     payloads = [wire.payload(e) for e in batch]
-    if raw is not None:
-        rows = pg.fetch(
-            raw,
-            TAKE_AND_INSERT_PG,
+    last = conn.execute(
+        sa.update(counters)
+        .where(counters.c.ledger == ledger)
+        .values(value=counters.c.value + n)
+        .returning(counters.c.value)
+    ).scalar()
+    if last is None:
+        return None
+    now = as_utc(
+        conn.execute(
+            sa.select(sa.type_coerce(dialect.now(dialect.SQLITE), sa.DateTime()))
+        ).scalar_one()
+    )
+    conn.execute(
+        sa.insert(entries),
+        [
             {
                 "ledger": ledger,
-                "n": n,
-                "idempotency_keys": pg.TextArray([e.idempotency_key for e in batch]),
-                "debit_accounts": pg.TextArray([e.debit_account for e in batch]),
-                "credit_accounts": pg.TextArray([e.credit_account for e in batch]),
-                "amounts": pg.BigintArray([e.amount for e in batch]),
-                "assets": pg.TextArray([e.asset for e in batch]),
-                # Optional columns that are empty throughout the batch go as
-                # empty arrays (unnest pads them with NULL, COALESCEd above):
-                # nothing to encode for the common case.
-                "entry_types": _unless_all_empty([e.entry_type for e in batch]),
-                "descriptions": _unless_all_empty([e.description for e in batch]),
-                "metadatas": _unless_all_empty(
-                    [json.dumps(dict(e.metadata)) if e.metadata else "" for e in batch]
-                ),
-                "wires": pg.ByteaArray(payloads),
-            },
-        )
-        if not rows:
-            return None
-        return Numbered(batch, payloads, rows)
-    else:
-        # SQLite holds its database write lock from BEGIN IMMEDIATE to commit,
-        # so separate statements are just as serialized; no NOTIFY (streams in
-        # this process are woken after commit, other processes poll).
-        name = dialect.name_of(conn)
-        last = conn.execute(
-            sa.update(counters)
-            .where(counters.c.ledger == ledger)
-            .values(value=counters.c.value + n)
-            .returning(counters.c.value)
-        ).scalar()
-        if last is None:
-            return None
-        now = as_utc(
-            conn.execute(sa.select(sa.type_coerce(dialect.now(name), sa.DateTime()))).scalar_one()
-        )
-        conn.execute(
-            sa.insert(entries),
-            [
-                {
-                    "ledger": ledger,
-                    "sequence": last - n + i,
-                    "idempotency_key": e.idempotency_key,
-                    "debit_account": e.debit_account,
-                    "credit_account": e.credit_account,
-                    "amount": e.amount,
-                    "asset": e.asset,
-                    "entry_type": e.entry_type,
-                    "description": e.description,
-                    "metadata": dict(e.metadata),
-                    "created_at": now,
-                    "wire": payload,
-                }
-                for i, (e, payload) in enumerate(zip(batch, payloads, strict=True), start=1)
-            ],
-        )
-        return Numbered(batch, payloads, [(last - n + i, now) for i in range(1, n + 1)])
+                "sequence": last - n + i,
+                "idempotency_key": e.idempotency_key,
+                "debit_account": e.debit_account,
+                "credit_account": e.credit_account,
+                "amount": e.amount,
+                "asset": e.asset,
+                "entry_type": e.entry_type,
+                "description": e.description,
+                "metadata": dict(e.metadata),
+                "created_at": now,
+                "wire": payload,
+            }
+            for i, (e, payload) in enumerate(zip(batch, payloads, strict=True), start=1)
+        ],
+    )
+    return Numbered(batch, payloads, [(last - n + i, now) for i in range(1, n + 1)])
 
 
 def _unless_all_empty(values: list[str]) -> pg.TextArray:

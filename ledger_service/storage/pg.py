@@ -1,10 +1,16 @@
-"""Postgres hot path: statements on the psycopg connection itself.
+"""Postgres hot path: the write transaction on the psycopg connection itself.
 
-The write transaction of a post (BEGIN, account totals, counter + insert,
-COMMIT) is a handful of fixed statements run many times a second. Through
-SQLAlchemy's execution machinery they cost about 300 µs more Python CPU per
-group-commit transaction (measured) on a server that is CPU-bound, so they go
-straight to psycopg: driver SQL, parameters bound by psycopg, statements
+A post's write transaction is BEGIN, the caller's deadline, ONE statement
+(account totals, counter, insert: storage/numbering.py) and COMMIT, sent
+together in one round trip (psycopg's pipeline mode). The counter lock is thus
+held only while the server runs the insert and the commit; it never waits on
+this process, whose thread may have to wait for the GIL before it can even
+read a reply. The statement writes all or nothing, so committing without
+looking at its result first is safe.
+
+Through SQLAlchemy's execution machinery such statements cost about 300 µs
+more Python CPU per group-commit transaction (measured) on a server that is
+CPU-bound, so they go straight to psycopg: driver SQL, parameters bound by psycopg, statements
 prepared automatically after a few runs. SQLAlchemy still owns the pool, the
 schema and everything off the hot path. Errors arrive as psycopg's own;
 dialect.py recognises both kinds.
@@ -18,7 +24,7 @@ than the encoding itself for the small arrays of a group commit.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import psycopg
@@ -102,3 +108,40 @@ def fetch(raw: psycopg.Connection[Any], sql: str, params: Mapping[str, Any]) -> 
     with raw.cursor() as cur:
         cur.execute(sql, params)
         return cur.fetchall()
+
+
+class WriteTransaction:
+    """One write transaction in one round trip: `commit_with(sql, params)`
+    sends BEGIN, `SET LOCAL statement_timeout` (the caller's deadline, lock
+    waits included), the statement and COMMIT, and returns the statement's
+    rows. The statement must write all or nothing (an error rolls back the
+    whole transaction, and the unit of work then sends ROLLBACK)."""
+
+    def __init__(
+        self,
+        raw: psycopg.Connection[Any],
+        timeout: float | None,
+        before_commit: Callable[[], None],
+    ) -> None:
+        self._raw = raw
+        self._timeout_ms = None if timeout is None else max(1, int(timeout * 1000))
+        self._before_commit = before_commit  # e.g. refuses once the deadline has passed
+        self.committed = False
+
+    def commit_with(self, sql: str, params: Mapping[str, Any]) -> list[Any]:
+        assert not self.committed, "one statement per transaction"
+        self._before_commit()
+        raw = self._raw
+        # The control statements are never prepared: psycopg would count a
+        # statement prepared whose Parse the server skipped because an earlier
+        # command of the pipeline failed (seen with COMMIT after an error), and
+        # the next use would fail with "prepared statement does not exist".
+        with raw.pipeline(), raw.cursor() as cur:
+            raw.execute("BEGIN", prepare=False)
+            if self._timeout_ms is not None:
+                raw.execute(f"SET LOCAL statement_timeout = {self._timeout_ms}", prepare=False)
+            cur.execute(sql, params)
+            raw.execute("COMMIT", prepare=False)
+            rows = cur.fetchall()
+        self.committed = True
+        return rows

@@ -17,12 +17,16 @@ from sqlalchemy.engine import Connection
 from .. import wire
 from ..domain import INT64_MAX, AccountView, AssetTotals, Entry, NewEntry
 from . import dialect, pg
-from .numbering import Numbered, as_utc, take_next_sequences_and_insert
+from .numbering import Numbered, as_utc, number_and_insert_pg, number_and_insert_sqlite
 from .schema import account_totals, counters, entries
 
 
 class DuplicateIdempotencyKey(Exception):
     """A concurrent transaction committed the same (ledger, idempotency_key) first."""
+
+
+class TotalsOverflow(Exception):
+    """An account total would pass int64."""
 
 
 @dataclass(frozen=True)
@@ -74,22 +78,9 @@ _FIND_BY_KEYS_PG = sa.select(entries).where(
     entries.c.idempotency_key == sa.any_(sa.bindparam("keys", type_=postgresql.ARRAY(sa.Text))),
 )
 
-# The guard in WHERE is written as a subtraction so it cannot overflow itself;
-# rows it refuses are not updated and not returned. Driver SQL (storage/pg.py).
-_ADD_TOTALS_PG = f"""
-    INSERT INTO ledger_account_totals (ledger, account, asset, debits, credits)
-    SELECT %(ledger)s, t.account, t.asset, t.debits, t.credits
-    FROM unnest(%(accounts)b::TEXT[], %(assets)b::TEXT[],
-                %(debits)b::BIGINT[], %(credits)b::BIGINT[])
-         WITH ORDINALITY AS t(account, asset, debits, credits, ord)
-    ORDER BY t.ord
-    ON CONFLICT (ledger, account, asset) DO UPDATE
-    SET debits = ledger_account_totals.debits + excluded.debits,
-        credits = ledger_account_totals.credits + excluded.credits
-    WHERE ledger_account_totals.debits <= {INT64_MAX} - excluded.debits
-      AND ledger_account_totals.credits <= {INT64_MAX} - excluded.credits
-    RETURNING account
-"""
+# SQLite: the guard in WHERE is written as a subtraction so it cannot overflow
+# itself; rows it refuses are not updated and not returned. (Postgres adds
+# totals inside the numbering statement: numbering.py.)
 _sqlite_totals = sqlite.insert(account_totals).values(
     ledger=sa.bindparam("ledger"),
     account=sa.bindparam("account"),
@@ -137,12 +128,18 @@ _PAGE_SQLITE = _page_statement(dialect.SQLITE)
 
 
 class LedgerRepository:
-    def __init__(self, conn: Connection, raw: psycopg.Connection[Any] | None = None) -> None:
-        """`raw`: on Postgres, the driver connection under `conn`, for the hot
-        statements (storage/pg.py)."""
+    def __init__(
+        self,
+        conn: Connection,
+        raw: psycopg.Connection[Any] | None = None,
+        tx: pg.WriteTransaction | None = None,
+    ) -> None:
+        """Postgres: `raw` is the driver connection under `conn` and `tx` the
+        unit of work's write transaction, for the write of entries (pg.py)."""
         self.conn = conn
         self.dialect = dialect.name_of(conn)
-        self.raw = raw if raw is not None or self.dialect != dialect.POSTGRES else pg.driver(conn)
+        self.raw = raw
+        self.tx = tx
 
     # -- counters ---------------------------------------------------------
     def counter_value(self, ledger: str) -> int | None:
@@ -176,56 +173,47 @@ class LedgerRepository:
         rows = self.conn.execute(statement, {"ledger": ledger, "keys": list(keys)}).all()
         return {row.idempotency_key: _entry_from_row(row) for row in rows}
 
-    def add_to_account_totals(self, batch: Sequence[NewEntry]) -> bool:
-        """Adds the entries to their accounts' totals, one row update per
-        (account, asset) however many entries touch it. False (and the
-        transaction must be rolled back) if a total would exceed int64.
+    def add_entries(self, ledger: str, batch: Sequence[NewEntry]) -> Numbered | None:
+        """Adds the entries to their accounts' totals (one row update per
+        (account, asset) however many entries touch it, in (account, asset)
+        order, so that concurrent writers lock account rows in the same order
+        and cannot deadlock), then numbers and stores them (numbering.py).
 
-        One statement for all rows, in (account, asset) order, so that
-        concurrent writers lock account rows in the same order and cannot
-        deadlock.
+        None when the ledger has no counter. Raises TotalsOverflow when a
+        total would pass int64, DuplicateIdempotencyKey when a key is already
+        stored; then the transaction must be rolled back.
+
+        Postgres: one statement, committed with it (the unit of work's
+        WriteTransaction), all or nothing. SQLite: in the open transaction.
         """
         sums: dict[tuple[str, str], list[int]] = {}
         for e in batch:
             sums.setdefault((e.debit_account, e.asset), [0, 0])[0] += e.amount
             sums.setdefault((e.credit_account, e.asset), [0, 0])[1] += e.amount
-        if any(debit > INT64_MAX or credit > INT64_MAX for debit, credit in sums.values()):
-            return False
-        rows = sorted(sums.items())
-        if self.raw is not None:
-            updated = pg.fetch(
-                self.raw,
-                _ADD_TOTALS_PG,
-                {
-                    "ledger": batch[0].ledger,
-                    "accounts": pg.TextArray([account for (account, _), _ in rows]),
-                    "assets": pg.TextArray([asset for (_, asset), _ in rows]),
-                    "debits": pg.BigintArray([debit for _, (debit, _) in rows]),
-                    "credits": pg.BigintArray([credit for _, (_, credit) in rows]),
-                },
-            )
-            return len(updated) == len(rows)
-        # SQLite: one row per statement (the write lock is held anyway).
-        for (account, asset), (debit, credit) in rows:
-            params = {
-                "ledger": batch[0].ledger,
-                "account": account,
-                "asset": asset,
-                "debits": debit,
-                "credits": credit,
-            }
-            if self.conn.execute(_ADD_TOTALS_SQLITE, params).first() is None:
-                return False
-        return True
-
-    def append(self, ledger: str, batch: Sequence[NewEntry]) -> Numbered | None:
-        """Numbers and stores the entries (see numbering.py); None without a counter."""
+        totals = [(account, asset, d, c) for (account, asset), (d, c) in sorted(sums.items())]
+        if any(d > INT64_MAX or c > INT64_MAX for _, _, d, c in totals):
+            raise TotalsOverflow(ledger)
         try:
-            return take_next_sequences_and_insert(self.conn, self.raw, ledger, batch)
+            if self.tx is not None:
+                return number_and_insert_pg(self.tx, ledger, batch, totals)
+            # SQLite: one row per statement (the write lock is held anyway).
+            for account, asset, debit, credit in totals:
+                params = {
+                    "ledger": ledger,
+                    "account": account,
+                    "asset": asset,
+                    "debits": debit,
+                    "credits": credit,
+                }
+                if self.conn.execute(_ADD_TOTALS_SQLITE, params).first() is None:
+                    raise TotalsOverflow(ledger)
+            return number_and_insert_sqlite(self.conn, ledger, batch)
         except (sa.exc.IntegrityError, psycopg.IntegrityError) as exc:
             if dialect.is_idempotency_key_violation(exc):
                 raise DuplicateIdempotencyKey(ledger) from exc
             raise
+        except psycopg.errors.NumericValueOutOfRange as exc:
+            raise TotalsOverflow(ledger) from exc
 
     def page_after(self, ledger: str, after_sequence: int, limit: int) -> Page:
         """Up to `limit` entries above `after_sequence`, by keyset on the

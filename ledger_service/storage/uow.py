@@ -92,6 +92,7 @@ class UnitOfWork:
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._conn: Connection | None = None
         self._raw: psycopg.Connection[Any] | None = None  # Postgres: the driver's connection
+        self._tx: pg.WriteTransaction | None = None  # Postgres writes
         self._committed = False
 
     def __enter__(self) -> UnitOfWork:
@@ -106,38 +107,36 @@ class UnitOfWork:
                     conn.execution_options(sqlite_begin="IMMEDIATE")
                 conn.begin()
             else:
-                # Postgres: the driver in autocommit mode, transactions by hand
-                # on the driver's connection (storage/pg.py). Reads are single
-                # statements (each its own snapshot) and need no BEGIN/ROLLBACK
-                # round trips; a write sends BEGIN and the caller's deadline
-                # (statement_timeout, lock waits included; LOCAL ends with the
-                # transaction) in ONE round trip.
+                # Postgres: the driver in autocommit mode. Reads and other
+                # single statements (creating a counter) are each their own
+                # transaction and snapshot: no BEGIN/COMMIT round trips. The
+                # write of entries is one statement sent with BEGIN, the
+                # caller's deadline and COMMIT in ONE round trip (pg.py).
                 conn.execution_options(isolation_level="AUTOCOMMIT")
                 self._raw = pg.driver(conn)
                 if self._write:
-                    begin = "BEGIN"
-                    if self._timeout is not None:
-                        ms = max(1, int(self._timeout * 1000))
-                        begin += f"; SET LOCAL statement_timeout = {ms}"
-                    self._raw.execute(begin)
+                    self._tx = pg.WriteTransaction(self._raw, self._timeout, self._check_deadline)
         except BaseException as exc:
             self._release(conn)
             self._conn = None
             raise _translate(exc) from exc
-        self.ledger = LedgerRepository(conn, self._raw)
+        self.ledger = LedgerRepository(conn, self._raw, self._tx)
         return self
 
-    def commit(self) -> None:
-        assert self._conn is not None
+    def _check_deadline(self) -> None:
         if self._deadline is not None and time.monotonic() >= self._deadline:
             # The caller has already been told DEADLINE_EXCEEDED; do not make
             # the outcome depend on a race with it. (A commit that started in
             # time may still finish late: retrying with the same key is safe.)
             raise DeadlineExceeded("deadline exceeded before commit; nothing was written")
-        if self._raw is not None:
-            self._raw.execute("COMMIT")
-        else:
+
+    def commit(self) -> None:
+        assert self._conn is not None
+        if self._tx is None:
+            self._check_deadline()
             self._conn.commit()
+        # Postgres: the write, if any, committed with its statement
+        # (WriteTransaction); single statements committed by themselves.
         self._committed = True
 
     def __exit__(
@@ -153,8 +152,11 @@ class UnitOfWork:
                     pass
                 elif self._raw is None:
                     conn.rollback()
-                elif self._write and not self._raw.broken:
-                    self._raw.execute("ROLLBACK")
+                elif (
+                    not self._raw.broken
+                    and self._raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+                ):
+                    self._raw.execute("ROLLBACK")  # after a failed WriteTransaction
             except (sa.exc.DBAPIError, psycopg.Error):
                 log.debug("rollback failed", exc_info=True)
             finally:

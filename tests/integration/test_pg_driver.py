@@ -5,14 +5,16 @@ that breaks, on real Postgres."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
 from sqlalchemy.engine import Engine
 
 from ledger_service import service
-from ledger_service.domain import INT64_MAX, StorageUnavailable
+from ledger_service.domain import INT64_MAX, StorageUnavailable, TotalOverflow
 from ledger_service.storage import pg
 from ledger_service.storage.uow import UnitOfWork, create_engine
 
@@ -67,9 +69,82 @@ def test_a_connection_that_broke_is_discarded_quietly_not_handed_out_again(
         service.post_entry(uow, make_entry(ledger, "k1"))
     # Invalidated by the unit of work itself: the pool did not have to find
     # out by failing to reset it (which it logs as an error with a traceback).
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    pool_errors = [r for r in caplog.records if r.name.startswith("sqlalchemy.pool")]
+    assert not pool_errors, caplog.text
     # The broken connection was discarded, not returned to the pool.
     assert service.post_entry(uow, make_entry(ledger, "k1")).entry.sequence == 1
     assert sequences(pg_engine, ledger) == [1]
     with pg_engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != pid
+
+
+def test_failed_writes_do_not_spoil_the_connection_for_the_next(
+    pg_engine: Engine, ledger: str
+) -> None:
+    """One pooled connection, writes failing inside the one-round-trip
+    transaction (an overflowing total) between good ones, past psycopg's
+    prepare threshold: every good write still works, numbered 1..N."""
+
+    def uow(**kw: object) -> UnitOfWork:
+        return UnitOfWork(pg_engine, **kw)  # type: ignore[arg-type]
+
+    service.initialize_counter(uow, ledger)
+    service.post_entry(
+        uow, make_entry(ledger, "big", debit_account="x", credit_account="y", amount=INT64_MAX)
+    )
+    for i in range(12):
+        with pytest.raises(TotalOverflow):
+            service.post_entry(
+                uow, make_entry(ledger, f"over-{i}", debit_account="x", credit_account="z")
+            )
+        service.post_entry(uow, make_entry(ledger, f"ok-{i}"))
+    assert sequences(pg_engine, ledger) == list(range(1, 14))
+
+
+def test_a_writer_waiting_on_an_account_row_does_not_hold_the_counter(
+    pg_engine: Engine, pg_url: str, ledger: str
+) -> None:
+    """The statement locks account rows before the counter row: a post stuck
+    behind another transaction's lock on one of its accounts must not stop
+    posts to other accounts of the ledger (it would if it took the counter
+    first)."""
+    engine = create_engine(pg_url, pool_size=4)
+
+    def uow(**kw: object) -> UnitOfWork:
+        return UnitOfWork(engine, **kw)  # type: ignore[arg-type]
+
+    try:
+        service.initialize_counter(uow, ledger)
+        service.post_entry(uow, make_entry(ledger, "first", debit_account="a", credit_account="b"))
+        with ThreadPoolExecutor(1) as pool, engine.connect() as holder:
+            holder.exec_driver_sql(
+                "SELECT * FROM ledger_account_totals WHERE ledger = %(l)s AND account = 'a'"
+                " FOR UPDATE",
+                {"l": ledger},
+            )
+            stuck = pool.submit(
+                service.post_entry, uow, make_entry(ledger, "stuck", debit_account="a"), 30.0
+            )
+            try:
+                with engine.connect() as probe:
+                    for _ in range(100):
+                        waiting = probe.exec_driver_sql(
+                            "SELECT count(*) FROM pg_stat_activity"
+                            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                        ).scalar_one()
+                        if waiting:
+                            break
+                        time.sleep(0.05)
+                assert waiting == 1
+                # Other accounts go ahead, within a deadline, while "stuck" waits.
+                other = service.post_entry(
+                    uow, make_entry(ledger, "other", debit_account="c", credit_account="d"), 5.0
+                )
+                assert other.entry.sequence == 2
+                assert not stuck.done()
+            finally:
+                holder.rollback()  # before the pool waits for "stuck"
+            assert stuck.result(timeout=30).entry.sequence == 3
+        assert sequences(engine, ledger) == [1, 2, 3]
+    finally:
+        engine.dispose()
