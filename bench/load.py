@@ -20,8 +20,8 @@ import grpc
 import psycopg
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
-from ledger_service.storage import pg
-from ledger_service.storage.numbering import TAKE_AND_INSERT_PG
+from ledger_service.domain import validate_new_entry
+from ledger_service.storage.numbering import TAKE_AND_INSERT_PG, statement_params
 
 
 def _request(ledger: str, key: str, worker: str) -> ledger_pb2.PostEntryRequest:
@@ -165,10 +165,10 @@ async def catch_up(spec: dict[str, Any]) -> dict[str, Any]:
 
 def db_load(spec: dict[str, Any]) -> dict[str, Any]:
     """psycopg clients, no gRPC: the ledger's write as its common case runs
-    it (its very statement: totals, counter, insert; its parameter encodings;
-    committed with it; no key lookup, as in the server's optimistic write)
-    with `size` entries each, as fast as they can; parameter values are made
-    before the clock starts."""
+    it (its very statement and parameters: totals, counter, insert; committed
+    with it; no key lookup, as in the server's optimistic write) with `size`
+    entries each, as fast as they can; parameters are made before the clock
+    starts (psycopg still encodes them inside it, as for the server)."""
     start, end = (
         spec["start_at"] + spec["warmup"],
         spec["start_at"] + spec["warmup"] + spec["duration"],
@@ -185,27 +185,19 @@ def db_load(spec: dict[str, Any]) -> dict[str, Any]:
             n = 0
             while time.time() < end:
                 n += 1
-                keys = [f"{worker}-{n}-{j}" for j in range(size)]
-                params = {
-                    "ledger": spec["ledger"],
-                    "n": size,
-                    "n_totals": 2,
-                    "accounts": pg.TextArray([f"c-{worker}", f"d-{worker}"]),
-                    "account_assets": pg.TextArray(["USD", "USD"]),
-                    "debits": pg.BigintArray([0, size]),
-                    "credits": pg.BigintArray([size, 0]),
-                    "idempotency_keys": pg.TextArray(keys),
-                    "debit_accounts": pg.TextArray([f"d-{worker}"] * size),
-                    "credit_accounts": pg.TextArray([f"c-{worker}"] * size),
-                    "amounts": pg.BigintArray([1] * size),
-                    "assets": pg.TextArray(["USD"] * size),
-                    # Empty throughout the batch: sent as empty arrays, as the server does.
-                    "entry_types": pg.TextArray(),
-                    "descriptions": pg.TextArray(),
-                    "metadatas": pg.TextArray(),
-                    # As long as the server's payload encoding of such an entry.
-                    "wires": pg.ByteaArray([b"p" * (60 + len(k)) for k in keys]),
-                }
+                batch = [
+                    validate_new_entry(
+                        ledger=spec["ledger"],
+                        idempotency_key=f"{worker}-{n}-{j}",
+                        debit_account=f"d-{worker}",
+                        credit_account=f"c-{worker}",
+                        amount=1,
+                        asset="USD",
+                    )
+                    for j in range(size)
+                ]
+                totals = [(f"c-{worker}", "USD", 0, size), (f"d-{worker}", "USD", size, 0)]
+                params, _ = statement_params(spec["ledger"], batch, totals)
                 t0 = time.time()
                 conn.execute(TAKE_AND_INSERT_PG, params).fetchall()
                 t1 = time.time()

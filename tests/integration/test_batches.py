@@ -186,6 +186,15 @@ def test_optional_columns_are_stored_per_entry_in_a_mixed_batch(
             make_entry(ledger, "plain"),
             make_entry(ledger, "rich", entry_type="fee", description="d", metadata={"k": "v"}),
             make_entry(ledger, "plain-2"),
+            # Control characters where they are allowed, the unit separator
+            # included (Postgres splits some columns on it: numbering.py).
+            make_entry(
+                ledger,
+                "ctl",
+                description="a\x1fb\tc\n",
+                metadata={"x\u00e9": "v\x1f\x07w", "k": ""},
+            ),
+            make_entry(ledger, "ünï", debit_account="käse", credit_account="🧾", asset="EUR"),
         ],
     )
     with engine.connect() as conn:
@@ -203,4 +212,12 @@ def test_optional_columns_are_stored_per_entry_in_a_mixed_batch(
         ("plain", "", "", {}),
         ("rich", "fee", "d", {"k": "v"}),
         ("plain-2", "", "", {}),
+        ("ctl", "", "a\x1fb\tc\n", {"x\u00e9": "v\x1f\x07w", "k": ""}),
+        ("ünï", "", "", {}),
     ]
+    with engine.connect() as conn:
+        accounts = conn.execute(
+            sa.select(entries.c.debit_account, entries.c.credit_account, entries.c.asset)
+            .where(entries.c.ledger == ledger, entries.c.idempotency_key == "ünï")
+        ).one()
+    assert tuple(accounts) == ("käse", "🧾", "EUR")
