@@ -9,7 +9,8 @@ measured in the same run:
   (a) naive gap-free: the ledger server with --no-group-commit
   (b) not gap-free: a Postgres SEQUENCE per request (bench/servers.py)
   (c) the gRPC ceiling: PostEntry answered without database work
-  (d) the database ceiling: psycopg clients, no gRPC, the same transaction
+  (d) the database ceiling: psycopg clients, no gRPC, the server's own write
+      statement (one round trip, autocommit)
 
 Full run: docs/BENCHMARKS.md, docs/benchmarks.png, bench/results/latest.json.
 --quick: one repetition of short runs into bench/results/quick/ (a smoke test).
@@ -443,7 +444,8 @@ def write_report(result: dict[str, Any], out_dir: Path, md_path: Path, png_path:
         "Scenario names: `post_<server>_<callers>` is PostEntry, one entry per call, where",
         "`ledger` is this service (group commit), `naive` one transaction per call (baseline a),",
         "`sequence` a Postgres SEQUENCE (b), `noop` no database work (c); `db_*` are psycopg",
-        "clients without gRPC running the same transaction (d); `post_entries_<n>` is",
+        "clients without gRPC running the server's own write statement with its parameter",
+        "encodings, each statement its own transaction (d); `post_entries_<n>` is",
         "PostEntries with n entries per call; `catch_up_*` reads a seeded ledger from the",
         "start (`one_per_message` is the server with `--stream-batch 1`); `live_tail_16` is",
         "the delay from a post's acknowledgement to its arrival at each of 16 followers while",

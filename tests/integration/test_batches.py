@@ -217,7 +217,8 @@ def test_optional_columns_are_stored_per_entry_in_a_mixed_batch(
     ]
     with engine.connect() as conn:
         accounts = conn.execute(
-            sa.select(entries.c.debit_account, entries.c.credit_account, entries.c.asset)
-            .where(entries.c.ledger == ledger, entries.c.idempotency_key == "ünï")
+            sa.select(entries.c.debit_account, entries.c.credit_account, entries.c.asset).where(
+                entries.c.ledger == ledger, entries.c.idempotency_key == "ünï"
+            )
         ).one()
     assert tuple(accounts) == ("käse", "🧾", "EUR")
