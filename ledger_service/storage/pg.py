@@ -10,9 +10,9 @@ looking at its result first is safe.
 
 Through SQLAlchemy's execution machinery such statements cost about 300 µs
 more Python CPU per group-commit transaction (measured) on a server that is
-CPU-bound, so they go straight to psycopg: driver SQL, parameters bound by psycopg, statements
-prepared automatically after a few runs. SQLAlchemy still owns the pool, the
-schema and everything off the hot path. Errors arrive as psycopg's own;
+CPU-bound, so they go straight to psycopg: driver SQL, parameters bound by
+psycopg, the statement prepared automatically after a few runs. SQLAlchemy
+still owns the pool, the schema and everything off the hot path. Errors arrive as psycopg's own;
 dialect.py recognises both kinds.
 
 Array parameters are wrapped in the types below, whose dumpers write
@@ -102,12 +102,6 @@ psycopg.adapters.register_dumper(ByteaArray, _ByteaArrayDumper)
 def driver(conn: Connection) -> psycopg.Connection[Any]:
     """The psycopg connection under a checked-out SQLAlchemy connection."""
     return cast(psycopg.Connection[Any], conn.connection.driver_connection)
-
-
-def fetch(raw: psycopg.Connection[Any], sql: str, params: Mapping[str, Any]) -> list[Any]:
-    with raw.cursor() as cur:
-        cur.execute(sql, params)
-        return cur.fetchall()
 
 
 class WriteTransaction:

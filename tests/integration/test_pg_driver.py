@@ -45,12 +45,12 @@ def test_array_parameters_reach_postgres_exactly(
     # Compared inside Postgres with psycopg's own encoding of the same list.
     with pg_engine.connect() as conn:
         raw = pg.driver(conn)
-        equal, length = pg.fetch(
-            raw,
+        row = raw.execute(
             f"SELECT %(ours)b::{cast} = %(theirs)s::{cast}, cardinality(%(ours)b::{cast})",
             {"ours": wrapped, "theirs": list(wrapped)},
-        )[0]
-    assert (equal, length) == (True, len(wrapped))
+        ).fetchone()
+    assert row is not None
+    assert tuple(row) == (True, len(wrapped))
 
 
 def test_a_connection_that_broke_is_discarded_quietly_not_handed_out_again(
