@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,6 +89,21 @@ def pg_url() -> Iterator[str]:
 def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     path: Path = tmp_path_factory.mktemp("sqlite") / "ledger.sqlite3"
     return migrated(f"sqlite:///{path}")
+
+
+def lock_waiters_when(engine: sa.Engine, expected: int, *, timeout: float) -> int:
+    """Polls until `expected` sessions of the engine's database wait on a lock
+    (or `timeout` seconds pass); returns the last count seen."""
+    deadline = time.monotonic() + timeout
+    with engine.connect() as probe:
+        while True:
+            waiting: int = probe.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ).scalar_one()
+            if waiting == expected or time.monotonic() >= deadline:
+                return waiting
+            time.sleep(0.05)
 
 
 def entry_fields(ledger: str, key: str, **overrides: Any) -> dict[str, Any]:

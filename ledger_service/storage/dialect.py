@@ -77,10 +77,6 @@ def violated_constraint(exc: BaseException) -> str:
     return str(orig)
 
 
-def is_integrity_error(exc: BaseException) -> bool:
-    return isinstance(exc, sa.exc.IntegrityError | psycopg.IntegrityError)
-
-
 def is_idempotency_key_violation(exc: BaseException) -> bool:
     text = violated_constraint(exc)
     return text == "uq_ledger_entries_idempotency_key" or "ledger_entries.idempotency_key" in text

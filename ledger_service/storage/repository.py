@@ -128,17 +128,11 @@ _PAGE_SQLITE = _page_statement(dialect.SQLITE)
 
 
 class LedgerRepository:
-    def __init__(
-        self,
-        conn: Connection,
-        raw: psycopg.Connection[Any] | None = None,
-        tx: pg.WriteTransaction | None = None,
-    ) -> None:
-        """Postgres: `raw` is the driver connection under `conn` and `tx` the
-        unit of work's write transaction, for the write of entries (pg.py)."""
+    def __init__(self, conn: Connection, tx: pg.WriteTransaction | None = None) -> None:
+        """Postgres: `tx` is the unit of work's write transaction, for the
+        write of entries (pg.py)."""
         self.conn = conn
         self.dialect = dialect.name_of(conn)
-        self.raw = raw
         self.tx = tx
 
     # -- counters ---------------------------------------------------------

@@ -120,7 +120,7 @@ class UnitOfWork:
             self._release(conn)
             self._conn = None
             raise _translate(exc) from exc
-        self.ledger = LedgerRepository(conn, self._raw, self._tx)
+        self.ledger = LedgerRepository(conn, self._tx)
         return self
 
     def _check_deadline(self) -> None:

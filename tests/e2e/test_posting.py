@@ -14,6 +14,7 @@ from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from ledger_service.storage.uow import create_engine
 
+from ..conftest import lock_waiters_when
 from .conftest import FAST, collect_stream, details, init, post_request, run_threads
 from .harness import ServerProcess
 
@@ -259,17 +260,7 @@ def test_deadline_is_honoured_while_the_counter_is_locked(
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         # The server gives up its lock wait by itself (its statement_timeout is
         # the caller's deadline); a server ignoring deadlines would wait forever.
-        with engine.connect() as probe:
-            waiting = 1
-            for _ in range(100):
-                waiting = probe.exec_driver_sql(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                ).scalar_one()
-                if waiting == 0:
-                    break
-                time.sleep(0.1)
-            assert waiting == 0
+        assert lock_waiters_when(engine, 0, timeout=10) == 0
         conn.rollback()
     with engine.connect() as conn:
         value = conn.exec_driver_sql(
@@ -350,16 +341,8 @@ def test_sigterm_lets_an_in_flight_post_finish(pg_url: str, ledger: str) -> None
                 "SELECT value FROM ledger_counters WHERE ledger = %(l)s FOR UPDATE", {"l": ledger}
             )
             future = server.stub.PostEntry.future(post_request(ledger, "in-flight"), timeout=30)
-            with engine.connect() as probe:  # wait until the post is blocked on our lock
-                for _ in range(200):
-                    waiting = probe.exec_driver_sql(
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    ).scalar_one()
-                    if waiting:
-                        break
-                    time.sleep(0.05)
-                assert waiting == 1
+            # Wait until the post is blocked on our lock.
+            assert lock_waiters_when(engine, 1, timeout=10) == 1
             assert server.proc is not None
             server.proc.send_signal(15)
             time.sleep(0.5)  # the server is now draining

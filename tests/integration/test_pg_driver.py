@@ -5,7 +5,6 @@ that breaks, on real Postgres."""
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +17,7 @@ from ledger_service.domain import INT64_MAX, StorageUnavailable, TotalOverflow
 from ledger_service.storage import pg
 from ledger_service.storage.uow import UnitOfWork, create_engine
 
+from ..conftest import lock_waiters_when
 from .helpers import make_entry, sequences
 
 
@@ -126,16 +126,7 @@ def test_a_writer_waiting_on_an_account_row_does_not_hold_the_counter(
                 service.post_entry, uow, make_entry(ledger, "stuck", debit_account="a"), 30.0
             )
             try:
-                with engine.connect() as probe:
-                    for _ in range(100):
-                        waiting = probe.exec_driver_sql(
-                            "SELECT count(*) FROM pg_stat_activity"
-                            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                        ).scalar_one()
-                        if waiting:
-                            break
-                        time.sleep(0.05)
-                assert waiting == 1
+                assert lock_waiters_when(engine, 1, timeout=5) == 1
                 # Other accounts go ahead, within a deadline, while "stuck" waits.
                 other = service.post_entry(
                     uow, make_entry(ledger, "other", debit_account="c", credit_account="d"), 5.0
