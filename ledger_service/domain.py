@@ -5,11 +5,12 @@ Imports nothing from the gRPC edge or the database, so both can depend on it.
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from itertools import repeat
 
 INT64_MAX = 2**63 - 1
 
@@ -138,8 +139,13 @@ class DeadlineExceeded(LedgerError):
 
 # --------------------------------------------------------------------------
 # Values
+#
+# NewEntry, Entry and PostResult are built a thousand at a time per batch, so
+# they are slotted and not frozen: a frozen dataclass's __init__ sets each
+# field through object.__setattr__, which measured ~6x slower (0.83 against
+# 0.14 us for NewEntry). Nothing mutates them; treat them as values.
 # --------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class NewEntry:
     """A validated entry that has no number yet."""
 
@@ -172,7 +178,7 @@ class NewEntry:
         return fields
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Entry:
     """A committed entry with its number."""
 
@@ -184,7 +190,7 @@ class Entry:
     payload_wire: bytes | None = field(default=None, compare=False, repr=False)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PostResult:
     entry: Entry
     replayed: bool
@@ -433,25 +439,47 @@ def _checked_entry(
     )
 
 
-def validate_batch(ledger: str, items: Sequence[Mapping[str, Any]]) -> list[NewEntry]:
-    """Validates an atomic batch of entry fields (without `ledger`); violations
-    are named `entries[i].field`, all of them at once."""
+# One entry of a batch, without `ledger`, in NewEntry's field order:
+# idempotency_key, debit_account, credit_account, amount, asset, entry_type,
+# description, metadata, encoded.
+EntryFields = tuple[str, str, str, int, str, str, str, Mapping[str, str], bytes | None]
+
+
+def validate_batch(ledger: str, rows: Sequence[EntryFields]) -> list[NewEntry]:
+    """Validates an atomic batch of entries of `ledger`; violations are named
+    `entries[i].field`, all of them at once."""
     out: list[FieldViolation] = []
     _check_ledger(out, ledger)
-    if not items:
+    if not rows:
         out.append(FieldViolation("entries", "must contain at least one entry"))
-    elif len(items) > BATCH_MAX_ENTRIES:
+    elif len(rows) > BATCH_MAX_ENTRIES:
         out.append(FieldViolation("entries", f"must contain at most {BATCH_MAX_ENTRIES} entries"))
     _raise_if(out)
+    if _plainly_valid(rows):
+        return list(map(NewEntry, repeat(ledger, len(rows)), *zip(*rows, strict=True)))
     batch: list[NewEntry] = []
     first_index: dict[str, int] = {}
-    for i, item in enumerate(items):
+    for i, (key, debit, credit, amount, asset, entry_type, description, meta, encoded) in enumerate(
+        rows
+    ):
         mine: list[FieldViolation] = []
-        batch.append(_checked_entry(mine, ledger=ledger, **item))
+        entry = _checked_entry(
+            mine,
+            ledger=ledger,
+            idempotency_key=key,
+            debit_account=debit,
+            credit_account=credit,
+            amount=amount,
+            asset=asset,
+            entry_type=entry_type,
+            description=description,
+            metadata=meta,
+            encoded=encoded,
+        )
+        batch.append(entry)
         if mine:
             out.extend(FieldViolation(f"entries[{i}].{v.field}", v.description) for v in mine)
             continue
-        key = batch[-1].idempotency_key
         if key in first_index:
             out.append(
                 FieldViolation(
@@ -462,3 +490,39 @@ def validate_batch(ledger: str, items: Sequence[Mapping[str, Any]]) -> list[NewE
         first_index.setdefault(key, i)
     _raise_if(out)
     return batch
+
+
+def _plainly_valid(rows: Sequence[EntryFields]) -> bool:
+    """The single-entry fast path's conditions (_checked_entry), checked a
+    column at a time: each check is one C-level pass over a column (len over a
+    map, isprintable over a join) instead of Python work per entry, which
+    was the largest cost of a 1000-entry batch (profiled). False only means
+    "look closer": the per-entry checks decide and name the violations."""
+    keys, debits, credits, amounts, assets, entry_types, descriptions, metadata, _ = zip(
+        *rows, strict=True
+    )
+    return (
+        not any(metadata)
+        and len(set(keys)) == len(keys)
+        and min(map(len, keys)) > 0
+        and max(map(len, keys)) <= KEY_MAX_CHARS
+        and min(map(len, debits)) > 0
+        and max(map(len, debits)) <= ACCOUNT_MAX_CHARS
+        and min(map(len, credits)) > 0
+        and max(map(len, credits)) <= ACCOUNT_MAX_CHARS
+        and max(map(len, entry_types)) <= ENTRY_TYPE_MAX_CHARS
+        and max(map(len, descriptions)) <= DESCRIPTION_MAX_CHARS
+        and min(amounts) > 0
+        and max(amounts) <= INT64_MAX
+        and not any(map(operator.eq, debits, credits))
+        # A join is printable exactly when every part is.
+        and "".join(keys).isprintable()
+        and "".join(debits).isprintable()
+        and "".join(credits).isprintable()
+        and "".join(entry_types).isprintable()
+        and "\x00" not in "".join(descriptions)
+        and all(
+            len(asset) <= ASSET_MAX_CHARS and _ASSET_RE.fullmatch(asset) is not None
+            for asset in set(assets)
+        )
+    )

@@ -30,21 +30,23 @@ def new_entry_from_request(request: ledger_pb2.PostEntryRequest) -> NewEntry:
 def batch_from_request(request: ledger_pb2.PostEntriesRequest) -> list[NewEntry]:
     request.DiscardUnknownFields()
     ledger = wire.ledger_field(request.ledger)
+    # One pass over the parsed entries, each read as a tuple of its fields
+    # (validation then works a column at a time).
     return validate_batch(
         request.ledger,
         [
-            {
-                "idempotency_key": e.idempotency_key,
-                "debit_account": e.debit_account,
-                "credit_account": e.credit_account,
-                "amount": e.amount,
-                "asset": e.asset,
-                "entry_type": e.entry_type,
-                "description": e.description,
-                "metadata": dict(e.metadata),
+            (
+                e.idempotency_key,
+                e.debit_account,
+                e.credit_account,
+                e.amount,
+                e.asset,
+                e.entry_type,
+                e.description,
+                dict(e.metadata) if len(e.metadata) else {},
                 # EntryInput's field numbers are Entry's: ledger + item = payload.
-                "encoded": ledger + e.SerializeToString(),
-            }
+                ledger + e.SerializeToString(),
+            )
             for e in request.entries
         ],
     )
