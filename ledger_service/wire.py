@@ -25,11 +25,15 @@ from .domain import Entry, NewEntry
 
 _ENTRIES_TAG = b"\x0a"  # field 1, length-delimited (entries, results, entry)
 _REPLAYED_TRUE = b"\x10\x01"  # PostedEntry.replayed = true
+_SEQUENCE_TAG = b"\x10"  # Entry.sequence: field 2, varint
+_CREATED_AT_TAG = b"\x5a"  # Entry.created_at: field 11, length-delimited
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:  # most lengths: one byte, from a table
+        return _ONE_BYTE[value]
     if value < 0:  # int64 two's complement, as protobuf encodes negative varints
         value += 1 << 64
     out = bytearray()
@@ -41,6 +45,9 @@ def _varint(value: int) -> bytes:
         else:
             out.append(bits)
             return bytes(out)
+
+
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
 def payload(entry: NewEntry) -> bytes:
@@ -94,18 +101,28 @@ def posted_entries_message(
     results: Sequence[tuple[bytes, int, datetime, bool]],
 ) -> ledger_pb2.PostEntriesResponse:
     """A PostEntriesResponse of (payload, sequence, created_at, replayed)
-    results: one parse, then the database-made fields set per entry."""
+    results, encoded here and parsed once. The entries of one transaction
+    share their created_at, so its encoding is made once per distinct value."""
+    stamps: dict[datetime, bytes] = {}
     parts = []
-    for payload_bytes, _, _, replayed in results:
-        posted = _ENTRIES_TAG + _varint(len(payload_bytes)) + payload_bytes  # PostedEntry.entry
+    for payload_bytes, sequence, created_at, replayed in results:
+        stamp = stamps.get(created_at)
+        if stamp is None:
+            stamp = stamps[created_at] = _created_at_field(epoch_micros(created_at))
+        entry = payload_bytes + _SEQUENCE_TAG + _varint(sequence) + stamp
+        posted = _ENTRIES_TAG + _varint(len(entry)) + entry  # PostedEntry.entry
         if replayed:
             posted += _REPLAYED_TRUE
         parts.append(_ENTRIES_TAG + _varint(len(posted)) + posted)  # PostEntriesResponse.results
-    message = ledger_pb2.PostEntriesResponse.FromString(b"".join(parts))
-    for posted_message, (_, sequence, created_at, _) in zip(message.results, results, strict=True):
-        posted_message.entry.sequence = sequence
-        _set_timestamp(posted_message.entry.created_at, epoch_micros(created_at))
-    return message
+    return ledger_pb2.PostEntriesResponse.FromString(b"".join(parts))
+
+
+def _created_at_field(micros: int) -> bytes:
+    """Entry.created_at (field 11) encoded."""
+    stamp = Timestamp()
+    _set_timestamp(stamp, micros)
+    encoded = stamp.SerializeToString()
+    return _CREATED_AT_TAG + _varint(len(encoded)) + encoded
 
 
 def repeated(encoded_entries: Iterable[bytes]) -> bytes:

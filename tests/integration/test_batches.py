@@ -19,6 +19,7 @@ from ledger_service.domain import (
     PostResult,
     TotalOverflow,
 )
+from ledger_service.storage.numbering import as_utc
 from ledger_service.storage.schema import entries
 
 from .helpers import counter_value, make_entry, run_concurrently, sequences
@@ -99,6 +100,26 @@ def test_atomic_batch_commits_in_request_order_and_replays_known_keys(
     again = service.post_atomic(uow, [make_entry(ledger, "n1"), make_entry(ledger, "n2")])
     assert [(r.entry.sequence, r.replayed) for r in again] == [(2, True), (3, True)]
     assert sequences(engine, ledger) == [1, 2, 3]
+
+
+def test_a_transactions_entries_share_their_commit_time_which_never_decreases(
+    uow: Any, engine: Engine, ledger: str
+) -> None:
+    service.initialize_counter(uow, ledger)
+    first = service.post_atomic(uow, [make_entry(ledger, f"a{i}") for i in range(3)])
+    second = service.post_group(uow, [make_entry(ledger, f"b{i}") for i in range(2)])
+    times = [o.entry.created_at for o in [*first, *second] if isinstance(o, PostResult)]
+    assert len(times) == 5
+    assert len(set(times[:3])) == 1 and len(set(times[3:])) == 1
+    assert times[0] <= times[3]
+    # The callers were told what is stored.
+    with engine.connect() as conn:
+        stored = conn.execute(
+            sa.select(entries.c.created_at)
+            .where(entries.c.ledger == ledger)
+            .order_by(entries.c.sequence)
+        ).scalars()
+        assert [as_utc(t) for t in stored] == times
 
 
 @pytest.mark.parametrize("failure", ["conflict", "overflow", "no counter"])

@@ -62,13 +62,25 @@ def test_stream_messages_are_assembled_from_payloads() -> None:
     assert message.entries[1] == wire.entry_message(wire.payload(ENTRY), 2, at)
 
 
-def test_posted_entries_carry_replayed_flags() -> None:
+def test_posted_entries_carry_replayed_flags_and_their_own_times() -> None:
     at = datetime(2026, 11, 27, 1, 2, 3, 456789, tzinfo=UTC)
+    earlier = datetime(1969, 12, 31, 23, 59, 59, 1, tzinfo=UTC)  # negative seconds
     message = wire.posted_entries_message(
-        [(wire.payload(ENTRY), 7, at, False), (wire.payload(ENTRY), 3, at, True)]
+        [
+            (wire.payload(ENTRY), 7, at, False),
+            (wire.payload(ENTRY), 3, earlier, True),
+            (wire.payload(ENTRY), 2**40, at, False),
+        ]
     )
-    assert [(r.entry.sequence, r.replayed) for r in message.results] == [(7, False), (3, True)]
-    assert message.results[0].entry == wire.entry_message(wire.payload(ENTRY), 7, at)
+    assert [(r.entry.sequence, r.replayed) for r in message.results] == [
+        (7, False),
+        (3, True),
+        (2**40, False),
+    ]
+    for result, (sequence, created_at) in zip(
+        message.results, [(7, at), (3, earlier), (2**40, at)], strict=True
+    ):
+        assert result.entry == wire.entry_message(wire.payload(ENTRY), sequence, created_at)
 
 
 def test_a_post_request_encoding_is_the_entry_payload_encoding() -> None:
