@@ -26,6 +26,7 @@ from ledger_service.api.convert import entry_to_proto, new_entry_from_request
 from ledger_service.api.errors import ErrorMappingInterceptor
 from ledger_service.api.servicer import LedgerServicer, StreamSettings
 from ledger_service.domain import Entry, NewEntry
+from ledger_service.server import settle_startup_objects
 from ledger_service.storage.repository import LedgerRepository
 from ledger_service.storage.uow import create_engine
 from ledger_service.watch import HeadWatcher
@@ -111,6 +112,7 @@ async def serve(mode: str, database_url: str, listen: str, pool_size: int) -> No
     )
     port = server.add_insecure_port(listen)
     await server.start()
+    settle_startup_objects()  # as the ledger server does
     log.info("ledger-service listening on %s:%d (bench %s)", listen.rsplit(":", 1)[0], port, mode)
     await server.wait_for_termination()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,19 @@ SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 
 class SchemaNotCurrent(RuntimeError):
     pass
+
+
+def settle_startup_objects() -> None:
+    """Moves everything made at startup (modules, descriptors, SQL, the
+    pools) out of the cyclic garbage collector's view.
+
+    A 1000-entry batch makes thousands of short-lived objects, which trigger
+    collections; each full one rescanned the whole heap of startup objects
+    that live as long as the process: ~30% of the server's CPU under
+    PostEntries load (py-spy --native), 104k -> 125-132k entries/s once frozen.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -80,6 +94,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         listener_task = asyncio.create_task(listener.run(), name="pg-listener")
 
     await server.start()
+    settle_startup_objects()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     # Tests and scripts wait for this exact line (it carries the real port).
