@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
         help="one transaction per PostEntry call (env LEDGER_GROUP_COMMIT=0)",
     )
     serve_p.add_argument(
+        "--group-commit-max-wait",
+        type=float,
+        help="seconds a group's transaction may wait, under concurrent load, for as many "
+        "posts as the previous one carried; 0 never waits "
+        "(env LEDGER_GROUP_COMMIT_MAX_WAIT, default 0.003)",
+    )
+    serve_p.add_argument(
         "--max-pending-posts",
         type=int,
         help="posts queued for group commit before RESOURCE_EXHAUSTED "
@@ -85,6 +92,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "poll_interval",
         "heartbeat_interval",
         "group_commit",
+        "group_commit_max_wait",
         "stream_batch",
         "max_pending_posts",
     ):

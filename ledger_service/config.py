@@ -36,6 +36,11 @@ class Settings:
             os.environ.get("LEDGER_GROUP_COMMIT", "1").lower() not in ("0", "false", "no", "off")
         )
     )
+    # Under concurrent load a group's transaction waits up to this many
+    # seconds for as many posts as the previous one carried (0: never waits).
+    group_commit_max_wait: float = field(
+        default_factory=lambda: _env_float("LEDGER_GROUP_COMMIT_MAX_WAIT", 0.003)
+    )
     # Posts waiting for their group's transaction, per process; beyond it
     # PostEntry answers RESOURCE_EXHAUSTED (retry later with the same key).
     max_pending_posts: int = field(

@@ -66,6 +66,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         ),
         group_commit=settings.group_commit,
         max_pending_posts=settings.max_pending_posts,
+        group_commit_max_wait=settings.group_commit_max_wait,
     )
     server = grpc.aio.server(
         interceptors=[ErrorMappingInterceptor()],

@@ -60,6 +60,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         *,
         group_commit: bool = True,
         max_pending_posts: int = 10_000,
+        group_commit_max_wait: float = 0.003,
     ) -> None:
         self._engine = engine
         self._executor = executor
@@ -70,7 +71,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         # Without group commit every post is its own transaction (the naive
         # path, kept as a server mode for comparison in the benchmark).
         self._committer = (
-            GroupCommitter(self._write_group, max_pending=max_pending_posts)
+            GroupCommitter(
+                self._write_group, max_pending=max_pending_posts, max_wait=group_commit_max_wait
+            )
             if group_commit
             else None
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -146,5 +147,84 @@ def test_a_failed_batch_fails_only_its_own_callers() -> None:
             await failing
         writer.fail = None
         assert (await committer.post(entry("k1"), None)).entry.sequence == 1
+
+    asyncio.run(scenario())
+
+
+class SteppedWriter:
+    """Records batches; each batch waits for its own permit from the test."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.permits: asyncio.Queue[None] = asyncio.Queue()
+        self.next = 0
+
+    async def __call__(
+        self, batch: Sequence[NewEntry], time_left: float | None
+    ) -> list[PostResult | LedgerError]:
+        self.batches.append([e.idempotency_key for e in batch])
+        await self.permits.get()
+        out: list[PostResult | LedgerError] = []
+        for e in batch:
+            self.next += 1
+            out.append(PostResult(Entry(self.next, datetime.now(UTC), e), replayed=False))
+        return out
+
+
+async def _after_a_group_of_three(committer: GroupCommitter, writer: SteppedWriter) -> list[Any]:
+    """k0 alone, then k1-k3 together; returns with k4 queued behind them."""
+    tasks = [asyncio.create_task(committer.post(entry("k0"), None))]
+    await asyncio.sleep(0.01)
+    tasks += [asyncio.create_task(committer.post(entry(f"k{i}"), None)) for i in (1, 2, 3)]
+    await asyncio.sleep(0.01)
+    writer.permits.put_nowait(None)  # k0 commits; k1-k3 go next (after a group of one)
+    await asyncio.sleep(0.01)
+    tasks.append(asyncio.create_task(committer.post(entry("k4"), None)))
+    await asyncio.sleep(0.01)
+    writer.permits.put_nowait(None)  # k1-k3 commit
+    await asyncio.sleep(0.05)
+    return tasks
+
+
+def test_under_load_the_next_group_waits_for_as_many_posts_as_the_last() -> None:
+    async def scenario() -> None:
+        writer = SteppedWriter()
+        committer = GroupCommitter(writer, max_wait=60.0)  # only the count can end the wait
+        tasks = await _after_a_group_of_three(committer, writer)
+        assert writer.batches == [["k0"], ["k1", "k2", "k3"]]  # k4 waits for company
+        tasks += [asyncio.create_task(committer.post(entry(f"k{i}"), None)) for i in (5, 6)]
+        await asyncio.sleep(0.01)
+        writer.permits.put_nowait(None)
+        await asyncio.gather(*tasks)
+        assert writer.batches == [["k0"], ["k1", "k2", "k3"], ["k4", "k5", "k6"]]
+
+    asyncio.run(scenario())
+
+
+def test_the_wait_for_more_posts_is_bounded() -> None:
+    async def scenario() -> None:
+        writer = SteppedWriter()
+        committer = GroupCommitter(writer, max_wait=0.2)
+        tasks = await _after_a_group_of_three(committer, writer)
+        writer.permits.put_nowait(None)
+        await asyncio.gather(*tasks)  # k4 goes alone once the wait is over
+        assert writer.batches == [["k0"], ["k1", "k2", "k3"], ["k4"]]
+
+    asyncio.run(scenario())
+
+
+def test_no_wait_when_disabled_or_after_a_lone_post() -> None:
+    async def scenario() -> None:
+        writer = SteppedWriter()
+        committer = GroupCommitter(writer, max_wait=0.0)
+        await _after_a_group_of_three(committer, writer)
+        assert writer.batches == [["k0"], ["k1", "k2", "k3"], ["k4"]]  # written at once
+        writer.permits.put_nowait(None)
+        # A lone caller, one post after another: never held back, even with
+        # a wait that would outlast the test.
+        lone = GroupCommitter(writer, max_wait=3600.0)
+        for i in range(3):
+            writer.permits.put_nowait(None)
+            await asyncio.wait_for(lone.post(entry(f"lone{i}"), None), timeout=30)
 
     asyncio.run(scenario())
