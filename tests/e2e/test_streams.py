@@ -164,6 +164,50 @@ def test_one_listen_connection_per_process_wakes_followers_without_polling(
             call.cancel()
 
 
+def test_followers_are_woken_again_after_the_listen_connection_is_lost(
+    pg_url: str, ledger: str
+) -> None:
+    """Polling is off: after B's LISTEN connection is killed, only B's
+    reconnected listener can tell its follower about entries posted via A."""
+    no_poll = ["--poll-interval", "3600", "--shutdown-grace", "5"]
+    with (
+        ServerProcess(pg_url, extra_args=no_poll) as a,
+        ServerProcess(pg_url, extra_args=no_poll) as b,
+    ):
+        assert b.proc is not None
+        name = f"ledger-service-listen {b.proc.pid}"
+        init(a.stub, ledger)
+        call = b.stub.StreamEntries(
+            ledger_pb2.StreamEntriesRequest(ledger=ledger, follow=True), timeout=60
+        )
+        assert next(iter(call)).caught_up
+        engine = create_engine(pg_url, pool_size=1)
+        listening = sa.text(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = :name "
+            "AND query LIKE 'LISTEN%'"
+        )
+        try:
+            with engine.connect() as conn:
+                (old,) = conn.execute(listening, {"name": name}).scalars().all()
+                conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": old})
+            deadline = time.monotonic() + 30
+            while True:
+                with engine.connect() as conn:
+                    pids = conn.execute(listening, {"name": name}).scalars().all()
+                if pids and old not in pids:
+                    break
+                assert time.monotonic() < deadline, "the listener did not reconnect"
+                time.sleep(0.05)
+        finally:
+            engine.dispose()
+        post_many(a.stub, ledger, 3)
+        got: list[int] = []
+        while len(got) < 3:
+            got.extend(e.sequence for e in next(iter(call)).entries)
+        assert got == [1, 2, 3]
+        call.cancel()
+
+
 def test_idle_follower_gets_heartbeats(sqlite_url: str, ledger: str) -> None:
     with ServerProcess(sqlite_url, extra_args=[*FAST, "--heartbeat-interval", "0.3"]) as server:
         init(server.stub, ledger)
