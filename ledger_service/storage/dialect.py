@@ -83,8 +83,9 @@ def is_idempotency_key_violation(exc: BaseException) -> bool:
 
 
 def is_query_canceled(exc: BaseException) -> bool:
-    """Postgres statement_timeout fired (SQLSTATE 57014)."""
-    return getattr(_driver_error(exc), "sqlstate", None) == "57014"
+    """A Postgres statement gave up at its deadline: statement_timeout
+    (SQLSTATE 57014) or the write's lock_timeout (55P03)."""
+    return getattr(_driver_error(exc), "sqlstate", None) in ("57014", "55P03")
 
 
 def is_unavailable(exc: BaseException) -> bool:

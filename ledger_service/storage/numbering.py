@@ -18,7 +18,7 @@ writer at a time). Hence:
 Keeping the lock short: everything that can fail or wait comes before the
 counter is touched (validation and the idempotency lookup in Python, the
 account totals first inside the statement). On Postgres the whole write is ONE
-statement, sent with BEGIN and COMMIT in one round trip (storage/pg.py), so
+statement that is its own transaction, in one round trip (storage/pg.py), so
 the lock is held for the insert and the commit only, never across a round
 trip to this process (or its wait for the GIL). That statement writes all of a
 batch or nothing: a total that would pass int64 is an error (rolled back), and
@@ -55,6 +55,12 @@ from .schema import counters, entries
 #   counter row is locked only after the account rows.
 # - A total passing int64 raises "bigint out of range" (SQLSTATE 22003): the
 #   transaction rolls back whole.
+# - The caller's deadline bounds every lock wait (account rows, the counter
+#   row, a concurrent insert of the same key): `deadline` sets lock_timeout
+#   for this statement's own transaction, and the totals read it (an
+#   InitPlan, run once before their first row) before any lock is taken.
+#   Postgres reads lock_timeout when a wait begins; a statement_timeout set
+#   here would be too late, being armed when the statement starts.
 # - Without a counter row nothing is written: the totals insert nothing (the
 #   EXISTS), so the bump and the insert find nothing, and no row comes back.
 #   One statement, one snapshot: a counter created concurrently is seen by
@@ -68,13 +74,16 @@ from .schema import counters, entries
 # where encoding an array costs Python work per element (most of the write's
 # CPU for 1000 entries). The rest go as binary arrays in pg.py's types.
 TAKE_AND_INSERT_PG = f"""
-    WITH totals AS (
+    WITH deadline AS (
+        SELECT set_config('lock_timeout', %(lock_timeout)s::TEXT, true) AS lock_timeout
+    ), totals AS (
         INSERT INTO ledger_account_totals (ledger, account, asset, debits, credits)
         SELECT %(ledger)s::TEXT, t.account, t.asset, t.debits, t.credits
         FROM unnest(%(accounts)b::TEXT[], %(account_assets)b::TEXT[],
                     %(debits)b::BIGINT[], %(credits)b::BIGINT[])
              WITH ORDINALITY AS t(account, asset, debits, credits, ord)
         WHERE EXISTS (SELECT 1 FROM ledger_counters WHERE ledger = %(ledger)s::TEXT)
+          AND (SELECT lock_timeout FROM deadline) IS NOT NULL
         ORDER BY t.ord
         ON CONFLICT (ledger, account, asset) DO UPDATE
         SET debits = ledger_account_totals.debits + excluded.debits,
@@ -155,7 +164,7 @@ def number_and_insert_pg(
     concurrent transaction, NumericValueOutOfRange when a total would pass
     int64; either way nothing was written and no number was taken.
     """
-    params, payloads = statement_params(ledger, batch, totals)
+    params, payloads = statement_params(ledger, batch, totals, lock_timeout=tx.lock_timeout)
     rows = tx.commit_with(TAKE_AND_INSERT_PG, params)
     if not rows:
         return None
@@ -164,11 +173,17 @@ def number_and_insert_pg(
 
 
 def statement_params(
-    ledger: str, batch: Sequence[NewEntry], totals: Sequence[tuple[str, str, int, int]]
+    ledger: str,
+    batch: Sequence[NewEntry],
+    totals: Sequence[tuple[str, str, int, int]],
+    *,
+    lock_timeout: str = "0",
 ) -> tuple[dict[str, Any], list[bytes]]:
-    """TAKE_AND_INSERT_PG's parameters, and the entries' payload encodings."""
+    """TAKE_AND_INSERT_PG's parameters, and the entries' payload encodings.
+    `lock_timeout`: milliseconds any lock wait may take ("0": no limit)."""
     payloads = [wire.payload(e) for e in batch]
     return {
+        "lock_timeout": lock_timeout,
         "ledger": ledger,
         "n": len(batch),
         "n_totals": len(totals),

@@ -109,9 +109,9 @@ class UnitOfWork:
             else:
                 # Postgres: the driver in autocommit mode. Reads and other
                 # single statements (creating a counter) are each their own
-                # transaction and snapshot: no BEGIN/COMMIT round trips. The
-                # write of entries is one statement sent with BEGIN, the
-                # caller's deadline and COMMIT in ONE round trip (pg.py).
+                # transaction and snapshot: no BEGIN/COMMIT round trips. So
+                # is the write of entries: one statement, one round trip,
+                # bounded by the caller's deadline (pg.py).
                 conn.execution_options(isolation_level="AUTOCOMMIT")
                 self._raw = pg.driver(conn)
                 if self._write:
@@ -156,7 +156,7 @@ class UnitOfWork:
                     not self._raw.broken
                     and self._raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
                 ):
-                    self._raw.execute("ROLLBACK")  # after a failed WriteTransaction
+                    self._raw.execute("ROLLBACK")  # a transaction left open by an error
             except (sa.exc.DBAPIError, psycopg.Error):
                 log.debug("rollback failed", exc_info=True)
             finally:

@@ -244,22 +244,30 @@ def test_unreachable_database_is_unavailable_and_a_retry_posts_once(
     admin.dispose()
 
 
-def test_deadline_is_honoured_while_the_counter_is_locked(
-    pg_url: str, pg_server: Any, ledger: str
+@pytest.mark.parametrize("locked", ["counter", "account"])
+def test_deadline_is_honoured_while_a_row_it_needs_is_locked(
+    pg_url: str, pg_server: Any, ledger: str, locked: str
 ) -> None:
     stub = pg_server.stub
     init(stub, ledger)
+    before = 0
+    if locked == "account":
+        stub.PostEntry(post_request(ledger, "k0"), timeout=10)  # the account row exists
+        before = 1
     engine = create_engine(pg_url, pool_size=1)
     with engine.connect() as conn:
-        # Another transaction holds the counter row lock.
+        # Another transaction holds the counter row, or an account row, lock.
         conn.exec_driver_sql(
-            "SELECT value FROM ledger_counters WHERE ledger = %(l)s FOR UPDATE", {"l": ledger}
+            "SELECT value FROM ledger_counters WHERE ledger = %(l)s FOR UPDATE"
+            if locked == "counter"
+            else "SELECT 1 FROM ledger_account_totals WHERE ledger = %(l)s FOR UPDATE",
+            {"l": ledger},
         )
         with pytest.raises(grpc.RpcError) as error:
             stub.PostEntry(post_request(ledger, "k1"), timeout=1.0)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        # The server gives up its lock wait by itself (its statement_timeout is
-        # the caller's deadline); a server ignoring deadlines would wait forever.
+        # The server gives up its lock wait by itself (the write's lock_timeout
+        # is the caller's deadline); a server ignoring deadlines would wait forever.
         assert lock_waiters_when(engine, 0, timeout=10) == 0
         conn.rollback()
     with engine.connect() as conn:
@@ -267,10 +275,10 @@ def test_deadline_is_honoured_while_the_counter_is_locked(
             "SELECT value FROM ledger_counters WHERE ledger = %(l)s", {"l": ledger}
         ).scalar_one()
     engine.dispose()
-    assert value == 0
-    # Nothing was written, so the retry with the same key takes number 1.
+    assert value == before
+    # Nothing was written, so the retry with the same key takes the next number.
     retried = stub.PostEntry(post_request(ledger, "k1"), timeout=10)
-    assert (retried.replayed, retried.entry.sequence) == (False, 1)
+    assert (retried.replayed, retried.entry.sequence) == (False, before + 1)
 
 
 def test_killed_servers_leave_no_gap_and_retries_post_each_key_once(
