@@ -87,6 +87,11 @@ class Tails:
                     del self._tails[ledger]
 
     async def _refresh(self, ledger: str, tail: _Tail) -> None:
+        # While it runs, this process listens for other processes' commits.
+        with self._watcher.following():
+            await self._follow(ledger, tail)
+
+    async def _follow(self, ledger: str, tail: _Tail) -> None:
         try:
             while True:
                 wake = self._watcher.event(ledger)  # before the read: no lost wake-up

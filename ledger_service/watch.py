@@ -2,15 +2,21 @@
 
 One HeadWatcher per server process. Posts in this process publish to it after
 commit; on Postgres one LISTEN connection per process (PgListener) publishes
-commits made by every process. Streams also poll, so a lost notification only
-delays delivery, never loses an entry.
+commits made by every process, while the process has live followers: every
+commit notifies every listening process, so a process that follows nothing
+does not listen (it would wake for each commit of the whole cluster for
+nothing). Streams also poll, so a lost notification only delays delivery,
+never loses an entry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import sqlalchemy as sa
@@ -25,6 +31,22 @@ class HeadWatcher:
 
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
+        self._following = 0
+        # Set while something in this process follows a ledger (see following()).
+        self.wanted = asyncio.Event()
+
+    @contextlib.contextmanager
+    def following(self) -> Iterator[None]:
+        """Marks a live reader of a ledger for its lifetime: while any is
+        active, this process listens for other processes' commits."""
+        self._following += 1
+        self.wanted.set()
+        try:
+            yield
+        finally:
+            self._following -= 1
+            if not self._following:
+                self.wanted.clear()
 
     def event(self, ledger: str) -> asyncio.Event:
         """Take this BEFORE reading, then wait on it: a commit published after
@@ -46,12 +68,15 @@ class HeadWatcher:
 
 
 class PgListener:
-    """The process's one LISTEN connection; reconnects with backoff."""
+    """The process's one LISTEN connection, open while the process has live
+    followers (and `linger` seconds after the last one left, so followers that
+    come and go do not reconnect each time); reconnects with backoff."""
 
-    def __init__(self, url: sa.URL, watcher: HeadWatcher) -> None:
+    def __init__(self, url: sa.URL, watcher: HeadWatcher, *, linger: float = 30.0) -> None:
         # libpq takes the SQLAlchemy URL without the "+psycopg" driver suffix.
         self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._watcher = watcher
+        self._linger = linger
         # Names the connection in pg_stat_activity, one per server process.
         self.application_name = f"ledger-service-listen {os.getpid()}"
         self.connected = asyncio.Event()
@@ -59,6 +84,7 @@ class PgListener:
     async def run(self) -> None:
         backoff = 0.1
         while True:
+            await self._watcher.wanted.wait()
             try:
                 conn = await psycopg.AsyncConnection.connect(
                     self._conninfo, autocommit=True, application_name=self.application_name
@@ -69,11 +95,27 @@ class PgListener:
                     backoff = 0.1
                     # Commits made while we were not listening: wake everyone.
                     self._watcher.publish_all()
-                    async for note in conn.notifies():
-                        ledger, _, _ = note.payload.rpartition(":")
-                        self._watcher.publish(ledger)
+                    await self._deliver(conn)
+                self.connected.clear()  # closed on purpose: nobody follows
             except (psycopg.Error, OSError) as exc:
                 self.connected.clear()
                 log.warning("LISTEN connection lost (%s); streams poll meanwhile", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def _deliver(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Publishes notifications until nothing has been followed for
+        `linger` seconds (or the connection fails)."""
+        loop = asyncio.get_running_loop()
+        unwanted_since: float | None = None
+        check = min(1.0, self._linger) or 0.01
+        while True:
+            async for note in conn.notifies(timeout=check):
+                ledger, _, _ = note.payload.rpartition(":")
+                self._watcher.publish(ledger)
+            if self._watcher.wanted.is_set():
+                unwanted_since = None
+            elif unwanted_since is None:
+                unwanted_since = loop.time()
+            elif loop.time() - unwanted_since >= self._linger:
+                return

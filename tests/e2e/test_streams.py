@@ -119,11 +119,37 @@ def test_followers_on_two_processes_each_see_one_to_n_in_order_while_writers_run
             assert seen == list(range(1, total + 1))
 
 
-def test_one_listen_connection_per_process_wakes_followers_without_polling(
+def listen_pids(engine: Any, server_pid: int) -> list[int]:
+    """Backends of the server process's LISTEN connection."""
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.text(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = :name "
+                    "AND query LIKE 'LISTEN%'"
+                ),
+                {"name": f"ledger-service-listen {server_pid}"},
+            ).scalars()
+        )
+
+
+def wait_for_listener(engine: Any, server_pid: int, replacing: int | None = None) -> list[int]:
+    """The server's LISTEN backends once there is one (other than `replacing`)."""
+    deadline = time.monotonic() + 30
+    while True:
+        pids = listen_pids(engine, server_pid)
+        if pids and replacing not in pids:
+            return pids
+        assert time.monotonic() < deadline, "the server did not (re)start listening"
+        time.sleep(0.05)
+
+
+def test_one_listen_connection_per_following_process_wakes_followers_without_polling(
     pg_url: str, ledger: str
 ) -> None:
     """Polling is effectively off (1 hour), so entries written through process
-    A reach followers on process B only through LISTEN/NOTIFY."""
+    A reach followers on process B only through LISTEN/NOTIFY. A, which has no
+    followers, does not listen at all."""
     no_poll = ["--poll-interval", "3600", "--shutdown-grace", "5"]
     with (
         ServerProcess(pg_url, extra_args=no_poll) as a,
@@ -138,23 +164,15 @@ def test_one_listen_connection_per_process_wakes_followers_without_polling(
         ]
         for call in calls:
             assert next(iter(call)).caught_up
+        assert a.proc is not None and b.proc is not None
         engine = create_engine(pg_url, pool_size=1)
-        with engine.connect() as conn:
-            listeners = (
-                conn.execute(
-                    sa.text(
-                        "SELECT application_name FROM pg_stat_activity "
-                        "WHERE datname = current_database() AND query LIKE 'LISTEN%'"
-                    )
-                )
-                .scalars()
-                .all()
-            )
-        engine.dispose()
-        # One per process, not one per stream.
-        for server in (a, b):
-            assert server.proc is not None
-            assert listeners.count(f"ledger-service-listen {server.proc.pid}") == 1
+        try:
+            # One per following process, not one per stream (B starts
+            # listening once its followers are live); none where nothing follows.
+            assert len(wait_for_listener(engine, b.proc.pid)) == 1
+            assert listen_pids(engine, a.proc.pid) == []
+        finally:
+            engine.dispose()
         post_many(a.stub, ledger, 3)
         for call in calls:
             got: list[int] = []
@@ -175,29 +193,17 @@ def test_followers_are_woken_again_after_the_listen_connection_is_lost(
         ServerProcess(pg_url, extra_args=no_poll) as b,
     ):
         assert b.proc is not None
-        name = f"ledger-service-listen {b.proc.pid}"
         init(a.stub, ledger)
         call = b.stub.StreamEntries(
             ledger_pb2.StreamEntriesRequest(ledger=ledger, follow=True), timeout=60
         )
         assert next(iter(call)).caught_up
         engine = create_engine(pg_url, pool_size=1)
-        listening = sa.text(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = :name "
-            "AND query LIKE 'LISTEN%'"
-        )
         try:
+            (old,) = wait_for_listener(engine, b.proc.pid)
             with engine.connect() as conn:
-                (old,) = conn.execute(listening, {"name": name}).scalars().all()
                 conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": old})
-            deadline = time.monotonic() + 30
-            while True:
-                with engine.connect() as conn:
-                    pids = conn.execute(listening, {"name": name}).scalars().all()
-                if pids and old not in pids:
-                    break
-                assert time.monotonic() < deadline, "the listener did not reconnect"
-                time.sleep(0.05)
+            wait_for_listener(engine, b.proc.pid, replacing=old)
         finally:
             engine.dispose()
         post_many(a.stub, ledger, 3)
