@@ -5,7 +5,7 @@ entry caps a ledger at about one commit (one WAL flush) per entry. Here each
 ledger has at most one transaction in flight per process; posts that arrive
 meanwhile queue up and go together in the next one (one counter bump, one
 insert round trip, one commit). A lone caller is not delayed: with nothing in
-flight its post starts at once, as a batch of one.
+flight its post is written at once, as a batch of one, in its own task.
 
 Under concurrent load the next transaction also waits, briefly (max_wait,
 3 ms by default), until as many posts are queued as the previous one carried:
@@ -73,29 +73,45 @@ class GroupCommitter:
         is the caller's remaining deadline (bounds the database work)."""
         if self._pending >= self._max_pending:
             raise Overloaded(self._max_pending)
+        queue = self._queues.get(entry.ledger)
+        if queue is None:
+            return await self._post_alone(entry, time_left)
         loop = asyncio.get_running_loop()
         item = _Pending(
             entry, None if time_left is None else time.monotonic() + time_left, loop.create_future()
         )
-        queue = self._queues.get(entry.ledger)
-        if queue is None:
-            # No batch in flight for this ledger: become its flusher.
-            queue = self._queues[entry.ledger] = deque()
-            queue.append(item)
-            self._pending += 1
-            task = loop.create_task(self._flush(entry.ledger, queue))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        else:
-            queue.append(item)
-            self._pending += 1
-            gathering = self._gathering.get(entry.ledger)
-            if gathering is not None and len(queue) >= gathering[0]:
-                _wake(gathering[1])
+        queue.append(item)
+        self._pending += 1
+        gathering = self._gathering.get(entry.ledger)
+        if gathering is not None and len(queue) >= gathering[0]:
+            _wake(gathering[1])
         return await item.future
 
-    async def _flush(self, ledger: str, queue: deque[_Pending]) -> None:
-        last = 0  # entries in this ledger's previous transaction
+    async def _post_alone(self, entry: NewEntry, time_left: float | None) -> PostResult:
+        """Nothing in flight for this ledger: the caller writes its entry in
+        its own task, as a batch of one, with no queue or flush task between
+        it and the database (a lone caller's latency is that of a plain
+        write). Posts arriving meanwhile queue up, and a flush task takes
+        them over once this write is done."""
+        ledger = entry.ledger
+        queue: deque[_Pending] = deque()
+        self._queues[ledger] = queue
+        try:
+            (outcome,) = await self._write([entry], time_left)
+        finally:
+            if queue:
+                task = asyncio.get_running_loop().create_task(self._flush(ledger, queue, 1))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:
+                del self._queues[ledger]
+        if isinstance(outcome, LedgerError):
+            raise outcome
+        return outcome
+
+    async def _flush(self, ledger: str, queue: deque[_Pending], last: int = 0) -> None:
+        """Writes the queued posts of `ledger`, batch after batch, until none
+        is left. `last`: entries in the ledger's previous transaction."""
         try:
             while queue:
                 if self._max_wait > 0:  # returns at once after a batch of one

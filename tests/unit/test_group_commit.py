@@ -57,6 +57,24 @@ class GatedWriter:
         return out
 
 
+def test_a_lone_post_is_written_in_the_callers_own_task() -> None:
+    async def scenario() -> None:
+        tasks: list[asyncio.Task[object] | None] = []
+
+        async def write(
+            batch: Sequence[NewEntry], time_left: float | None
+        ) -> list[PostResult | LedgerError]:
+            tasks.append(asyncio.current_task())
+            return [PostResult(Entry(1, datetime.now(UTC), batch[0]), replayed=False)]
+
+        committer = GroupCommitter(write)
+        caller = asyncio.current_task()
+        assert (await committer.post(entry("k0"), None)).entry.sequence == 1
+        assert tasks == [caller]  # no flush task in between
+
+    asyncio.run(scenario())
+
+
 def test_posts_arriving_during_a_transaction_share_the_next_one() -> None:
     async def scenario() -> None:
         writer = GatedWriter()
@@ -95,7 +113,8 @@ def test_batches_are_capped() -> None:
         await asyncio.sleep(0.01)
         writer.gate.set()
         await asyncio.gather(*tasks)
-        assert [len(b) for b in writer.batches] == [3, 3, 2]
+        # The first finds nothing in flight and goes at once, alone.
+        assert [len(b) for b in writer.batches] == [1, 3, 3, 1]
 
     asyncio.run(scenario())
 
