@@ -96,6 +96,7 @@ class GroupCommitter:
         ledger = entry.ledger
         queue: deque[_Pending] = deque()
         self._queues[ledger] = queue
+        log.debug("group commit: ledger %s, batch of 1", ledger)
         try:
             (outcome,) = await self._write([entry], time_left)
         finally:
