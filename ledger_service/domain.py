@@ -325,7 +325,6 @@ def validate_new_entry(
 
 def _checked_entry(
     out: list[FieldViolation],
-    *,
     ledger: str,
     idempotency_key: str,
     debit_account: str,
@@ -439,7 +438,8 @@ def _checked_entry(
     )
 
 
-# One entry of a batch, without `ledger`, in NewEntry's field order:
+# One entry of a batch, without `ledger`, in NewEntry's (and _checked_entry's)
+# field order:
 # idempotency_key, debit_account, credit_account, amount, asset, entry_type,
 # description, metadata, encoded.
 EntryFields = tuple[str, str, str, int, str, str, str, Mapping[str, str], bytes | None]
@@ -459,27 +459,13 @@ def validate_batch(ledger: str, rows: Sequence[EntryFields]) -> list[NewEntry]:
         return list(map(NewEntry, repeat(ledger, len(rows)), *zip(*rows, strict=True)))
     batch: list[NewEntry] = []
     first_index: dict[str, int] = {}
-    for i, (key, debit, credit, amount, asset, entry_type, description, meta, encoded) in enumerate(
-        rows
-    ):
+    for i, row in enumerate(rows):
         mine: list[FieldViolation] = []
-        entry = _checked_entry(
-            mine,
-            ledger=ledger,
-            idempotency_key=key,
-            debit_account=debit,
-            credit_account=credit,
-            amount=amount,
-            asset=asset,
-            entry_type=entry_type,
-            description=description,
-            metadata=meta,
-            encoded=encoded,
-        )
-        batch.append(entry)
+        batch.append(_checked_entry(mine, ledger, *row))
         if mine:
             out.extend(FieldViolation(f"entries[{i}].{v.field}", v.description) for v in mine)
             continue
+        key = batch[-1].idempotency_key
         if key in first_index:
             out.append(
                 FieldViolation(

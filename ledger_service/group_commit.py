@@ -110,7 +110,7 @@ class GroupCommitter:
             raise outcome
         return outcome
 
-    async def _flush(self, ledger: str, queue: deque[_Pending], last: int = 0) -> None:
+    async def _flush(self, ledger: str, queue: deque[_Pending], last: int) -> None:
         """Writes the queued posts of `ledger`, batch after batch, until none
         is left. `last`: entries in the ledger's previous transaction."""
         try:

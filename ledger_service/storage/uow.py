@@ -148,16 +148,11 @@ class UnitOfWork:
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
-                if self._committed:
-                    pass
-                elif self._raw is None:
+                # SQLite's open transaction. (On Postgres every statement,
+                # the write included, is its own transaction: none is open.)
+                if not self._committed and self._raw is None:
                     conn.rollback()
-                elif (
-                    not self._raw.broken
-                    and self._raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
-                ):
-                    self._raw.execute("ROLLBACK")  # a transaction left open by an error
-            except (sa.exc.DBAPIError, psycopg.Error):
+            except sa.exc.DBAPIError:
                 log.debug("rollback failed", exc_info=True)
             finally:
                 self._release(conn)

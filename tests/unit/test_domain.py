@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from ledger_service.domain import (
     INT64_MAX,
     EntryFields,
     InvalidArgument,
+    NewEntry,
     validate_account_query,
     validate_batch,
     validate_ledger,
@@ -137,17 +139,8 @@ def test_valid_entries_pass_either_path_unchanged(overrides: dict[str, Any]) -> 
     )
 
 
-ENTRY_FIELDS = (
-    "idempotency_key",
-    "debit_account",
-    "credit_account",
-    "amount",
-    "asset",
-    "entry_type",
-    "description",
-    "metadata",
-    "encoded",
-)
+# A batch row's fields: NewEntry's, without the ledger (EntryFields).
+ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(NewEntry))[1:]
 
 
 def as_kwargs(row: EntryFields) -> dict[str, Any]:
