@@ -19,6 +19,7 @@ from .api.servicer import LedgerServicer, StreamSettings
 from .config import Settings
 from .domain import STREAM_MESSAGE_MAX_ENTRIES
 from .storage import dialect, migrate
+from .storage.loop_writer import LoopWriter
 from .storage.uow import create_engine, normalize_url
 from .watch import HeadWatcher, PgListener
 
@@ -54,6 +55,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             f"database {url.render_as_string()} is not migrated: run `ledger-service migrate`"
         )
     executor = ThreadPoolExecutor(settings.pool_size, thread_name_prefix="ledger-db")
+    writer = None
+    if url.get_backend_name() == dialect.POSTGRES:
+        writer = LoopWriter(url, settings.pool_size, on_connection_lost=engine.dispose)
+        await writer.open()
     watcher = HeadWatcher()
     servicer = LedgerServicer(
         engine,
@@ -67,6 +72,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         group_commit=settings.group_commit,
         max_pending_posts=settings.max_pending_posts,
         group_commit_max_wait=settings.group_commit_max_wait,
+        writer=writer,
     )
     server = grpc.aio.server(
         interceptors=[ErrorMappingInterceptor()],
@@ -111,5 +117,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await listener_task
     executor.shutdown(wait=True)
+    if writer is not None:
+        await writer.close()
     engine.dispose()
     log.info("stopped")

@@ -22,6 +22,7 @@ from .domain import (
     PostResult,
     TotalOverflow,
 )
+from .storage.numbering import Numbered
 from .storage.repository import (
     DuplicateIdempotencyKey,
     LedgerRepository,
@@ -88,29 +89,65 @@ def post_entry(
 
 
 def post_group(
-    uow_factory: UowFactory, batch: Sequence[NewEntry], timeout: float | None = None
+    uow_factory: UowFactory,
+    batch: Sequence[NewEntry],
+    timeout: float | None = None,
+    *,
+    look_up_first: bool = False,
 ) -> list[Outcome]:
     """Group commit: independent posts of one ledger in ONE transaction (one
     counter bump, contiguous numbers). Each entry gets its own outcome: a
-    replay, a conflict or an error of its own does not stop the others."""
+    replay, a conflict or an error of its own does not stop the others.
+    `look_up_first`: skip the optimistic write (post_new was just refused)."""
     try:
-        return _write_with_fallback(uow_factory, batch, timeout, atomic=False)
+        return _write_with_fallback(
+            uow_factory, batch, timeout, atomic=False, look_up_first=look_up_first
+        )
     except _SplitBatch:
         return [_post_one(uow_factory, entry, timeout) for entry in batch]
 
 
 def post_atomic(
-    uow_factory: UowFactory, batch: Sequence[NewEntry], timeout: float | None = None
+    uow_factory: UowFactory,
+    batch: Sequence[NewEntry],
+    timeout: float | None = None,
+    *,
+    look_up_first: bool = False,
 ) -> list[PostResult]:
     """All of `batch` commits with contiguous numbers, or nothing does. Keys
     already posted with the same payload replay and take no number."""
     for _ in range(_KEY_RACE_ATTEMPTS):
         try:
-            outcomes = _write_with_fallback(uow_factory, batch, timeout, atomic=True)
+            outcomes = _write_with_fallback(
+                uow_factory, batch, timeout, atomic=True, look_up_first=look_up_first
+            )
         except _SplitBatch:
             continue  # a concurrent post took one of the keys: look again
         return [o for o in outcomes if isinstance(o, PostResult)]
     raise RuntimeError("idempotency keys kept racing; giving up")
+
+
+class NewEntryWriter(Protocol):
+    """storage.loop_writer.LoopWriter: the common write, without a thread."""
+
+    async def add_new_entries(
+        self, ledger: str, batch: Sequence[NewEntry], time_left: float | None
+    ) -> Numbered | None: ...
+
+
+async def post_new(
+    writer: NewEntryWriter, batch: Sequence[NewEntry], time_left: float | None
+) -> list[PostResult] | None:
+    """The common case of post_group and post_atomic, on the event loop:
+    every key of `batch` new (and distinct), so every entry is stored with
+    the next numbers, in order. None, with nothing written, when that is not
+    so; post_group or post_atomic (look_up_first=True) then decide."""
+    if len({e.idempotency_key for e in batch}) < len(batch):
+        return None  # repeated keys replay each other: the careful path's job
+    numbered = await writer.add_new_entries(batch[0].ledger, batch, time_left)
+    if numbered is None:
+        return None
+    return [PostResult(entry, replayed=False) for entry in numbered.entries()]
 
 
 def _post_one(uow_factory: UowFactory, entry: NewEntry, timeout: float | None) -> Outcome:
@@ -125,15 +162,22 @@ def _post_one(uow_factory: UowFactory, entry: NewEntry, timeout: float | None) -
 
 
 def _write_with_fallback(
-    uow_factory: UowFactory, batch: Sequence[NewEntry], timeout: float | None, *, atomic: bool
+    uow_factory: UowFactory,
+    batch: Sequence[NewEntry],
+    timeout: float | None,
+    *,
+    atomic: bool,
+    look_up_first: bool = False,
 ) -> list[Outcome]:
     """Writes as if every key were new (no lookup round trip: the common
     case); if one was not, the unique key refuses the insert, the transaction
     rolls back whole, and the write is redone with the lookup."""
-    try:
-        return _write(uow_factory, batch, timeout, atomic=atomic, optimistic=True)
-    except _LookUpFirst:
-        return _write(uow_factory, batch, timeout, atomic=atomic, optimistic=False)
+    if not look_up_first:
+        try:
+            return _write(uow_factory, batch, timeout, atomic=atomic, optimistic=True)
+        except _LookUpFirst:
+            pass
+    return _write(uow_factory, batch, timeout, atomic=atomic, optimistic=False)
 
 
 def _write(

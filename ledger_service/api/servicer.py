@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
@@ -40,6 +40,7 @@ from .convert import (
 from .errors import ShuttingDown
 
 T = TypeVar("T")
+R = TypeVar("R")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -61,8 +62,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         group_commit: bool = True,
         max_pending_posts: int = 10_000,
         group_commit_max_wait: float = 0.003,
+        writer: service.NewEntryWriter | None = None,
     ) -> None:
         self._engine = engine
+        # Postgres: new entries are written on the event loop (loop_writer.py).
+        self._writer = writer
         self._executor = executor
         self._watcher = watcher
         self._streams = stream_settings
@@ -103,10 +107,33 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def _write_group(
         self, batch: Sequence[NewEntry], time_left: float | None
     ) -> list[service.Outcome]:
-        outcomes = await self._run(service.post_group, self._uow, batch, time_left)
+        outcomes: list[service.Outcome] = await self._write(service.post_group, batch, time_left)
         if any(isinstance(o, PostResult) and not o.replayed for o in outcomes):
             self._watcher.publish(batch[0].ledger)
         return outcomes
+
+    async def _write(
+        self,
+        careful: Callable[..., list[R]],
+        batch: Sequence[NewEntry],
+        time_left: float | None,
+    ) -> list[R]:
+        """Writes `batch` on the event loop if every key is new (the common
+        case), else with `careful` (service.post_group or post_atomic) in the
+        thread pool, within what is left of the callers' time."""
+        if self._writer is None:
+            return await self._run(careful, self._uow, batch, time_left)
+        started = time.monotonic()
+        results = await service.post_new(self._writer, batch, time_left)
+        if results is not None:
+            return cast(list[R], results)
+        if time_left is not None:
+            time_left -= time.monotonic() - started
+            if time_left <= 0:
+                raise DeadlineExceeded("deadline exceeded; nothing was written")
+        return await self._run(
+            functools.partial(careful, look_up_first=True), self._uow, batch, time_left
+        )
 
     async def PostEntry(
         self, request: ledger_pb2.PostEntryRequest, context: Context
@@ -127,7 +154,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.PostEntriesRequest, context: Context
     ) -> ledger_pb2.PostEntriesResponse:
         batch = batch_from_request(request)
-        results = await self._run(service.post_atomic, self._uow, batch, _remaining(context))
+        results = await self._write(service.post_atomic, batch, _remaining(context))
         if any(not r.replayed for r in results):
             self._watcher.publish(request.ledger)
         return wire.posted_entries_message(

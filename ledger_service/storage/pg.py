@@ -108,6 +108,12 @@ def driver(conn: Connection) -> psycopg.Connection[Any]:
     return cast(psycopg.Connection[Any], conn.connection.driver_connection)
 
 
+def lock_timeout(timeout: float | None) -> str:
+    """A deadline `timeout` seconds away as a lock_timeout setting:
+    milliseconds, at least 1 ("0" would mean no limit); "0" for None."""
+    return "0" if timeout is None else str(max(1, int(timeout * 1000)))
+
+
 class WriteTransaction:
     """One write transaction in one round trip: `commit_with(sql, params)`
     runs a statement that is its own transaction (autocommit) and returns
@@ -124,7 +130,7 @@ class WriteTransaction:
         before_commit: Callable[[], None],
     ) -> None:
         self._raw = raw
-        self.lock_timeout = "0" if timeout is None else str(max(1, int(timeout * 1000)))
+        self.lock_timeout = lock_timeout(timeout)
         self._before_commit = before_commit  # e.g. refuses once the deadline has passed
         self.committed = False
 

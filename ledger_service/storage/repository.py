@@ -43,6 +43,21 @@ class Page:
         return [row[0] for row in self.rows]
 
 
+def totals_of(ledger: str, batch: Sequence[NewEntry]) -> list[tuple[str, str, int, int]]:
+    """What `batch` adds to its accounts: (account, asset, debits, credits),
+    one per (account, asset), sorted, so that concurrent writers lock account
+    rows in the same order and cannot deadlock. Raises TotalsOverflow when a
+    sum alone passes int64."""
+    sums: dict[tuple[str, str], list[int]] = {}
+    for e in batch:
+        sums.setdefault((e.debit_account, e.asset), [0, 0])[0] += e.amount
+        sums.setdefault((e.credit_account, e.asset), [0, 0])[1] += e.amount
+    totals = [(account, asset, d, c) for (account, asset), (d, c) in sorted(sums.items())]
+    if any(d > INT64_MAX or c > INT64_MAX for _, _, d, c in totals):
+        raise TotalsOverflow(ledger)
+    return totals
+
+
 def _entry_from_row(row: Any) -> Entry:
     created_at = as_utc(row.created_at)
     return Entry(
@@ -180,13 +195,7 @@ class LedgerRepository:
         Postgres: one statement, committed with it (the unit of work's
         WriteTransaction), all or nothing. SQLite: in the open transaction.
         """
-        sums: dict[tuple[str, str], list[int]] = {}
-        for e in batch:
-            sums.setdefault((e.debit_account, e.asset), [0, 0])[0] += e.amount
-            sums.setdefault((e.credit_account, e.asset), [0, 0])[1] += e.amount
-        totals = [(account, asset, d, c) for (account, asset), (d, c) in sorted(sums.items())]
-        if any(d > INT64_MAX or c > INT64_MAX for _, _, d, c in totals):
-            raise TotalsOverflow(ledger)
+        totals = totals_of(ledger, batch)
         try:
             if self.tx is not None:
                 return number_and_insert_pg(self.tx, ledger, batch, totals)

@@ -119,7 +119,7 @@ class UnitOfWork:
         except BaseException as exc:
             self._release(conn)
             self._conn = None
-            raise _translate(exc) from exc
+            raise translate_error(exc) from exc
         self.ledger = LedgerRepository(conn, self._tx)
         return self
 
@@ -157,7 +157,7 @@ class UnitOfWork:
             finally:
                 self._release(conn)
         if exc is not None:
-            translated = _translate(exc)
+            translated = translate_error(exc)
             if translated is not exc:
                 raise translated from exc
 
@@ -175,7 +175,8 @@ def _first_line(exc: BaseException) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
-def _translate(exc: BaseException) -> BaseException:
+def translate_error(exc: BaseException) -> BaseException:
+    """A database error as the domain error the caller hears (itself if none)."""
     if dialect.is_query_canceled(exc):
         return DeadlineExceeded(
             "deadline exceeded while waiting for the database; nothing was written"
