@@ -101,6 +101,9 @@ def lock_waiters_when(engine: sa.Engine, expected: int, *, timeout: float) -> in
                 "SELECT count(*) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND wait_event_type = 'Lock'"
             ).scalar_one()
+            # pg_stat_activity is read once per transaction: end it, so that
+            # the next poll sees a new snapshot.
+            probe.rollback()
             if waiting == expected or time.monotonic() >= deadline:
                 return waiting
             time.sleep(0.05)
