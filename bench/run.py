@@ -311,17 +311,27 @@ def live_tail(server: ServerProcess, rate: float, duration: float) -> dict[str, 
     acks = {int(k): v for k, v in results[2]["acks"].items()}
     delays = []
     missing = 0
+    gaps = []
     for r in results[:2]:
         for arrivals in r["arrivals"]:
             got = {int(k): v for k, v in arrivals.items()}
+            lost = sorted(seq for seq in acks if seq not in got)
             for seq, acked in acks.items():
                 if seq in got:
                     # Negative: the follower had it before the writer's ack arrived.
                     delays.append(max(0.0, got[seq] - acked))
-                else:
-                    missing += 1
+            missing += len(lost)
+            if lost:
+                gaps.append(
+                    f"{len(lost)} of {len(acks)} (sequences {lost[0]}..{lost[-1]}; "
+                    f"the stream got {len(got)}, up to {max(got, default=0)})"
+                )
     if missing:
-        raise RuntimeError(f"live tail: {missing} deliveries missing")
+        late = max(acks.values(), default=0.0) - deadline
+        raise RuntimeError(
+            f"live tail: {missing} deliveries missing; the writer's last ack came "
+            f"{late:+.1f} s from the followers' deadline; per stream: " + "; ".join(gaps)
+        )
     return {
         "rate_per_s": len(acks) / duration,
         "p50_ms": percentile(delays, 0.50) * 1000,
