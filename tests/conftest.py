@@ -91,6 +91,14 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     return migrated(f"sqlite:///{path}")
 
 
+def hold_row_lock(conn: sa.Connection, ledger: str, rows: str = "counter") -> None:
+    """Locks the ledger's counter row ("counter") or its account rows
+    ("account") in `conn`'s open transaction, as a concurrent writer would,
+    until the caller ends that transaction."""
+    table = "ledger_counters" if rows == "counter" else "ledger_account_totals"
+    conn.exec_driver_sql(f"SELECT 1 FROM {table} WHERE ledger = %(l)s FOR UPDATE", {"l": ledger})
+
+
 def lock_waiters_when(engine: sa.Engine, expected: int, *, timeout: float) -> int:
     """Polls until `expected` sessions of the engine's database wait on a lock
     (or `timeout` seconds pass); returns the last count seen."""

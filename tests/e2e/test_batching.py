@@ -13,7 +13,7 @@ from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from ledger_service.storage.uow import create_engine
 
-from ..conftest import entry_fields
+from ..conftest import entry_fields, hold_row_lock
 from .conftest import FAST, collect_stream, details, init, post_request, run_threads
 from .harness import ServerProcess
 
@@ -165,9 +165,7 @@ def test_a_full_queue_answers_resource_exhausted_and_the_rest_commit(
         outcomes: list[Any] = []
         with engine.connect() as conn:
             # Hold the counter so the first batch stays in flight.
-            conn.exec_driver_sql(
-                "SELECT value FROM ledger_counters WHERE ledger = %(l)s FOR UPDATE", {"l": ledger}
-            )
+            hold_row_lock(conn, ledger)
 
             def post(key: str) -> None:
                 try:

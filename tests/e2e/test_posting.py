@@ -14,7 +14,7 @@ from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from ledger_service.storage.uow import create_engine
 
-from ..conftest import lock_waiters_when
+from ..conftest import hold_row_lock, lock_waiters_when
 from .conftest import FAST, collect_stream, details, init, post_request, run_threads
 from .harness import ServerProcess
 
@@ -257,12 +257,7 @@ def test_deadline_is_honoured_while_a_row_it_needs_is_locked(
     engine = create_engine(pg_url, pool_size=1)
     with engine.connect() as conn:
         # Another transaction holds the counter row, or an account row, lock.
-        conn.exec_driver_sql(
-            "SELECT value FROM ledger_counters WHERE ledger = %(l)s FOR UPDATE"
-            if locked == "counter"
-            else "SELECT 1 FROM ledger_account_totals WHERE ledger = %(l)s FOR UPDATE",
-            {"l": ledger},
-        )
+        hold_row_lock(conn, ledger, locked)
         with pytest.raises(grpc.RpcError) as error:
             stub.PostEntry(post_request(ledger, "k1"), timeout=1.0)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -345,9 +340,7 @@ def test_sigterm_lets_an_in_flight_post_finish(pg_url: str, ledger: str) -> None
         init(server.stub, ledger)
         engine = create_engine(pg_url, pool_size=1)
         with engine.connect() as conn:
-            conn.exec_driver_sql(
-                "SELECT value FROM ledger_counters WHERE ledger = %(l)s FOR UPDATE", {"l": ledger}
-            )
+            hold_row_lock(conn, ledger)
             future = server.stub.PostEntry.future(post_request(ledger, "in-flight"), timeout=30)
             # Wait until the post is blocked on our lock.
             assert lock_waiters_when(engine, 1, timeout=10) == 1

@@ -25,7 +25,7 @@ from ledger_service.domain import (
 from ledger_service.storage.loop_writer import LoopWriter
 from ledger_service.storage.uow import UnitOfWork, create_engine, normalize_url
 
-from ..conftest import lock_waiters_when
+from ..conftest import hold_row_lock, lock_waiters_when
 from .helpers import counter_value, make_entry, sequences
 
 T = TypeVar("T")
@@ -133,12 +133,7 @@ def test_the_deadline_bounds_a_lock_wait_and_nothing_is_written(
     initialize(pg_engine, ledger)
     with_writer(pg_url, lambda w: service.post_new(w, [make_entry(ledger, "k0")], None))
     with pg_engine.connect() as conn:
-        conn.exec_driver_sql(
-            "SELECT value FROM ledger_counters WHERE ledger = %(l)s FOR UPDATE"
-            if locked == "counter"
-            else "SELECT 1 FROM ledger_account_totals WHERE ledger = %(l)s FOR UPDATE",
-            {"l": ledger},
-        )
+        hold_row_lock(conn, ledger, locked)
         with pytest.raises(DeadlineExceeded):
             with_writer(pg_url, lambda w: service.post_new(w, [make_entry(ledger, "k1")], 0.5))
         # The statement gave up its lock wait by itself (lock_timeout).
@@ -195,9 +190,7 @@ def test_a_write_cancelled_mid_statement_takes_no_number_and_spoils_nothing(
 
     async def scenario(writer: LoopWriter) -> int:
         with pg_engine.connect() as conn:
-            conn.exec_driver_sql(
-                "SELECT value FROM ledger_counters WHERE ledger = %(l)s FOR UPDATE", {"l": ledger}
-            )
+            hold_row_lock(conn, ledger)
             task = asyncio.create_task(service.post_new(writer, [make_entry(ledger, "k1")], None))
             assert await asyncio.to_thread(lock_waiters_when, pg_engine, 1, timeout=10) == 1
             task.cancel()
