@@ -37,7 +37,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ledger_service.storage import migrate
-from ledger_service.storage.uow import create_engine
+from ledger_service.storage.uow import create_engine, libpq_conninfo
 from tests.e2e.harness import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +127,7 @@ def seed(url: str, ledger: str, n: int) -> None:
     from ledger_service import wire
     from ledger_service.domain import validate_new_entry
 
-    conninfo = sa.make_url(url).set(drivername="postgresql").render_as_string(False)
+    conninfo = libpq_conninfo(sa.make_url(url))
     with psycopg.connect(conninfo) as conn:
         for start in range(1, n + 1, 50_000):
             sequences = list(range(start, min(n, start + 49_999) + 1))

@@ -58,7 +58,6 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     writer = None
     if url.get_backend_name() == dialect.POSTGRES:
         writer = LoopWriter(url, settings.pool_size, on_connection_lost=engine.dispose)
-        await writer.open()
     watcher = HeadWatcher()
     servicer = LedgerServicer(
         engine,

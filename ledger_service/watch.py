@@ -22,6 +22,7 @@ import psycopg
 import sqlalchemy as sa
 
 from .storage.dialect import NOTIFY_CHANNEL
+from .storage.uow import libpq_conninfo
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,7 @@ class PgListener:
     come and go do not reconnect each time); reconnects with backoff."""
 
     def __init__(self, url: sa.URL, watcher: HeadWatcher, *, linger: float = 30.0) -> None:
-        # libpq takes the SQLAlchemy URL without the "+psycopg" driver suffix.
-        self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._conninfo = libpq_conninfo(url)
         self._watcher = watcher
         self._linger = linger
         # Names the connection in pg_stat_activity, one per server process.

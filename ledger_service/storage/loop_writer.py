@@ -34,12 +34,12 @@ from .dialect import is_query_canceled
 from .numbering import TAKE_AND_INSERT_PG, Numbered, statement_params
 from .pg import lock_timeout
 from .repository import TotalsOverflow, totals_of
-from .uow import translate_error
+from .uow import APPLICATION_NAME, check_deadline, libpq_conninfo, translate_error
 
 
 class LoopWriter:
-    """`await writer.add_new_entries(ledger, batch, time_left)`; open() before
-    the first write (on the loop that will use it), close() after the last."""
+    """`await writer.add_new_entries(ledger, batch, time_left)` on one event
+    loop; close() after the last write."""
 
     def __init__(
         self,
@@ -47,19 +47,14 @@ class LoopWriter:
         max_connections: int,
         on_connection_lost: Callable[[], None] = lambda: None,
     ) -> None:
-        # libpq takes the SQLAlchemy URL without the "+psycopg" driver suffix.
-        self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
-        self._max = max_connections
+        self._conninfo = libpq_conninfo(url)
         # A lost connection usually means all are (a restart, a failover):
         # the idle ones are closed, and so, through this, are the thread
         # pool's, as SQLAlchemy does for its own pool; else the next write
         # and the next careful write would each fail once more on a dead one.
         self._on_connection_lost = on_connection_lost
         self._idle: list[psycopg.AsyncConnection[Any]] = []
-        self._slots: asyncio.Semaphore | None = None
-
-    async def open(self) -> None:
-        self._slots = asyncio.Semaphore(self._max)
+        self._slots = asyncio.Semaphore(max_connections)  # binds to a loop on first use
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
@@ -85,8 +80,7 @@ class LoopWriter:
         )
         try:
             async with self._connection(time_left) as conn:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise DeadlineExceeded("deadline exceeded before commit; nothing was written")
+                check_deadline(deadline)
                 cursor = await conn.execute(TAKE_AND_INSERT_PG, params)
                 rows = await cursor.fetchall()
         except (psycopg.IntegrityError, psycopg.errors.NumericValueOutOfRange):
@@ -114,7 +108,6 @@ class LoopWriter:
         that failed as a connection (which may still look idle, e.g. after
         pg_terminate_backend), or was left mid-statement by a cancelled
         caller, is closed."""
-        assert self._slots is not None, "open() first"
         try:
             async with asyncio.timeout(time_left):
                 await self._slots.acquire()
@@ -129,7 +122,7 @@ class LoopWriter:
                 self._idle.pop()
                 if self._idle
                 else await psycopg.AsyncConnection.connect(
-                    self._conninfo, autocommit=True, application_name="ledger-service"
+                    self._conninfo, autocommit=True, application_name=APPLICATION_NAME
                 )
             )
             try:

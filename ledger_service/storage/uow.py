@@ -23,6 +23,25 @@ log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
+# Names this service's connections in pg_stat_activity.
+APPLICATION_NAME = "ledger-service"
+
+
+def libpq_conninfo(url: sa.URL) -> str:
+    """The URL as psycopg itself takes it (without SQLAlchemy's "+psycopg")."""
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def check_deadline(deadline: float | None) -> None:
+    """Refuses to send a write once the callers' deadline (a time.monotonic()
+    value, None for none) has passed."""
+    if deadline is not None and time.monotonic() >= deadline:
+        # The caller has already been told DEADLINE_EXCEEDED; do not make
+        # the outcome depend on a race with it. (A commit that started in
+        # time may still finish late: retrying with the same key is safe.)
+        raise DeadlineExceeded("deadline exceeded before commit; nothing was written")
+
+
 def normalize_url(url: str) -> sa.URL:
     """Accepts plain `postgresql://` / `postgres://` URLs and uses psycopg 3."""
     parsed = sa.make_url(url.replace("postgres://", "postgresql://", 1))
@@ -53,7 +72,7 @@ def create_engine(url: str, *, pool_size: int = 10) -> Engine:
         parsed,
         pool_size=pool_size,
         max_overflow=pool_size,
-        connect_args={"application_name": "ledger-service"},
+        connect_args={"application_name": APPLICATION_NAME},
     )
 
 
@@ -124,11 +143,7 @@ class UnitOfWork:
         return self
 
     def _check_deadline(self) -> None:
-        if self._deadline is not None and time.monotonic() >= self._deadline:
-            # The caller has already been told DEADLINE_EXCEEDED; do not make
-            # the outcome depend on a race with it. (A commit that started in
-            # time may still finish late: retrying with the same key is safe.)
-            raise DeadlineExceeded("deadline exceeded before commit; nothing was written")
+        check_deadline(self._deadline)
 
     def commit(self) -> None:
         assert self._conn is not None

@@ -9,11 +9,12 @@ from collections.abc import Callable
 import psycopg
 import sqlalchemy as sa
 
+from ledger_service.storage.uow import libpq_conninfo
 from ledger_service.watch import HeadWatcher, PgListener
 
 
 def listen_backends(pg_url: str, application_name: str) -> list[int]:
-    conninfo = sa.make_url(pg_url).set(drivername="postgresql").render_as_string(False)
+    conninfo = libpq_conninfo(sa.make_url(pg_url))
     with psycopg.connect(conninfo) as conn:
         rows = conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (application_name,)
@@ -43,8 +44,8 @@ def test_the_listener_connects_only_while_something_follows(pg_url: str) -> None
                 await asyncio.wait_for(listener.connected.wait(), timeout=10)
                 assert len(listen_backends(pg_url, name)) == 1
                 woken = watcher.event("some-ledger")  # as a tail reader takes it
-                conninfo = sa.make_url(pg_url).set(drivername="postgresql")
-                with psycopg.connect(conninfo.render_as_string(False), autocommit=True) as other:
+                conninfo = libpq_conninfo(sa.make_url(pg_url))
+                with psycopg.connect(conninfo, autocommit=True) as other:
                     other.execute("SELECT pg_notify('ledger_entries', 'some-ledger:1')")
                 await asyncio.wait_for(woken.wait(), timeout=10)  # another process's commit
             # The last follower left: the connection closes after the linger.

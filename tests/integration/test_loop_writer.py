@@ -23,7 +23,7 @@ from ledger_service.domain import (
     StorageUnavailable,
 )
 from ledger_service.storage.loop_writer import LoopWriter
-from ledger_service.storage.uow import UnitOfWork, create_engine, normalize_url
+from ledger_service.storage.uow import UnitOfWork, create_engine, libpq_conninfo, normalize_url
 
 from ..conftest import hold_row_lock, lock_waiters_when
 from .helpers import counter_value, make_entry, sequences
@@ -43,7 +43,6 @@ def with_writer(pg_url: str, scenario: Callable[[LoopWriter], Awaitable[T]], **k
 
     async def run() -> T:
         writer = LoopWriter(normalize_url(pg_url), 4, **kw)
-        await writer.open()
         try:
             async with asyncio.timeout(30):  # a write that never ends fails the test
                 return await scenario(writer)
@@ -153,7 +152,7 @@ def test_a_lost_connection_is_unavailable_then_replaced_and_the_pools_are_reset(
         lost.append(True)
         pg_engine.dispose()
 
-    conninfo = sa.make_url(pg_url).set(drivername="postgresql").render_as_string(False)
+    conninfo = libpq_conninfo(sa.make_url(pg_url))
 
     async def scenario(writer: LoopWriter) -> list[int]:
         numbers = []
@@ -220,8 +219,6 @@ def test_concurrent_writers_on_one_ledger_get_exactly_one_to_n(
 
     async def scenario() -> list[list[int]]:
         writers = [LoopWriter(normalize_url(pg_url), 4) for _ in range(2)]
-        for w in writers:
-            await w.open()
         try:
 
             async def post(i: int) -> list[int]:

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from ledger_service import service
 from ledger_service.domain import INT64_MAX, StorageUnavailable, TotalOverflow
 from ledger_service.storage import pg
-from ledger_service.storage.uow import UnitOfWork, create_engine
+from ledger_service.storage.uow import UnitOfWork, create_engine, libpq_conninfo
 
 from ..conftest import lock_waiters_when
 from .helpers import make_entry, sequences
@@ -62,7 +62,7 @@ def test_a_connection_that_broke_is_discarded_quietly_not_handed_out_again(
     service.initialize_counter(uow, ledger)
     with pg_engine.connect() as conn:  # the pool's only connection
         pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-    admin_url = pg_engine.url.set(drivername="postgresql").render_as_string(False)
+    admin_url = libpq_conninfo(pg_engine.url)
     with psycopg.connect(admin_url) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     with caplog.at_level(logging.WARNING), pytest.raises(StorageUnavailable):
