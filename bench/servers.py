@@ -1,5 +1,8 @@
 """Bench-only servers for the baselines, on the same gRPC path as the ledger:
 
+- `plain`: gap-free, one transaction per request written the obvious way
+  (baseline a): the key looked up, the counter bumped, the entry and the
+  totals inserted, each its own statement, then the commit;
 - `sequence`: PostEntry numbered by a Postgres SEQUENCE (not gap-free): same
   validation, idempotency lookup and account totals, no counter row;
 - `noop`: PostEntry validated and answered without any database work (the
@@ -25,7 +28,7 @@ from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_service.api.convert import entry_to_proto, new_entry_from_request
 from ledger_service.api.errors import ErrorMappingInterceptor
 from ledger_service.api.servicer import LedgerServicer, StreamSettings
-from ledger_service.domain import Entry, NewEntry
+from ledger_service.domain import Entry, NewEntry, PostResult
 from ledger_service.server import settle_startup_objects
 from ledger_service.storage.repository import LedgerRepository
 from ledger_service.storage.uow import create_engine
@@ -58,6 +61,48 @@ _ADD_TOTALS = """
     SET debits = ledger_account_totals.debits + excluded.debits,
         credits = ledger_account_totals.credits + excluded.credits
 """
+
+
+_PLAIN_BUMP = sa.text(
+    "UPDATE ledger_counters SET value = value + 1 WHERE ledger = :ledger"
+    " RETURNING value, clock_timestamp() AS created_at"
+)
+_PLAIN_INSERT = sa.text(
+    """
+    INSERT INTO ledger_entries (
+        ledger, sequence, idempotency_key, debit_account, credit_account, amount, asset,
+        entry_type, description, metadata, created_at)
+    VALUES (:ledger, :sequence, :idempotency_key, :debit_account, :credit_account,
+            :amount, :asset, :entry_type, :description, CAST(:metadata AS JSONB), :created_at)
+    """
+)
+
+
+def post_plain(engine: sa.Engine, entry: NewEntry) -> PostResult:
+    # One transaction per request written the obvious way: look up the key,
+    # take the next number, insert, add to the totals, commit. The counter
+    # row stays locked from the bump through the inserts to the commit.
+    with engine.begin() as conn:
+        stored = LedgerRepository(conn).find_by_keys(entry.ledger, [entry.idempotency_key])
+        if entry.idempotency_key in stored:
+            return PostResult(stored[entry.idempotency_key], replayed=True)
+        row = conn.execute(_PLAIN_BUMP, {"ledger": entry.ledger}).one()
+        params = {
+            "ledger": entry.ledger,
+            "sequence": row.value,
+            "idempotency_key": entry.idempotency_key,
+            "debit_account": entry.debit_account,
+            "credit_account": entry.credit_account,
+            "amount": entry.amount,
+            "asset": entry.asset,
+            "entry_type": entry.entry_type,
+            "description": entry.description,
+            "metadata": json.dumps(dict(entry.metadata)),
+            "created_at": row.created_at,
+        }
+        conn.execute(_PLAIN_INSERT, params)
+        conn.execute(sa.text(_ADD_TOTALS), params)
+    return PostResult(Entry(row.value, row.created_at, entry), replayed=False)
 
 
 def post_with_sequence(engine: sa.Engine, entry: NewEntry) -> Entry:
@@ -93,6 +138,11 @@ class BaselineServicer(LedgerServicer):
         entry = new_entry_from_request(request)
         if self._mode == "noop":
             stored = Entry(1, datetime.now(UTC), entry)
+        elif self._mode == "plain":
+            result = await self._run(post_plain, self._bench_engine, entry)
+            return ledger_pb2.PostEntryResponse(
+                entry=entry_to_proto(result.entry), replayed=result.replayed
+            )
         else:
             stored = await self._run(post_with_sequence, self._bench_engine, entry)
         return ledger_pb2.PostEntryResponse(entry=entry_to_proto(stored))
@@ -119,7 +169,7 @@ async def serve(mode: str, database_url: str, listen: str, pool_size: int) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["sequence", "noop"], required=True)
+    parser.add_argument("--mode", choices=["sequence", "noop", "plain"], required=True)
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--pool-size", type=int, default=16)
