@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from ledger_service.api.convert import entry_to_proto, new_entry_from_request
-from ledger_service.api.errors import ErrorMappingInterceptor
+from ledger_service.api.errors import map_errors
 from ledger_service.api.servicer import LedgerServicer, StreamSettings
 from ledger_service.domain import Entry, NewEntry, PostResult
 from ledger_service.server import settle_startup_objects
@@ -154,11 +154,9 @@ async def serve(mode: str, database_url: str, listen: str, pool_size: int) -> No
         for statement in SETUP_SQL:
             conn.exec_driver_sql(statement)
     executor = ThreadPoolExecutor(pool_size)
-    server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor()], options=[("grpc.so_reuseport", 0)]
-    )
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
-        BaselineServicer(mode, engine, executor), server
+        map_errors(BaselineServicer(mode, engine, executor)), server
     )
     port = server.add_insecure_port(listen)
     await server.start()

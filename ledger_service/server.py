@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
-from .api.errors import ErrorMappingInterceptor
+from .api.errors import map_errors
 from .api.servicer import LedgerServicer, StreamSettings
 from .config import Settings
 from .domain import STREAM_MESSAGE_MAX_ENTRIES
@@ -74,12 +74,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         writer=writer,
     )
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor()],
         # gRPC enables SO_REUSEPORT by default: a second server on the same
         # port would silently share it. Fail loudly instead.
         options=[("grpc.so_reuseport", 0)],
     )
-    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer, server)
+    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(map_errors(servicer), server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -1,4 +1,5 @@
-"""Domain errors -> canonical gRPC status, in ONE table, applied by an interceptor.
+"""Domain errors -> canonical gRPC status, in ONE table, applied to every
+LedgerService method by map_errors.
 
 Every error carries a google.rpc.ErrorInfo (domain "ledger.v1", UPPER_SNAKE
 reason); bad input also carries google.rpc.BadRequest field violations.
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn
+from types import SimpleNamespace
+from typing import Any, NoReturn, cast
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from ..domain import (
     CounterNotInitialized,
@@ -30,7 +33,6 @@ from ..domain import (
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "ledger.v1"
-SERVICE_PREFIX = "/ledger.v1.LedgerService/"
 
 
 class ShuttingDown(LedgerError):
@@ -106,51 +108,50 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
     raise AssertionError("unreachable: abort raises")
 
 
-# grpc-stubs type handlers for the sync server only, hence the Any below.
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Turns exceptions escaping LedgerService methods into rich statuses."""
+def map_errors(
+    servicer: ledger_pb2_grpc.LedgerServiceServicer,
+) -> ledger_pb2_grpc.LedgerServiceServicer:
+    """The LedgerService methods of `servicer`, each wrapped once so that an
+    exception escaping it becomes a rich status, ready for
+    add_LedgerServiceServicer_to_server.
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
-            return handler
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+    Why not a server interceptor: grpc.aio runs interceptors on every call
+    (a pipeline of coroutines, and ours then built a new handler for the
+    call); this wrapping is done once, at startup.
+    """
+    mapped = SimpleNamespace()  # what add_LedgerServiceServicer_to_server reads
+    for method in ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].methods:
+        inner = getattr(servicer, method.name)
+        wrap = _stream if method.server_streaming else _unary
+        setattr(mapped, method.name, wrap(inner))
+    return cast(ledger_pb2_grpc.LedgerServiceServicer, mapped)
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                try:
-                    return await inner(request, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await _abort(context, exc)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
+Context = grpc.aio.ServicerContext[Any, Any]
 
-            async def stream(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                try:
-                    async for response in inner_stream(request, context):
-                        yield response
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await _abort(context, exc)
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+def _unary(inner: Callable[[Any, Context], Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def unary(request: Any, context: Context) -> Any:
+        try:
+            return await inner(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return unary
+
+
+def _stream(
+    inner: Callable[[Any, Context], AsyncIterator[Any]],
+) -> Callable[..., AsyncIterator[Any]]:
+    async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+        try:
+            async for response in inner(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return stream
