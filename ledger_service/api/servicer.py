@@ -72,8 +72,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self._streams = stream_settings
         self._stopping = False
         self._tails = Tails(self._read_tail, watcher, poll_interval=stream_settings.poll_interval)
-        # Without group commit every post is its own transaction (the naive
-        # path, kept as a server mode for comparison in the benchmark).
+        # Without group commit every post is its own transaction (kept as a
+        # server mode: the benchmark's baseline a', what group commit adds).
         self._committer = (
             GroupCommitter(
                 self._write_group, max_pending=max_pending_posts, max_wait=group_commit_max_wait
