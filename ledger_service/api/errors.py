@@ -33,6 +33,7 @@ from ..domain import (
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "ledger.v1"
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class ShuttingDown(LedgerError):
@@ -98,7 +99,7 @@ def to_rpc_status(exc: LedgerError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
+async def _abort(context: Context, exc: BaseException) -> NoReturn:
     if isinstance(exc, LedgerError):
         status = to_rpc_status(exc)
     else:
@@ -125,9 +126,6 @@ def map_errors(
         wrap = _stream if method.server_streaming else _unary
         setattr(mapped, method.name, wrap(inner))
     return cast(ledger_pb2_grpc.LedgerServiceServicer, mapped)
-
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _unary(inner: Callable[[Any, Context], Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
