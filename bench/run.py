@@ -435,6 +435,13 @@ COMPARISONS = [
         "post_unbatched_64",
         "post_plain_64",
     ),
+    # One process's gRPC work bounds any PostEntry server at about (c), so
+    # this is the most group commit could reach over (a') in one process.
+    (
+        "PostEntry @64, (c) vs (a'): the bound on the first line here",
+        "post_noop_64",
+        "post_unbatched_64",
+    ),
 ]
 
 
