@@ -1,5 +1,5 @@
 """LedgerService over grpc.aio: validates, runs the use cases in the database
-thread pool, converts results. Errors are mapped by api.errors' interceptor."""
+thread pool, converts results. Errors are mapped by api.errors.map_errors."""
 
 from __future__ import annotations
 
