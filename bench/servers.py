@@ -78,6 +78,21 @@ _PLAIN_INSERT = sa.text(
 )
 
 
+def _params(entry: NewEntry) -> dict[str, Any]:
+    """An entry's columns as statement parameters (the baselines' SQL)."""
+    return {
+        "ledger": entry.ledger,
+        "idempotency_key": entry.idempotency_key,
+        "debit_account": entry.debit_account,
+        "credit_account": entry.credit_account,
+        "amount": entry.amount,
+        "asset": entry.asset,
+        "entry_type": entry.entry_type,
+        "description": entry.description,
+        "metadata": json.dumps(dict(entry.metadata)),
+    }
+
+
 def post_plain(engine: sa.Engine, entry: NewEntry) -> PostResult:
     # One transaction per request written the obvious way: look up the key,
     # take the next number, insert, add to the totals, commit. The counter
@@ -87,19 +102,7 @@ def post_plain(engine: sa.Engine, entry: NewEntry) -> PostResult:
         if entry.idempotency_key in stored:
             return PostResult(stored[entry.idempotency_key], replayed=True)
         row = conn.execute(_PLAIN_BUMP, {"ledger": entry.ledger}).one()
-        params = {
-            "ledger": entry.ledger,
-            "sequence": row.value,
-            "idempotency_key": entry.idempotency_key,
-            "debit_account": entry.debit_account,
-            "credit_account": entry.credit_account,
-            "amount": entry.amount,
-            "asset": entry.asset,
-            "entry_type": entry.entry_type,
-            "description": entry.description,
-            "metadata": json.dumps(dict(entry.metadata)),
-            "created_at": row.created_at,
-        }
+        params = {**_params(entry), "sequence": row.value, "created_at": row.created_at}
         conn.execute(_PLAIN_INSERT, params)
         conn.execute(sa.text(_ADD_TOTALS), params)
     return PostResult(Entry(row.value, row.created_at, entry), replayed=False)
@@ -110,17 +113,7 @@ def post_with_sequence(engine: sa.Engine, entry: NewEntry) -> Entry:
     # in one transaction), minus the counter row.
     with engine.begin() as conn:
         LedgerRepository(conn).find_by_keys(entry.ledger, [entry.idempotency_key])
-        params = {
-            "ledger": entry.ledger,
-            "idempotency_key": entry.idempotency_key,
-            "debit_account": entry.debit_account,
-            "credit_account": entry.credit_account,
-            "amount": entry.amount,
-            "asset": entry.asset,
-            "entry_type": entry.entry_type,
-            "description": entry.description,
-            "metadata": json.dumps(dict(entry.metadata)),
-        }
+        params = _params(entry)
         conn.execute(sa.text(_ADD_TOTALS), params)
         row = conn.execute(_INSERT_WITH_SEQUENCE, params).one()
     return Entry(row.sequence, row.created_at, entry)
