@@ -135,7 +135,8 @@ def check_gap_free(url: str, ledger: str) -> None:
             " WHERE c.ledger = %s GROUP BY c.value",
             (ledger,),
         ).fetchone()
-    assert row is not None, f"{ledger}: no counter"
+    if row is None:
+        raise RuntimeError(f"{ledger}: no counter")
     value, count, first, last = row
     if not (count == value == last and first == 1 and count > 0):
         raise RuntimeError(
