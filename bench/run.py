@@ -410,7 +410,13 @@ def machine() -> dict[str, Any]:
 
 TARGETS = [
     # (name, numerator, denominator or None, threshold, unit)
-    ("PostEntry @64 vs (a) naive gap-free", "post_ledger_64", "post_plain_64", 3.0, "x"),
+    (
+        "PostEntry @64 vs (a) naive gap-free (plain server)",
+        "post_ledger_64",
+        "post_plain_64",
+        3.0,
+        "x",
+    ),
     ("PostEntry @64 vs (b) SEQUENCE", "post_ledger_64", "post_sequence_64", 1.0, "x"),
     ("PostEntry @64 vs (c) gRPC ceiling", "post_ledger_64", "post_noop_64", 0.7, "x"),
     ("PostEntries 1000 vs (d) DB batch ceiling", "post_entries_1000", "db_batch_1000", 0.8, "x"),
