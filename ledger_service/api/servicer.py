@@ -28,7 +28,7 @@ from ..domain import (
 )
 from ..group_commit import GroupCommitter
 from ..storage.repository import Page
-from ..storage.uow import UnitOfWork
+from ..storage.uow import UnitOfWork, check_deadline
 from ..tail import Tails
 from ..watch import HeadWatcher
 from .convert import (
@@ -123,14 +123,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         thread pool, within what is left of the callers' time."""
         if self._writer is None:
             return await self._run(careful, self._uow, batch, time_left)
-        started = time.monotonic()
+        deadline = None if time_left is None else time.monotonic() + time_left
         results = await service.post_new(self._writer, batch, time_left)
         if results is not None:
             return cast(list[R], results)
-        if time_left is not None:
-            time_left -= time.monotonic() - started
-            if time_left <= 0:
-                raise DeadlineExceeded("deadline exceeded; nothing was written")
+        check_deadline(deadline)
+        if deadline is not None:
+            time_left = deadline - time.monotonic()
         return await self._run(
             functools.partial(careful, look_up_first=True), self._uow, batch, time_left
         )
