@@ -18,10 +18,12 @@ from typing import Any
 
 import grpc
 import psycopg
+import sqlalchemy as sa
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from ledger_service.domain import validate_new_entry
 from ledger_service.storage.numbering import TAKE_AND_INSERT_PG, statement_params
+from ledger_service.storage.timeouts import libpq_conninfo
 
 
 def _request(ledger: str, key: str, worker: str) -> ledger_pb2.PostEntryRequest:
@@ -193,7 +195,8 @@ def db_load(spec: dict[str, Any]) -> dict[str, Any]:
     def client(i: int) -> None:
         worker = f"{spec['process']}-{i}-{uuid.uuid4().hex[:6]}"
         # Autocommit: the statement is its own transaction, one round trip.
-        with psycopg.connect(spec["url"], autocommit=True) as conn:
+        conninfo = libpq_conninfo(sa.make_url(spec["url"]))  # keepalives, as the server's
+        with psycopg.connect(conninfo, autocommit=True) as conn:
             time.sleep(max(0.0, spec["start_at"] - time.time()))
             n = 0
             while time.time() < end:

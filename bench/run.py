@@ -45,7 +45,8 @@ import sqlalchemy as sa
 
 from bench.load import planned_posts
 from ledger_service.storage import migrate
-from ledger_service.storage.uow import create_engine, libpq_conninfo
+from ledger_service.storage.timeouts import libpq_conninfo
+from ledger_service.storage.uow import create_engine
 from tests.e2e.harness import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,8 @@ import psycopg
 import sqlalchemy as sa
 
 from .storage.dialect import NOTIFY_CHANNEL
-from .storage.uow import libpq_conninfo
+from .storage.timeouts import DEFAULT_TIMEOUTS, DbTimeouts, libpq_conninfo
+from .storage.watchdog import WATCHDOG, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,29 @@ class HeadWatcher:
 class PgListener:
     """The process's one LISTEN connection, open while the process has live
     followers (and `linger` seconds after the last one left, so followers that
-    come and go do not reconnect each time); reconnects with backoff."""
+    come and go do not reconnect each time); reconnects with backoff.
 
-    def __init__(self, url: sa.URL, watcher: HeadWatcher, *, linger: float = 30.0) -> None:
-        self._conninfo = libpq_conninfo(url)
+    A connection that has gone silent looks just like one with nothing to
+    say, so after `probe_every` seconds without a notification it is asked a
+    `SELECT 1`; with no answer in time it is replaced. Followers meanwhile
+    poll, so they still get every entry."""
+
+    def __init__(
+        self,
+        url: sa.URL,
+        watcher: HeadWatcher,
+        *,
+        linger: float = 30.0,
+        probe_every: float = 1.0,
+        timeouts: DbTimeouts = DEFAULT_TIMEOUTS,
+        watchdog: Watchdog = WATCHDOG,
+    ) -> None:
+        self._conninfo = libpq_conninfo(url, timeouts)
         self._watcher = watcher
         self._linger = linger
+        self._probe_every = probe_every
+        self._timeouts = timeouts
+        self._watchdog = watchdog
         # Names the connection in pg_stat_activity, one per server process.
         self.application_name = f"ledger-service-listen {os.getpid()}"
         self.connected = asyncio.Event()
@@ -105,17 +123,35 @@ class PgListener:
 
     async def _deliver(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Publishes notifications until nothing has been followed for
-        `linger` seconds (or the connection fails)."""
+        `linger` seconds (or the connection fails or goes silent)."""
         loop = asyncio.get_running_loop()
         unwanted_since: float | None = None
-        check = min(1.0, self._linger) or 0.01
+        check = min(self._probe_every, self._linger) or 0.01
         while True:
+            heard = False
             async for note in conn.notifies(timeout=check):
+                heard = True
                 ledger, _, _ = note.payload.rpartition(":")
                 self._watcher.publish(ledger)
+            if not heard:
+                await self._probe(conn)
             if self._watcher.wanted.is_set():
                 unwanted_since = None
             elif unwanted_since is None:
                 unwanted_since = loop.time()
             elif loop.time() - unwanted_since >= self._linger:
                 return
+
+    async def _probe(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Raises if the connection does not answer within the bound."""
+        until = self._timeouts.abandon_at(None)
+        with self._watchdog.watching(conn.pgconn.socket, until) as watch:
+            try:
+                await conn.execute("SELECT 1")
+            except psycopg.OperationalError:
+                if not watch.fired:
+                    raise
+        if watch.fired:
+            raise psycopg.OperationalError(
+                f"no answer within {self._timeouts.answer:g}s: replacing it"
+            )

@@ -82,17 +82,48 @@ def is_idempotency_key_violation(exc: BaseException) -> bool:
     return text == "uq_ledger_entries_idempotency_key" or "ledger_entries.idempotency_key" in text
 
 
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error; None for errors of the client side
+    (a connection lost, refused or timed out) and for SQLite."""
+    state = getattr(_driver_error(exc), "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
 def is_query_canceled(exc: BaseException) -> bool:
     """A Postgres statement gave up at its deadline: statement_timeout
     (SQLSTATE 57014) or the write's lock_timeout (55P03)."""
-    return getattr(_driver_error(exc), "sqlstate", None) in ("57014", "55P03")
+    return sqlstate(exc) in ("57014", "55P03")
+
+
+# Failures of the database rather than of the request, which a retry (with
+# the same idempotency key) can outlive: connection exceptions, insufficient
+# resources (disk full, out of memory, too many connections), system and I/O
+# errors, a shutdown or a restart, and a read-only database (a standby, or
+# one set read-only for maintenance).
+_UNAVAILABLE_CLASSES = ("08", "53", "58")
+_UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03", "25006"})
+# Of those, the ones after which the connection itself is gone.
+_SESSION_ENDED = frozenset({"57P01", "57P02"})
 
 
 def is_unavailable(exc: BaseException) -> bool:
-    """The database could not be reached or dropped the connection; safe to retry."""
+    """The database could not be reached, dropped the connection, or cannot
+    do the work for now; safe to retry."""
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return True
+    state = sqlstate(exc)
+    if state is not None:
+        return state[:2] in _UNAVAILABLE_CLASSES or state in _UNAVAILABLE_STATES
+    # No SQLSTATE: the client side lost or could not open the connection
+    # (SQLite: "database is locked" after busy_timeout, also worth a retry).
     if isinstance(exc, sa.exc.OperationalError | psycopg.OperationalError):
-        # SQLite "database is locked" after busy_timeout is also worth a retry.
-        return not is_query_canceled(exc)
+        return True
     return isinstance(exc, sa.exc.TimeoutError)  # pool exhausted
+
+
+def is_connection_lost(exc: BaseException) -> bool:
+    """The error ended the connection (rather than only its statement)."""
+    state = sqlstate(exc)
+    if state is None:
+        return isinstance(_driver_error(exc), psycopg.OperationalError)
+    return state.startswith("08") or state in _SESSION_ENDED

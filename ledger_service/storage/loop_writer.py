@@ -20,21 +20,24 @@ same domain errors the careful path raises.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
 from psycopg.pq import TransactionStatus
 
-from ..domain import DeadlineExceeded, NewEntry
-from .dialect import is_query_canceled
+from ..domain import DeadlineExceeded, NewEntry, StorageUnavailable
+from .dialect import is_connection_lost
 from .numbering import TAKE_AND_INSERT_PG, Numbered, statement_params
 from .pg import lock_timeout
 from .repository import TotalsOverflow, totals_of
-from .uow import APPLICATION_NAME, check_deadline, libpq_conninfo, translate_error
+from .timeouts import DEFAULT_TIMEOUTS, DbTimeouts, abandoned_error, libpq_conninfo
+from .uow import APPLICATION_NAME, check_deadline, translate_error, unreachable
+from .watchdog import WATCHDOG, Watchdog
+
+Rows = list[tuple[Any, ...]]
 
 
 class LoopWriter:
@@ -46,8 +49,13 @@ class LoopWriter:
         url: sa.URL,
         max_connections: int,
         on_connection_lost: Callable[[], None] = lambda: None,
+        *,
+        timeouts: DbTimeouts = DEFAULT_TIMEOUTS,
+        watchdog: Watchdog = WATCHDOG,
     ) -> None:
-        self._conninfo = libpq_conninfo(url)
+        self._conninfo = libpq_conninfo(url, timeouts)
+        self._timeouts = timeouts
+        self._watchdog = watchdog
         # A lost connection usually means all are (a restart, a failover):
         # the idle ones are closed, and so, through this, are the thread
         # pool's, as SQLAlchemy does for its own pool; else the next write
@@ -55,8 +63,16 @@ class LoopWriter:
         self._on_connection_lost = on_connection_lost
         self._idle: list[psycopg.AsyncConnection[Any]] = []
         self._slots = asyncio.Semaphore(max_connections)  # binds to a loop on first use
+        self._writes: set[asyncio.Task[Rows | None]] = set()  # may outlive their callers
 
     async def close(self) -> None:
+        """Waits for the statements in flight (each bounded), then closes
+        the idle connections."""
+        if self._writes:
+            await asyncio.wait(self._writes)
+        await self._close_idle()
+
+    async def _close_idle(self) -> None:
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.close()
@@ -68,84 +84,115 @@ class LoopWriter:
         next len(batch) numbers and adds it to the account totals, committed
         in the same round trip; or, with nothing written and no number taken,
         None when the careful path must decide (see the module doc).
-        `time_left`: seconds left of the callers' deadline (None: none), which
-        also bounds every lock wait of the statement."""
+        `time_left`: seconds left of the callers' deadline (None: none); it
+        bounds every lock wait of the statement, and the wait for its answer."""
         deadline = None if time_left is None else time.monotonic() + time_left
         try:
             totals = totals_of(ledger, batch)
         except TotalsOverflow:
             return None
         params, payloads = statement_params(
-            ledger, batch, totals, lock_timeout=lock_timeout(time_left)
+            ledger,
+            batch,
+            totals,
+            lock_timeout=lock_timeout(self._timeouts.statement_time(time_left)),
         )
-        try:
-            async with self._connection(time_left) as conn:
-                check_deadline(deadline)
-                cursor = await conn.execute(TAKE_AND_INSERT_PG, params)
-                rows = await cursor.fetchall()
-        except (psycopg.IntegrityError, psycopg.errors.NumericValueOutOfRange):
-            return None  # a key already stored, an overflowing total: nothing written
-        except psycopg.Error as exc:
-            translated = translate_error(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
+        # The statement runs in a task of its own: a caller that goes away
+        # (gRPC cancels it at its deadline) is answered at once, and the
+        # statement ends within its own bounds instead of by psycopg's cancel
+        # request, which needs a new connection that a failing network may
+        # not give.
+        write = asyncio.get_running_loop().create_task(self._write(params, time_left, deadline))
+        self._writes.add(write)
+        write.add_done_callback(self._written)
+        rows = await asyncio.shield(write)
         if not rows:
-            return None  # no counter
+            return None  # no counter, a key already stored, an overflowing total
         ((last, at),) = rows
         return Numbered(batch, payloads, last, at)
 
-    @contextlib.asynccontextmanager
-    async def _connection(
-        self, time_left: float | None
-    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """An idle connection, or a new one: connecting happens here, in the
-        caller's time, so a database that refuses connections fails the
-        write at once (UNAVAILABLE), as the thread pool's engine does,
-        instead of making it wait for a background reconnect (which is why
-        this is not psycopg_pool). A connection is kept for the next write
-        only if its statement ended, well or with an error of its own: one
-        that failed as a connection (which may still look idle, e.g. after
-        pg_terminate_backend), or was left mid-statement by a cancelled
-        caller, is closed."""
+    def _written(self, write: asyncio.Task[Rows | None]) -> None:
+        self._writes.discard(write)
+        if not write.cancelled():
+            write.exception()  # retrieved: a caller that went away has no use for it
+
+    async def _write(
+        self, params: Mapping[str, Any], time_left: float | None, deadline: float | None
+    ) -> Rows | None:
+        """The statement's rows; None if it wrote nothing for a reason of the
+        batch's own (a key already stored, an overflowing total)."""
+        conn = await self._checkout(time_left)
+        keep = True  # unless it is lost; and only if it ended idle
         try:
-            async with asyncio.timeout(time_left):
+            check_deadline(deadline)
+            error: psycopg.Error | None = None
+            until = self._timeouts.abandon_at(time_left)
+            with self._watchdog.watching(conn.pgconn.socket, until) as watch:
+                try:
+                    cursor = await conn.execute(TAKE_AND_INSERT_PG, params)
+                    rows = await cursor.fetchall()
+                except psycopg.Error as exc:
+                    error = exc
+            if watch.fired:  # cut off: the connection is gone, and maybe all are
+                keep = False
+                await self._lost()
+                if error is not None:
+                    raise abandoned_error(deadline, self._timeouts) from error
+                return rows  # its answer had come in just before
+            if error is None:
+                return rows
+            if is_connection_lost(error):
+                keep = False
+                await self._lost()
+                raise translate_error(error) from error
+            # The statement's own error: the connection is fine.
+            if isinstance(error, psycopg.IntegrityError | psycopg.errors.NumericValueOutOfRange):
+                return None  # nothing written: the careful path decides
+            translated = translate_error(error)
+            if translated is error:
+                raise error
+            raise translated from error
+        finally:
+            if keep and not conn.broken and conn.info.transaction_status == _IDLE:
+                self._idle.append(conn)
+            else:
+                await conn.close()
+            self._slots.release()
+
+    async def _checkout(self, time_left: float | None) -> psycopg.AsyncConnection[Any]:
+        """An idle connection, or a new one, holding a slot. Connecting
+        happens here, in the caller's time, so a database that refuses
+        connections fails the write at once (UNAVAILABLE), as the thread
+        pool's engine does, instead of making it wait for a background
+        reconnect (which is why this is not psycopg_pool)."""
+        wait = self._timeouts.statement_time(time_left)
+        try:
+            async with asyncio.timeout(wait):
                 await self._slots.acquire()
         except TimeoutError:
-            raise DeadlineExceeded(
-                "deadline exceeded waiting for a database connection; nothing was written"
+            if time_left is not None and wait >= time_left:
+                raise DeadlineExceeded(
+                    "deadline exceeded waiting for a database connection; nothing was written"
+                ) from None
+            raise StorageUnavailable(
+                f"no database connection came free within {wait:g}s; nothing was written"
             ) from None
-        conn = None
-        reusable = False
+        if self._idle:
+            return self._idle.pop()
         try:
-            conn = (
-                self._idle.pop()
-                if self._idle
-                else await psycopg.AsyncConnection.connect(
-                    self._conninfo, autocommit=True, application_name=APPLICATION_NAME
-                )
+            return await psycopg.AsyncConnection.connect(
+                self._conninfo, autocommit=True, application_name=APPLICATION_NAME
             )
-            try:
-                yield conn
-            except psycopg.OperationalError as exc:
-                # Lost or terminated (it may still look idle), or a lock wait
-                # that timed out: closed either way, to be safe.
-                if not is_query_canceled(exc):
-                    await self.close()
-                    self._on_connection_lost()
-                raise
-            except psycopg.Error:
-                reusable = True  # the statement's own error (a key, an overflow)
-                raise
-            else:
-                reusable = True
-        finally:
-            if conn is not None:
-                if reusable and not conn.broken and conn.info.transaction_status == _IDLE:
-                    self._idle.append(conn)
-                else:
-                    await conn.close()
+        except psycopg.Error as exc:
             self._slots.release()
+            raise unreachable(exc) from exc
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def _lost(self) -> None:
+        await self._close_idle()
+        self._on_connection_lost()
 
 
 _IDLE = TransactionStatus.IDLE

@@ -16,6 +16,8 @@ from sqlalchemy.engine import Connection, Engine
 from ..domain import DeadlineExceeded, StorageUnavailable
 from . import dialect, pg
 from .repository import LedgerRepository
+from .timeouts import DEFAULT_TIMEOUTS, DbTimeouts, abandoned_error, connection_params
+from .watchdog import WATCHDOG, Watch, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +27,6 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 # Names this service's connections in pg_stat_activity.
 APPLICATION_NAME = "ledger-service"
-
-
-def libpq_conninfo(url: sa.URL) -> str:
-    """The URL as psycopg itself takes it (without SQLAlchemy's "+psycopg")."""
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def check_deadline(deadline: float | None) -> None:
@@ -50,7 +47,9 @@ def normalize_url(url: str) -> sa.URL:
     return parsed
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> Engine:
+def create_engine(
+    url: str, *, pool_size: int = 10, timeouts: DbTimeouts = DEFAULT_TIMEOUTS
+) -> Engine:
     parsed = normalize_url(url)
     if parsed.get_backend_name() == dialect.SQLITE:
         engine = sa.create_engine(
@@ -72,7 +71,8 @@ def create_engine(url: str, *, pool_size: int = 10) -> Engine:
         parsed,
         pool_size=pool_size,
         max_overflow=pool_size,
-        connect_args={"application_name": APPLICATION_NAME},
+        pool_timeout=timeouts.answer,
+        connect_args={"application_name": APPLICATION_NAME, **connection_params(parsed, timeouts)},
     )
 
 
@@ -100,25 +100,40 @@ class UnitOfWork:
 
     Database errors leave it as domain errors: connection trouble as
     StorageUnavailable (retryable), a statement timeout as DeadlineExceeded.
+    On Postgres the connection is watched: if the database gives no answer
+    within the callers' time (at most `timeouts.answer`), the connection is
+    closed under the waiting statement, and the engine's pool, whose other
+    connections may be as silent, is reset.
     """
 
     ledger: LedgerRepository
 
-    def __init__(self, engine: Engine, *, write: bool = False, timeout: float | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        write: bool = False,
+        timeout: float | None = None,
+        timeouts: DbTimeouts = DEFAULT_TIMEOUTS,
+        watchdog: Watchdog = WATCHDOG,
+    ):
         self._engine = engine
         self._write = write
         self._timeout = timeout
         self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._timeouts = timeouts
+        self._watchdog = watchdog
         self._conn: Connection | None = None
         self._raw: psycopg.Connection[Any] | None = None  # Postgres: the driver's connection
+        self._watch: Watch | None = None
         self._tx: pg.WriteTransaction | None = None  # Postgres writes
         self._committed = False
 
     def __enter__(self) -> UnitOfWork:
         try:
             conn = self._engine.connect()
-        except sa.exc.DBAPIError as exc:
-            raise StorageUnavailable(f"database unreachable: {_first_line(exc)}") from exc
+        except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:  # refused, or the pool is full
+            raise unreachable(exc) from exc
         self._conn = conn
         try:
             if conn.dialect.name != dialect.POSTGRES:
@@ -133,10 +148,14 @@ class UnitOfWork:
                 # bounded by the caller's deadline (pg.py).
                 conn.execution_options(isolation_level="AUTOCOMMIT")
                 self._raw = pg.driver(conn)
+                self._watch = self._watchdog.start(
+                    self._raw.pgconn.socket, self._timeouts.abandon_at(self._timeout)
+                )
                 if self._write:
-                    self._tx = pg.WriteTransaction(self._raw, self._timeout, self._check_deadline)
+                    bound = self._timeouts.statement_time(self._timeout)
+                    self._tx = pg.WriteTransaction(self._raw, bound, self._check_deadline)
         except BaseException as exc:
-            self._release(conn)
+            self._release(conn, self._end_watch())
             self._conn = None
             raise translate_error(exc) from exc
         self.ledger = LedgerRepository(conn, self._tx)
@@ -161,6 +180,7 @@ class UnitOfWork:
         tb: TracebackType | None,
     ) -> None:
         conn, self._conn = self._conn, None
+        abandoned = self._end_watch()
         if conn is not None:
             try:
                 # SQLite's open transaction. (On Postgres every statement,
@@ -170,17 +190,26 @@ class UnitOfWork:
             except sa.exc.DBAPIError:
                 log.debug("rollback failed", exc_info=True)
             finally:
-                self._release(conn)
+                self._release(conn, abandoned)
+        if abandoned:
+            self._engine.dispose()
+            if exc is not None:
+                raise abandoned_error(self._deadline, self._timeouts) from exc
         if exc is not None:
             translated = translate_error(exc)
             if translated is not exc:
                 raise translated from exc
 
-    def _release(self, conn: Connection) -> None:
+    def _end_watch(self) -> bool:
+        """Stops watching the connection; True if it was cut off."""
+        watch, self._watch = self._watch, None
+        return watch is not None and self._watchdog.end(watch)
+
+    def _release(self, conn: Connection, abandoned: bool = False) -> None:
         # SQLAlchemy did not see errors raised on the driver's connection: one
-        # that broke is discarded here (else the pool finds out only when its
-        # reset fails, and logs that as an error with a traceback).
-        if self._raw is not None and (self._raw.broken or self._raw.closed):
+        # that broke (or was cut off) is discarded here, else the pool finds
+        # out only when its reset fails, or hands out a dead connection.
+        if abandoned or (self._raw is not None and (self._raw.broken or self._raw.closed)):
             conn.invalidate()
         conn.close()
 
@@ -190,6 +219,37 @@ def _first_line(exc: BaseException) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
+# One warning per distinct database failure per this many seconds: an outage
+# fails every call, and the log should say why without repeating it for each.
+_WARN_EVERY = 10.0
+_warned: dict[str, float] = {}
+
+
+def _warn(reason: str) -> None:
+    now = time.monotonic()
+    if now - _warned.get(reason, -_WARN_EVERY) >= _WARN_EVERY:
+        if len(_warned) > 100:
+            _warned.clear()
+        _warned[reason] = now
+        log.warning("database unavailable: %s", reason)
+
+
+def _reason(exc: BaseException) -> str:
+    state = dialect.sqlstate(exc)
+    return _first_line(exc) + ("" if state is None else f" (SQLSTATE {state})")
+
+
+_RETRY = "retry with the same idempotency key (a retry never posts twice)"
+
+
+def unreachable(exc: BaseException) -> StorageUnavailable:
+    """A connection that could not be opened, whatever the reason (refused,
+    too many clients, shutting down): the caller may retry later."""
+    reason = _reason(exc)
+    _warn(reason)
+    return StorageUnavailable(f"database unreachable: {reason}; {_RETRY}")
+
+
 def translate_error(exc: BaseException) -> BaseException:
     """A database error as the domain error the caller hears (itself if none)."""
     if dialect.is_query_canceled(exc):
@@ -197,8 +257,7 @@ def translate_error(exc: BaseException) -> BaseException:
             "deadline exceeded while waiting for the database; nothing was written"
         )
     if dialect.is_unavailable(exc):
-        return StorageUnavailable(
-            f"database unavailable: {_first_line(exc)}; "
-            "retry with the same idempotency key (a retry never posts twice)"
-        )
+        reason = _reason(exc)
+        _warn(reason)
+        return StorageUnavailable(f"database unavailable: {reason}; {_RETRY}")
     return exc

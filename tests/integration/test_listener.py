@@ -9,7 +9,7 @@ from collections.abc import Callable
 import psycopg
 import sqlalchemy as sa
 
-from ledger_service.storage.uow import libpq_conninfo
+from ledger_service.storage.timeouts import libpq_conninfo
 from ledger_service.watch import HeadWatcher, PgListener
 
 

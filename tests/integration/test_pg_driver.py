@@ -15,7 +15,8 @@ from sqlalchemy.engine import Engine
 from ledger_service import service
 from ledger_service.domain import INT64_MAX, StorageUnavailable, TotalOverflow
 from ledger_service.storage import pg
-from ledger_service.storage.uow import UnitOfWork, create_engine, libpq_conninfo
+from ledger_service.storage.timeouts import libpq_conninfo
+from ledger_service.storage.uow import UnitOfWork, create_engine
 
 from ..conftest import lock_waiters_when
 from .helpers import make_entry, sequences
