@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ from ledger_service.api.servicer import LedgerServicer, StreamSettings
 from ledger_service.domain import Entry, NewEntry, PostResult
 from ledger_service.server import settle_startup_objects
 from ledger_service.storage.repository import LedgerRepository
-from ledger_service.storage.uow import create_engine
+from ledger_service.storage.uow import UnitOfWork, create_engine
 from ledger_service.watch import HeadWatcher
 
 log = logging.getLogger("bench.servers")
@@ -121,7 +122,8 @@ def post_with_sequence(engine: sa.Engine, entry: NewEntry) -> Entry:
 
 class BaselineServicer(LedgerServicer):
     def __init__(self, mode: str, engine: sa.Engine, executor: ThreadPoolExecutor) -> None:
-        super().__init__(engine, executor, HeadWatcher(), StreamSettings(), group_commit=False)
+        uow = functools.partial(UnitOfWork, engine)
+        super().__init__(uow, executor, HeadWatcher(), StreamSettings(), group_commit=False)
         self._mode = mode
         self._bench_engine = engine
 

@@ -27,6 +27,19 @@ def _parser() -> argparse.ArgumentParser:
         "default: the embedded SQLite file ./ledger.sqlite3)",
     )
     common.add_argument("--log-level", help="DEBUG, INFO, WARNING... (env LEDGER_LOG_LEVEL)")
+    common.add_argument(
+        "--db-timeout",
+        type=float,
+        help="seconds the database may take to accept a connection or answer a statement "
+        "before the connection is abandoned (env LEDGER_DB_TIMEOUT, default 10)",
+    )
+    common.add_argument(
+        "--db-tcp-timeout",
+        type=float,
+        help="seconds of silence after which TCP keepalives and tcp_user_timeout drop a "
+        "database connection; 0 keeps the kernel's defaults (env LEDGER_DB_TCP_TIMEOUT, "
+        "default 10)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", parents=[common], help="run the gRPC server")
     serve_p.add_argument("--listen", help="host:port (env LEDGER_LISTEN, default 127.0.0.1:50051)")
@@ -86,6 +99,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     for name in (
         "database_url",
         "log_level",
+        "db_timeout",
+        "db_tcp_timeout",
         "listen",
         "pool_size",
         "shutdown_grace",
@@ -111,17 +126,23 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        timeouts = settings.db_timeouts()
+    except ValueError as exc:
+        print(f"ledger-service: {exc}", file=sys.stderr)
+        return 2
+    try:
         if args.command == "serve":
             asyncio.run(serve(settings))
         elif args.command == "migrate":
-            engine = create_engine(settings.database_url, pool_size=1)
+            engine = create_engine(settings.database_url, pool_size=1, timeouts=timeouts)
             migrate.upgrade(engine)
             engine.dispose()
             log.info("database migrated")
         elif args.command == "init-counter":
             ledger = validate_ledger(args.ledger)
-            engine = create_engine(settings.database_url, pool_size=1)
-            counter = service.initialize_counter(functools.partial(UnitOfWork, engine), ledger)
+            engine = create_engine(settings.database_url, pool_size=1, timeouts=timeouts)
+            uow = functools.partial(UnitOfWork, engine, timeouts=timeouts)
+            counter = service.initialize_counter(uow, ledger)
             engine.dispose()
             state = "created" if counter.created else "already existed"
             print(f"ledger {counter.ledger}: counter {state}, value {counter.value}")

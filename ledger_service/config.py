@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from .storage.timeouts import DbTimeouts
+
 DEFAULT_DATABASE_URL = "sqlite:///ledger.sqlite3"
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -23,6 +25,13 @@ class Settings:
     )
     listen: str = field(default_factory=lambda: os.environ.get("LEDGER_LISTEN") or DEFAULT_LISTEN)
     log_level: str = field(default_factory=lambda: os.environ.get("LEDGER_LOG_LEVEL") or "INFO")
+    # Seconds the database may take to accept a connection or answer a
+    # statement before that connection is abandoned (closed, never reused);
+    # callers with an earlier deadline have it abandoned at their deadline.
+    db_timeout: float = field(default_factory=lambda: _env_float("LEDGER_DB_TIMEOUT", 10.0))
+    # TCP keepalives and tcp_user_timeout: the kernel drops a connection
+    # whose peer stops acknowledging for this many seconds (0: its defaults).
+    db_tcp_timeout: float = field(default_factory=lambda: _env_float("LEDGER_DB_TCP_TIMEOUT", 10.0))
     # Database connections (and threads running statements) per process.
     pool_size: int = field(default_factory=lambda: int(os.environ.get("LEDGER_POOL_SIZE") or 16))
     # Seconds SIGTERM waits for in-flight calls before cancelling them.
@@ -54,3 +63,6 @@ class Settings:
     heartbeat_interval: float = field(
         default_factory=lambda: _env_float("LEDGER_HEARTBEAT_INTERVAL", 15.0)
     )
+
+    def db_timeouts(self) -> DbTimeouts:
+        return DbTimeouts(answer=self.db_timeout, tcp=self.db_tcp_timeout)

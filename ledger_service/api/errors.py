@@ -111,10 +111,13 @@ async def _abort(context: Context, exc: BaseException) -> NoReturn:
 
 def map_errors(
     servicer: ledger_pb2_grpc.LedgerServiceServicer,
+    guard: Callable[[], None] = lambda: None,
 ) -> ledger_pb2_grpc.LedgerServiceServicer:
     """The LedgerService methods of `servicer`, each wrapped once so that an
     exception escaping it becomes a rich status, ready for
-    add_LedgerServiceServicer_to_server.
+    add_LedgerServiceServicer_to_server. `guard()` runs before each call and
+    may refuse it by raising (e.g. while the database is not yet known to be
+    reachable and migrated).
 
     Why not a server interceptor: grpc.aio runs interceptors on every call
     (a pipeline of coroutines, and ours then built a new handler for the
@@ -124,13 +127,16 @@ def map_errors(
     for method in ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].methods:
         inner = getattr(servicer, method.name)
         wrap = _stream if method.server_streaming else _unary
-        setattr(mapped, method.name, wrap(inner))
+        setattr(mapped, method.name, wrap(inner, guard))
     return cast(ledger_pb2_grpc.LedgerServiceServicer, mapped)
 
 
-def _unary(inner: Callable[[Any, Context], Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _unary(
+    inner: Callable[[Any, Context], Awaitable[Any]], guard: Callable[[], None]
+) -> Callable[..., Awaitable[Any]]:
     async def unary(request: Any, context: Context) -> Any:
         try:
+            guard()
             return await inner(request, context)
         except grpc.aio.AbortError:
             raise
@@ -141,10 +147,11 @@ def _unary(inner: Callable[[Any, Context], Awaitable[Any]]) -> Callable[..., Awa
 
 
 def _stream(
-    inner: Callable[[Any, Context], AsyncIterator[Any]],
+    inner: Callable[[Any, Context], AsyncIterator[Any]], guard: Callable[[], None]
 ) -> Callable[..., AsyncIterator[Any]]:
     async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
         try:
+            guard()
             async for response in inner(request, context):
                 yield response
         except grpc.aio.AbortError:

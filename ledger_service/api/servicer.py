@@ -14,7 +14,6 @@ from typing import Any, TypeVar, cast
 
 import grpc
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from sqlalchemy.engine import Engine
 
 from .. import service, wire
 from ..domain import (
@@ -28,7 +27,7 @@ from ..domain import (
 )
 from ..group_commit import GroupCommitter
 from ..storage.repository import Page
-from ..storage.uow import UnitOfWork, check_deadline
+from ..storage.uow import check_deadline
 from ..tail import Tails
 from ..watch import HeadWatcher
 from .convert import (
@@ -54,7 +53,7 @@ class StreamSettings:
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(
         self,
-        engine: Engine,
+        uow: service.UowFactory,
         executor: ThreadPoolExecutor,
         watcher: HeadWatcher,
         stream_settings: StreamSettings,
@@ -64,7 +63,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         group_commit_max_wait: float = 0.003,
         writer: service.NewEntryWriter | None = None,
     ) -> None:
-        self._engine = engine
+        # uow(write=..., timeout=...): a unit of work, run in the thread pool.
+        self._uow = uow
         # Postgres: new entries are written on the event loop (loop_writer.py).
         self._writer = writer
         self._executor = executor
@@ -87,9 +87,6 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self._stopping = True
         self._watcher.publish_all()
         self._tails.wake_all()
-
-    def _uow(self, write: bool = False, timeout: float | None = None) -> UnitOfWork:
-        return UnitOfWork(self._engine, write=write, timeout=timeout)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()

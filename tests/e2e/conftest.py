@@ -55,6 +55,15 @@ def post_request(ledger: str, key: str, **overrides: Any) -> ledger_pb2.PostEntr
     return ledger_pb2.PostEntryRequest(**entry_fields(ledger, key, **overrides))
 
 
+def batch_request(ledger: str, keys: list[str], **overrides: Any) -> ledger_pb2.PostEntriesRequest:
+    items = []
+    for key in keys:
+        fields = entry_fields(ledger, key, **overrides)
+        del fields["ledger"]
+        items.append(ledger_pb2.EntryInput(**fields))
+    return ledger_pb2.PostEntriesRequest(ledger=ledger, entries=items)
+
+
 def init(stub: ledger_pb2_grpc.LedgerServiceStub, ledger: str) -> None:
     stub.InitializeCounter(ledger_pb2.InitializeCounterRequest(ledger=ledger), timeout=10)
 

@@ -121,6 +121,10 @@ class ServerProcess:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stops the server if it runs: gracefully, else by force."""
         if self.proc is not None and self.proc.poll() is None:
             try:
                 self.terminate(timeout=15)

@@ -13,18 +13,17 @@ from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from ledger_service.storage.uow import create_engine
 
-from ..conftest import entry_fields, hold_row_lock
-from .conftest import FAST, collect_stream, details, init, post_request, run_threads
+from ..conftest import hold_row_lock
+from .conftest import (
+    FAST,
+    batch_request,
+    collect_stream,
+    details,
+    init,
+    post_request,
+    run_threads,
+)
 from .harness import ServerProcess
-
-
-def batch_request(ledger: str, keys: list[str], **overrides: Any) -> ledger_pb2.PostEntriesRequest:
-    items = []
-    for key in keys:
-        fields = entry_fields(ledger, key, **overrides)
-        del fields["ledger"]
-        items.append(ledger_pb2.EntryInput(**fields))
-    return ledger_pb2.PostEntriesRequest(ledger=ledger, entries=items)
 
 
 def streamed(stub: Any, ledger: str) -> list[ledger_pb2.Entry]:
