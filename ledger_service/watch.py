@@ -22,7 +22,7 @@ import psycopg
 import sqlalchemy as sa
 
 from .storage.dialect import NOTIFY_CHANNEL
-from .storage.timeouts import DEFAULT_TIMEOUTS, DbTimeouts, libpq_conninfo
+from .storage.timeouts import DEFAULT_TIMEOUTS, AsyncConnections, DbTimeouts
 from .storage.watchdog import WATCHDOG, Watchdog
 
 log = logging.getLogger(__name__)
@@ -89,12 +89,10 @@ class PgListener:
         timeouts: DbTimeouts = DEFAULT_TIMEOUTS,
         watchdog: Watchdog = WATCHDOG,
     ) -> None:
-        self._conninfo = libpq_conninfo(url, timeouts)
+        self._db = AsyncConnections(url, timeouts, watchdog)
         self._watcher = watcher
         self._linger = linger
         self._probe_every = probe_every
-        self._timeouts = timeouts
-        self._watchdog = watchdog
         # Names the connection in pg_stat_activity, one per server process.
         self.application_name = f"ledger-service-listen {os.getpid()}"
         self.connected = asyncio.Event()
@@ -104,9 +102,7 @@ class PgListener:
         while True:
             await self._watcher.wanted.wait()
             try:
-                conn = await psycopg.AsyncConnection.connect(
-                    self._conninfo, autocommit=True, application_name=self.application_name
-                )
+                conn = await self._db.connect(self.application_name)
                 async with conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     self.connected.set()
@@ -144,14 +140,11 @@ class PgListener:
 
     async def _probe(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Raises if the connection does not answer within the bound."""
-        until = self._timeouts.abandon_at(None)
-        with self._watchdog.watching(conn.pgconn.socket, until) as watch:
+        with self._db.watching(conn) as watch:
             try:
                 await conn.execute("SELECT 1")
             except psycopg.OperationalError:
                 if not watch.fired:
                     raise
         if watch.fired:
-            raise psycopg.OperationalError(
-                f"no answer within {self._timeouts.answer:g}s: replacing it"
-            )
+            raise psycopg.OperationalError(f"{self._db.timeouts.no_answer()}: replacing it")

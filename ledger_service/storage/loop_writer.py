@@ -33,7 +33,7 @@ from .dialect import is_connection_lost
 from .numbering import TAKE_AND_INSERT_PG, Numbered, statement_params
 from .pg import lock_timeout
 from .repository import TotalsOverflow, totals_of
-from .timeouts import DEFAULT_TIMEOUTS, DbTimeouts, abandoned_error, libpq_conninfo
+from .timeouts import DEFAULT_TIMEOUTS, AsyncConnections, DbTimeouts, abandoned_error
 from .uow import APPLICATION_NAME, check_deadline, translate_error, unreachable
 from .watchdog import WATCHDOG, Watchdog
 
@@ -53,9 +53,8 @@ class LoopWriter:
         timeouts: DbTimeouts = DEFAULT_TIMEOUTS,
         watchdog: Watchdog = WATCHDOG,
     ) -> None:
-        self._conninfo = libpq_conninfo(url, timeouts)
+        self._db = AsyncConnections(url, timeouts, watchdog)
         self._timeouts = timeouts
-        self._watchdog = watchdog
         # A lost connection usually means all are (a restart, a failover):
         # the idle ones are closed, and so, through this, are the thread
         # pool's, as SQLAlchemy does for its own pool; else the next write
@@ -126,8 +125,7 @@ class LoopWriter:
         try:
             check_deadline(deadline)
             error: psycopg.Error | None = None
-            until = self._timeouts.abandon_at(time_left)
-            with self._watchdog.watching(conn.pgconn.socket, until) as watch:
+            with self._db.watching(conn, time_left) as watch:
                 try:
                     cursor = await conn.execute(TAKE_AND_INSERT_PG, params)
                     rows = await cursor.fetchall()
@@ -180,9 +178,7 @@ class LoopWriter:
         if self._idle:
             return self._idle.pop()
         try:
-            return await psycopg.AsyncConnection.connect(
-                self._conninfo, autocommit=True, application_name=APPLICATION_NAME
-            )
+            return await self._db.connect(APPLICATION_NAME)
         except psycopg.Error as exc:
             self._slots.release()
             raise unreachable(exc) from exc

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 
-from .timeouts import DEFAULT_TIMEOUTS, DbTimeouts, libpq_conninfo
+from .timeouts import DEFAULT_TIMEOUTS, AsyncConnections, DbTimeouts
 from .uow import unreachable
 from .watchdog import WATCHDOG, Watchdog
 
@@ -27,33 +27,26 @@ class DatabaseProbe:
         timeouts: DbTimeouts = DEFAULT_TIMEOUTS,
         watchdog: Watchdog = WATCHDOG,
     ) -> None:
-        self._conninfo = libpq_conninfo(url, timeouts)
-        self._timeouts = timeouts
-        self._watchdog = watchdog
+        self._db = AsyncConnections(url, timeouts, watchdog)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self.application_name = f"ledger-service-health {os.getpid()}"
 
     async def check(self) -> str | None:
-        try:
-            if self._conn is None:
-                self._conn = await psycopg.AsyncConnection.connect(
-                    self._conninfo, autocommit=True, application_name=self.application_name
-                )
-        except psycopg.Error as exc:
-            return unreachable(exc).message
+        if self._conn is not None and (self._conn.broken or self._conn.closed):
+            await self.close()
+        if self._conn is None:
+            try:
+                self._conn = await self._db.connect(self.application_name)
+            except psycopg.Error as exc:
+                return unreachable(exc).message
         conn = self._conn
         problem = None
-        if conn.broken or conn.closed:
-            await self.close()
-            return "the connection to the database was lost"
         try:
-            with self._watchdog.watching(conn.pgconn.socket, self._timeouts.abandon_at(None)) as w:
+            with self._db.watching(conn) as watch:
                 await conn.execute("SELECT 1")
         except psycopg.Error as exc:
-            problem = unreachable(exc).message
-            if w.fired:
-                problem = f"the database gave no answer within {self._timeouts.answer:g}s"
-        if problem is not None or w.fired:  # a cut socket is gone even if it answered
+            problem = self._db.timeouts.no_answer() if watch.fired else unreachable(exc).message
+        if problem is not None or watch.fired:  # a cut socket is gone even if it answered
             await self.close()
         return problem
 

@@ -4,13 +4,17 @@ listener, health probe) and of the bench is made with them."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 
 from ..domain import DeadlineExceeded, LedgerError, StorageUnavailable
+from .watchdog import WATCHDOG, Watch, Watchdog
 
 # Past a statement's bound the watchdog closes its connection. The grace lets
 # the database's own answer to a bound it enforces (lock_timeout) arrive
@@ -61,6 +65,9 @@ class DbTimeouts:
         """The time.monotonic() at which a wait that starts now is abandoned."""
         return time.monotonic() + self.statement_time(time_left) + ABANDON_GRACE
 
+    def no_answer(self) -> str:
+        return f"the database gave no answer within {self.answer:g}s"
+
 
 DEFAULT_TIMEOUTS = DbTimeouts()
 
@@ -86,7 +93,29 @@ def abandoned_error(deadline: float | None, timeouts: DbTimeouts) -> LedgerError
     )
     if deadline is not None and time.monotonic() >= deadline:
         return DeadlineExceeded(f"deadline exceeded: the database gave no answer; {unknown}")
-    return StorageUnavailable(
-        f"the database gave no answer within {timeouts.answer:g}s, so its connection was "
-        f"closed; {unknown}"
-    )
+    return StorageUnavailable(f"{timeouts.no_answer()}, so its connection was closed; {unknown}")
+
+
+class AsyncConnections:
+    """The server's own asyncio connections to Postgres (the loop writer's,
+    the listener's, the probe's): autocommit, made with the bounds, and
+    their waits watched."""
+
+    def __init__(
+        self, url: sa.URL, timeouts: DbTimeouts = DEFAULT_TIMEOUTS, watchdog: Watchdog = WATCHDOG
+    ) -> None:
+        self.timeouts = timeouts
+        self._conninfo = libpq_conninfo(url, timeouts)
+        self._watchdog = watchdog
+
+    async def connect(self, application_name: str) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(
+            self._conninfo, autocommit=True, application_name=application_name
+        )
+
+    def watching(
+        self, conn: psycopg.AsyncConnection[Any], time_left: float | None = None
+    ) -> contextlib.AbstractContextManager[Watch]:
+        """Watches a wait on `conn` that may take the callers' `time_left`
+        (at most the answer timeout)."""
+        return self._watchdog.watching(conn.pgconn.socket, self.timeouts.abandon_at(time_left))
