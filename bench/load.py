@@ -21,7 +21,7 @@ import psycopg
 import sqlalchemy as sa
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
-from ledger_service.domain import validate_new_entry
+from ledger_service.domain.validation import validate_new_entry
 from ledger_service.storage.numbering import TAKE_AND_INSERT_PG, statement_params
 from ledger_service.storage.timeouts import libpq_conninfo
 

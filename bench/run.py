@@ -159,8 +159,8 @@ def seed(url: str, ledger: str, n: int) -> None:
     stream)."""
     import psycopg
 
-    from ledger_service import wire
-    from ledger_service.domain import validate_new_entry
+    from ledger_service.api import wire
+    from ledger_service.domain.validation import validate_new_entry
 
     conninfo = libpq_conninfo(sa.make_url(url))
     with psycopg.connect(conninfo) as conn:

@@ -20,7 +20,7 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import sqlalchemy as sa
@@ -28,12 +28,13 @@ from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from ledger_service.api.convert import entry_to_proto, new_entry_from_request
 from ledger_service.api.errors import map_errors
-from ledger_service.api.servicer import LedgerServicer, StreamSettings
-from ledger_service.domain import Entry, NewEntry, PostResult
+from ledger_service.bootstrap import build_servicer, in_thread_pool
+from ledger_service.config import Settings
+from ledger_service.domain.entries import Entry, NewEntry, PostResult
 from ledger_service.server import settle_startup_objects
-from ledger_service.storage.repository import LedgerRepository
-from ledger_service.storage.uow import UnitOfWork, create_engine
-from ledger_service.watch import HeadWatcher
+from ledger_service.storage.repository import SqlLedgerRepository
+from ledger_service.storage.uow import SqlUnitOfWork, create_engine
+from ledger_service.streaming.watch import HeadWatcher
 
 log = logging.getLogger("bench.servers")
 
@@ -99,7 +100,7 @@ def post_plain(engine: sa.Engine, entry: NewEntry) -> PostResult:
     # take the next number, insert, add to the totals, commit. The counter
     # row stays locked from the bump through the inserts to the commit.
     with engine.begin() as conn:
-        stored = LedgerRepository(conn).find_by_keys(entry.ledger, [entry.idempotency_key])
+        stored = SqlLedgerRepository(conn).find_by_keys(entry.ledger, [entry.idempotency_key])
         if entry.idempotency_key in stored:
             return PostResult(stored[entry.idempotency_key], replayed=True)
         row = conn.execute(_PLAIN_BUMP, {"ledger": entry.ledger}).one()
@@ -113,19 +114,27 @@ def post_with_sequence(engine: sa.Engine, entry: NewEntry) -> Entry:
     # The same work as the ledger's write path (key lookup, totals, insert,
     # in one transaction), minus the counter row.
     with engine.begin() as conn:
-        LedgerRepository(conn).find_by_keys(entry.ledger, [entry.idempotency_key])
+        SqlLedgerRepository(conn).find_by_keys(entry.ledger, [entry.idempotency_key])
         params = _params(entry)
         conn.execute(sa.text(_ADD_TOTALS), params)
         row = conn.execute(_INSERT_WITH_SEQUENCE, params).one()
     return Entry(row.sequence, row.created_at, entry)
 
 
-class BaselineServicer(LedgerServicer):
+class BaselineServicer:
+    """PostEntry by `mode`; every other call by the ledger's own servicer."""
+
     def __init__(self, mode: str, engine: sa.Engine, executor: ThreadPoolExecutor) -> None:
-        uow = functools.partial(UnitOfWork, engine)
-        super().__init__(uow, executor, HeadWatcher(), StreamSettings(), group_commit=False)
+        self._run = in_thread_pool(executor)
+        uow = functools.partial(SqlUnitOfWork, engine)
+        self._ledger = build_servicer(
+            Settings(group_commit=False), uow, self._run, None, HeadWatcher()
+        )
         self._mode = mode
         self._bench_engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)
 
     async def PostEntry(
         self, request: ledger_pb2.PostEntryRequest, context: Any
@@ -151,7 +160,10 @@ async def serve(mode: str, database_url: str, listen: str, pool_size: int) -> No
     executor = ThreadPoolExecutor(pool_size)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
-        map_errors(BaselineServicer(mode, engine, executor)), server
+        map_errors(
+            cast(ledger_pb2_grpc.LedgerServiceServicer, BaselineServicer(mode, engine, executor))
+        ),
+        server,
     )
     port = server.add_insecure_port(listen)
     await server.start()

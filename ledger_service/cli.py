@@ -8,12 +8,14 @@ import functools
 import logging
 import sys
 
-from . import service
 from .config import Settings
-from .domain import LedgerError, validate_ledger
-from .server import SchemaNotCurrent, serve
+from .domain.errors import LedgerError
+from .domain.validation import validate_ledger
+from .server import serve
+from .service import use_cases
 from .storage import migrate
-from .storage.uow import UnitOfWork, create_engine
+from .storage.readiness import SchemaNotCurrent
+from .storage.uow import SqlUnitOfWork, create_engine
 
 log = logging.getLogger("ledger_service")
 
@@ -141,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "init-counter":
             ledger = validate_ledger(args.ledger)
             engine = create_engine(settings.database_url, pool_size=1, timeouts=timeouts)
-            uow = functools.partial(UnitOfWork, engine, timeouts=timeouts)
-            counter = service.initialize_counter(uow, ledger)
+            uow = functools.partial(SqlUnitOfWork, engine, timeouts=timeouts)
+            counter = use_cases.initialize_counter(uow, ledger)
             engine.dispose()
             state = "created" if counter.created else "already existed"
             print(f"ledger {counter.ledger}: counter {state}, value {counter.value}")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from ledger.v1 import ledger_pb2
 
-from .. import wire
-from ..domain import AccountView, Entry, NewEntry, validate_batch, validate_new_entry
+from ..domain.accounts import AccountView
+from ..domain.entries import Entry, NewEntry
+from ..domain.validation import validate_batch, validate_new_entry
+from . import wire
 
 
 def new_entry_from_request(request: ledger_pb2.PostEntryRequest) -> NewEntry:

@@ -18,7 +18,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
-from ..domain import (
+from ..domain.errors import (
+    AccountTotalOverflow,
     CounterNotInitialized,
     DeadlineExceeded,
     IdempotencyConflict,
@@ -27,7 +28,6 @@ from ..domain import (
     Overloaded,
     PositionAhead,
     StorageUnavailable,
-    TotalOverflow,
 )
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ STATUS_OF: dict[type[LedgerError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     CounterNotInitialized: grpc.StatusCode.FAILED_PRECONDITION,
     IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
-    TotalOverflow: grpc.StatusCode.FAILED_PRECONDITION,
+    AccountTotalOverflow: grpc.StatusCode.FAILED_PRECONDITION,
     PositionAhead: grpc.StatusCode.OUT_OF_RANGE,
     StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,

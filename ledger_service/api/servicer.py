@@ -1,35 +1,33 @@
-"""LedgerService over grpc.aio: validates, runs the use cases in the database
-thread pool, converts results. Errors are mapped by api.errors.map_errors."""
+"""LedgerService over grpc.aio: validates, runs the use cases (the blocking
+ones in the database thread pool), converts results. Errors are mapped by
+api.errors.map_errors. Everything it uses is built by bootstrap.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import grpc
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
-from .. import service, wire
-from ..domain import (
-    STREAM_MESSAGE_MAX_ENTRIES,
-    DeadlineExceeded,
-    NewEntry,
-    PostResult,
+from ..domain.errors import DeadlineExceeded
+from ..domain.limits import STREAM_MESSAGE_MAX_ENTRIES
+from ..domain.validation import (
     validate_account_query,
     validate_ledger,
     validate_stream_request,
 )
-from ..group_commit import GroupCommitter
-from ..storage.repository import Page
-from ..storage.uow import check_deadline
-from ..tail import Tails
-from ..watch import HeadWatcher
+from ..service import use_cases
+from ..service.group_commit import GroupCommitter
+from ..service.ports import Blocking, EntryRows, StoredRow, UowFactory
+from ..service.writes import Writes
+from ..streaming.tail import Tails
+from ..streaming.watch import HeadWatcher
+from . import wire
 from .convert import (
     account_to_proto,
     batch_from_request,
@@ -38,49 +36,40 @@ from .convert import (
 )
 from .errors import ShuttingDown
 
-T = TypeVar("T")
-R = TypeVar("R")
 Context = grpc.aio.ServicerContext[Any, Any]
+
+# Rows per database read of a catch-up, sent as messages of at most
+# message_size entries: one round trip per read however small the messages.
+ROWS_PER_READ = 4096
 
 
 @dataclass(frozen=True)
 class StreamSettings:
     poll_interval: float = 1.0
     heartbeat_interval: float = 15.0
-    page_size: int = STREAM_MESSAGE_MAX_ENTRIES
+    message_size: int = STREAM_MESSAGE_MAX_ENTRIES  # most entries per message
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(
         self,
-        uow: service.UowFactory,
-        executor: ThreadPoolExecutor,
+        uow: UowFactory,
+        run: Blocking,
+        writes: Writes,
+        committer: GroupCommitter | None,
+        tails: Tails,
         watcher: HeadWatcher,
-        stream_settings: StreamSettings,
-        *,
-        group_commit: bool = True,
-        max_pending_posts: int = 10_000,
-        group_commit_max_wait: float = 0.003,
-        writer: service.NewEntryWriter | None = None,
+        streams: StreamSettings,
     ) -> None:
-        # uow(write=..., timeout=...): a unit of work, run in the thread pool.
-        self._uow = uow
-        # Postgres: new entries are written on the event loop (loop_writer.py).
-        self._writer = writer
-        self._executor = executor
+        self._uow = uow  # uow(write=..., timeout=...), for the blocking use cases
+        self._run = run
+        self._writes = writes
+        # None: every post is its own transaction (--no-group-commit).
+        self._committer = committer
+        self._tails = tails
         self._watcher = watcher
-        self._streams = stream_settings
+        self._streams = streams
         self._stopping = False
-        self._tails = Tails(self._read_tail, watcher, poll_interval=stream_settings.poll_interval)
-        # Without group commit every post is its own transaction (kept as a
-        # server mode: the benchmark's baseline a', what group commit adds).
-        self._committer = (
-            GroupCommitter(
-                self._write_group, max_pending=max_pending_posts, max_wait=group_commit_max_wait
-            )
-            if group_commit
-            else None
-        )
 
     def begin_shutdown(self) -> None:
         """Following streams end (UNAVAILABLE, resumable) instead of waiting out the grace."""
@@ -88,47 +77,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self._watcher.publish_all()
         self._tails.wake_all()
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
-
     async def InitializeCounter(
         self, request: ledger_pb2.InitializeCounterRequest, context: Context
     ) -> ledger_pb2.InitializeCounterResponse:
         ledger = validate_ledger(request.ledger)
-        counter = await self._run(service.initialize_counter, self._uow, ledger)
+        counter = await self._run(use_cases.initialize_counter, self._uow, ledger)
         return ledger_pb2.InitializeCounterResponse(
             ledger=counter.ledger, value=counter.value, created=counter.created
-        )
-
-    async def _write_group(
-        self, batch: Sequence[NewEntry], time_left: float | None
-    ) -> list[service.Outcome]:
-        outcomes: list[service.Outcome] = await self._write(service.post_group, batch, time_left)
-        if any(isinstance(o, PostResult) and not o.replayed for o in outcomes):
-            self._watcher.publish(batch[0].ledger)
-        return outcomes
-
-    async def _write(
-        self,
-        careful: Callable[..., list[R]],
-        batch: Sequence[NewEntry],
-        time_left: float | None,
-    ) -> list[R]:
-        """Writes `batch` on the event loop if every key is new (the common
-        case), else with `careful` (service.post_group or post_atomic) in the
-        thread pool, within what is left of the callers' time."""
-        if self._writer is None:
-            return await self._run(careful, self._uow, batch, time_left)
-        deadline = None if time_left is None else time.monotonic() + time_left
-        results = await service.post_new(self._writer, batch, time_left)
-        if results is not None:
-            return cast(list[R], results)
-        check_deadline(deadline)
-        if deadline is not None:
-            time_left = deadline - time.monotonic()
-        return await self._run(
-            functools.partial(careful, look_up_first=True), self._uow, batch, time_left
         )
 
     async def PostEntry(
@@ -139,9 +94,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         if self._committer is not None:
             result = await self._committer.post(entry, timeout)
         else:
-            result = await self._run(service.post_entry, self._uow, entry, timeout)
-            if not result.replayed:
-                self._watcher.publish(entry.ledger)
+            result = await self._writes.one(entry, timeout)
         return ledger_pb2.PostEntryResponse(
             entry=entry_to_proto(result.entry), replayed=result.replayed
         )
@@ -150,9 +103,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.PostEntriesRequest, context: Context
     ) -> ledger_pb2.PostEntriesResponse:
         batch = batch_from_request(request)
-        results = await self._write(service.post_atomic, batch, _remaining(context))
-        if any(not r.replayed for r in results):
-            self._watcher.publish(request.ledger)
+        results = await self._writes.atomic(batch, _remaining(context))
         return wire.posted_entries_message(
             [
                 (
@@ -169,44 +120,46 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.GetAccountRequest, context: Context
     ) -> ledger_pb2.GetAccountResponse:
         validate_account_query(request.ledger, request.account)
-        view = await self._run(service.get_account, self._uow, request.ledger, request.account)
+        view = await self._run(use_cases.get_account, self._uow, request.ledger, request.account)
         return account_to_proto(view)
 
     async def StreamEntries(
         self, request: ledger_pb2.StreamEntriesRequest, context: Context
     ) -> AsyncIterator[ledger_pb2.StreamEntriesResponse]:
-        """Catch-up in bounded keyset pages, then (follow) live entries.
+        """Catch-up in keyset reads of ROWS_PER_READ rows, then (follow) live
+        entries.
 
-        Catch-up: each page is one short statement; while a full page is being
-        sent the next is read (one ahead, no more), so a slow consumer holds
-        at most two pages and no database lock, and gRPC flow control makes
-        this generator wait for it. Following: entries come from the ledger's
-        shared tail (tail.py), one database read per commit for all followers.
+        Catch-up: each read is one short statement; while a full read is
+        being sent the next is made (one ahead, no more), so a slow consumer
+        holds at most two reads and no database lock, and gRPC flow control
+        makes this generator wait for it. Following: entries come from the
+        ledger's shared tail (streaming/tail.py), one database read per
+        commit for all followers.
         """
         ledger, position = request.ledger, request.after_sequence
         validate_stream_request(ledger, position)
-        head = await self._run(service.stream_start, self._uow, ledger, position)
+        head = await self._run(use_cases.stream_start, self._uow, ledger, position)
         settings = self._streams
-        db_page = max(_ROWS_PER_READ, settings.page_size)
-        pending = self._read_page(ledger, position, db_page)
+        per_read = max(ROWS_PER_READ, settings.message_size)
+        pending = self._read_ahead(ledger, position, per_read)
         try:
             while True:  # catch-up
                 if self._stopping:
                     raise ShuttingDown()
-                page = await pending
-                head = max(head, page.head or 0)
-                full = len(page.rows) == db_page
+                read = await pending
+                head = max(head, read.head or 0)
+                full = len(read.rows) == per_read
                 if full:
-                    pending = self._read_page(ledger, page.rows[-1][0], db_page)
-                for message in self._messages(page.rows, head, caught_up=not full):
+                    pending = self._read_ahead(ledger, read.rows[-1][0], per_read)
+                for message in self._messages(read.rows, head, caught_up=not full):
                     yield message
-                if page.rows:
-                    position = page.rows[-1][0]
+                if read.rows:
+                    position = read.rows[-1][0]
                 if not full:
                     break
         finally:
             pending.cancel()
-        if not page.rows:
+        if not read.rows:
             yield ledger_pb2.StreamEntriesResponse(caught_up=True, head_sequence=head)
         if not request.follow:
             return
@@ -218,11 +171,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 if tail.error is not None:
                     raise tail.error
                 updated = tail.updated
-                rows = tail.after(position, settings.page_size)
+                rows = tail.after(position, settings.message_size)
                 if rows is None:  # behind the shared buffer: read on our own
-                    rows = (
-                        await self._run(service.read_page, self._uow, ledger, position, db_page)
-                    ).rows
+                    rows = (await self._read_ahead(ledger, position, per_read)).rows
                 if rows:
                     for message in self._messages(rows, max(head, tail.head), caught_up=False):
                         yield message
@@ -241,10 +192,10 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     )
 
     def _messages(
-        self, rows: list[tuple[int, int, bytes]], head: int, *, caught_up: bool
+        self, rows: list[StoredRow], head: int, *, caught_up: bool
     ) -> Iterator[ledger_pb2.StreamEntriesResponse]:
-        """Messages of at most page_size entries; `caught_up` marks the last."""
-        size = self._streams.page_size
+        """Messages of at most message_size entries; `caught_up` marks the last."""
+        size = self._streams.message_size
         for start in range(0, len(rows), size):
             chunk = rows[start : start + size]
             # Assembled from the stored encodings, not built entry by entry.
@@ -254,23 +205,10 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 message.caught_up = True
             yield message
 
-    async def _read_tail(
-        self, ledger: str, after: int, limit: int
-    ) -> tuple[list[tuple[int, int, bytes]], int | None]:
-        page = await self._run(service.read_page, self._uow, ledger, after, limit)
-        return page.rows, page.head
-
-    def _read_page(self, ledger: str, after: int, limit: int) -> asyncio.Future[Page]:
-        return asyncio.ensure_future(self._run(service.read_page, self._uow, ledger, after, limit))
-
-
-# Rows per database read, sent as messages of page_size entries: one round
-# trip per 4096 entries however small the messages are. Catch-up measured
-# side by side: 300k entries, 512 rows 76-91k entries/s, 1024 102-122k, 2048
-# 112-133k, 4096 130-140k; 1M entries, 2048 98-106k, 4096 117-130k. The next
-# page is read while this one is sent, and the server's CPU per entry falls
-# with fewer, larger reads. A stalled consumer holds two pages: ~2.5 MB.
-_ROWS_PER_READ = 4096
+    def _read_ahead(self, ledger: str, after: int, limit: int) -> asyncio.Future[EntryRows]:
+        return asyncio.ensure_future(
+            self._run(use_cases.read_rows, self._uow, ledger, after, limit)
+        )
 
 
 def _remaining(context: Context) -> float | None:

@@ -28,13 +28,15 @@ import psycopg
 import sqlalchemy as sa
 from psycopg.pq import TransactionStatus
 
-from ..domain import DeadlineExceeded, NewEntry, StorageUnavailable
+from ..domain.entries import NewEntry
+from ..domain.errors import DeadlineExceeded, StorageUnavailable, check_deadline
+from ..service.ports import TotalsOutOfRange
 from .dialect import is_connection_lost
 from .numbering import TAKE_AND_INSERT_PG, Numbered, statement_params
 from .pg import lock_timeout
-from .repository import TotalsOverflow, totals_of
+from .repository import totals_of
 from .timeouts import DEFAULT_TIMEOUTS, AsyncConnections, DbTimeouts, abandoned_error
-from .uow import APPLICATION_NAME, check_deadline, translate_error, unreachable
+from .uow import APPLICATION_NAME, translate_error, unreachable
 from .watchdog import WATCHDOG, Watchdog
 
 Rows = list[tuple[Any, ...]]
@@ -88,7 +90,7 @@ class LoopWriter:
         deadline = None if time_left is None else time.monotonic() + time_left
         try:
             totals = totals_of(ledger, batch)
-        except TotalsOverflow:
+        except TotalsOutOfRange:
             return None
         params, payloads = statement_params(
             ledger,

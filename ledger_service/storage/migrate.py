@@ -10,7 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
-_SCRIPTS = Path(__file__).resolve().parent.parent / "migrations"
+_SCRIPTS = Path(__file__).resolve().parent / "migrations"
 
 
 def _config() -> Config:

@@ -36,8 +36,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .. import wire
-from ..domain import Entry, NewEntry
+from ..api import wire
+from ..domain.entries import Entry, NewEntry
 from . import dialect, pg
 from .schema import counters, entries
 

@@ -6,7 +6,6 @@ The repository never opens or commits a transaction: the unit of work does.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -14,39 +13,20 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from .. import wire
-from ..domain import INT64_MAX, AccountView, AssetTotals, Entry, NewEntry
+from ..api import wire
+from ..domain.accounts import AccountView, AssetTotals
+from ..domain.entries import Entry, NewEntry
+from ..domain.limits import INT64_MAX
+from ..service.ports import DuplicateIdempotencyKey, EntryRows, TotalsOutOfRange
 from . import dialect, pg
 from .numbering import Numbered, as_utc, number_and_insert_pg, number_and_insert_sqlite
 from .schema import account_totals, counters, entries
 
 
-class DuplicateIdempotencyKey(Exception):
-    """A concurrent transaction committed the same (ledger, idempotency_key) first."""
-
-
-class TotalsOverflow(Exception):
-    """An account total would pass int64."""
-
-
-@dataclass(frozen=True)
-class Page:
-    """Consecutive entries as (sequence, created_at in epoch microseconds,
-    payload encoding) rows (see wire.py), plus the counter's value read after
-    them (None: no counter)."""
-
-    rows: list[tuple[int, int, bytes]]
-    head: int | None
-
-    @property
-    def sequences(self) -> list[int]:
-        return [row[0] for row in self.rows]
-
-
 def totals_of(ledger: str, batch: Sequence[NewEntry]) -> list[tuple[str, str, int, int]]:
     """What `batch` adds to its accounts: (account, asset, debits, credits),
     one per (account, asset), sorted, so that concurrent writers lock account
-    rows in the same order and cannot deadlock. Raises TotalsOverflow when a
+    rows in the same order and cannot deadlock. Raises TotalsOutOfRange when a
     sum alone passes int64."""
     sums: dict[tuple[str, str], list[int]] = {}
     for e in batch:
@@ -54,7 +34,7 @@ def totals_of(ledger: str, batch: Sequence[NewEntry]) -> list[tuple[str, str, in
         sums.setdefault((e.credit_account, e.asset), [0, 0])[1] += e.amount
     totals = [(account, asset, d, c) for (account, asset), (d, c) in sorted(sums.items())]
     if any(d > INT64_MAX or c > INT64_MAX for _, _, d, c in totals):
-        raise TotalsOverflow(ledger)
+        raise TotalsOutOfRange(ledger)
     return totals
 
 
@@ -116,8 +96,8 @@ _ADD_TOTALS_SQLITE = _sqlite_totals.on_conflict_do_update(
 ).returning(account_totals.c.account)
 
 
-def _page_statement(dialect_name: str) -> sa.Select[Any]:
-    # One statement per page, the counter included: one round trip.
+def _rows_statement(dialect_name: str) -> sa.Select[Any]:
+    # One statement per read, the counter included: one round trip.
     head = (
         sa.select(counters.c.value)
         .where(counters.c.ledger == sa.bindparam("ledger"))
@@ -138,11 +118,13 @@ def _page_statement(dialect_name: str) -> sa.Select[Any]:
     )
 
 
-_PAGE_PG = _page_statement(dialect.POSTGRES)
-_PAGE_SQLITE = _page_statement(dialect.SQLITE)
+_ROWS_PG = _rows_statement(dialect.POSTGRES)
+_ROWS_SQLITE = _rows_statement(dialect.SQLITE)
 
 
-class LedgerRepository:
+class SqlLedgerRepository:
+    """service.ports.LedgerRepository on a SQLAlchemy connection (Postgres or SQLite)."""
+
     def __init__(self, conn: Connection, tx: pg.WriteTransaction | None = None) -> None:
         """Postgres: `tx` is the unit of work's write transaction, for the
         write of entries (pg.py)."""
@@ -188,7 +170,7 @@ class LedgerRepository:
         order, so that concurrent writers lock account rows in the same order
         and cannot deadlock), then numbers and stores them (numbering.py).
 
-        None when the ledger has no counter. Raises TotalsOverflow when a
+        None when the ledger has no counter. Raises TotalsOutOfRange when a
         total would pass int64, DuplicateIdempotencyKey when a key is already
         stored; then the transaction must be rolled back.
 
@@ -209,20 +191,20 @@ class LedgerRepository:
                     "credits": credit,
                 }
                 if self.conn.execute(_ADD_TOTALS_SQLITE, params).first() is None:
-                    raise TotalsOverflow(ledger)
+                    raise TotalsOutOfRange(ledger)
             return number_and_insert_sqlite(self.conn, ledger, batch)
         except (sa.exc.IntegrityError, psycopg.IntegrityError) as exc:
             if dialect.is_idempotency_key_violation(exc):
                 raise DuplicateIdempotencyKey(ledger) from exc
             raise
         except psycopg.errors.NumericValueOutOfRange as exc:
-            raise TotalsOverflow(ledger) from exc
+            raise TotalsOutOfRange(ledger) from exc
 
-    def page_after(self, ledger: str, after_sequence: int, limit: int) -> Page:
+    def rows_after(self, ledger: str, after_sequence: int, limit: int) -> EntryRows:
         """Up to `limit` entries above `after_sequence`, by keyset on the
         primary key (never OFFSET), plus the counter value read after them
-        (so head >= every entry of the page)."""
-        statement = _PAGE_PG if self.dialect == dialect.POSTGRES else _PAGE_SQLITE
+        (so head >= every entry read)."""
+        statement = _ROWS_PG if self.dialect == dialect.POSTGRES else _ROWS_SQLITE
         rows = self.conn.execute(
             statement, {"ledger": ledger, "after": after_sequence, "limit": limit}
         ).all()
@@ -235,11 +217,11 @@ class LedgerRepository:
                 )
             ).all()
             restored = {r.sequence: wire.payload(_entry_from_row(r).payload) for r in full}
-        page = [
+        read = [
             (seq, micros, payload if payload is not None else restored[seq])
             for seq, micros, payload, _ in rows
         ]
-        return Page(page, rows[-1][3] if rows else self.counter_value(ledger))
+        return EntryRows(read, rows[-1][3] if rows else self.counter_value(ledger))
 
     # -- accounts ---------------------------------------------------------
     def account_view(self, ledger: str, account: str) -> AccountView | None:

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 
-from ..domain import DeadlineExceeded, LedgerError, StorageUnavailable
+from ..domain.errors import DeadlineExceeded, LedgerError, StorageUnavailable
 from .watchdog import WATCHDOG, Watch, Watchdog
 
 # Past a statement's bound the watchdog closes its connection. The grace lets

@@ -13,9 +13,9 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from ..domain import DeadlineExceeded, StorageUnavailable
+from ..domain.errors import DeadlineExceeded, StorageUnavailable, check_deadline
 from . import dialect, pg
-from .repository import LedgerRepository
+from .repository import SqlLedgerRepository
 from .timeouts import DEFAULT_TIMEOUTS, DbTimeouts, abandoned_error, connection_params
 from .watchdog import WATCHDOG, Watch, Watchdog
 
@@ -27,16 +27,6 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 # Names this service's connections in pg_stat_activity.
 APPLICATION_NAME = "ledger-service"
-
-
-def check_deadline(deadline: float | None) -> None:
-    """Refuses to send a write once the callers' deadline (a time.monotonic()
-    value, None for none) has passed."""
-    if deadline is not None and time.monotonic() >= deadline:
-        # The caller has already been told DEADLINE_EXCEEDED; do not make
-        # the outcome depend on a race with it. (A commit that started in
-        # time may still finish late: retrying with the same key is safe.)
-        raise DeadlineExceeded("deadline exceeded before commit; nothing was written")
 
 
 def normalize_url(url: str) -> sa.URL:
@@ -95,8 +85,9 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-class UnitOfWork:
-    """`with UnitOfWork(engine, write=True) as uow: ...; uow.commit()`.
+class SqlUnitOfWork:
+    """service.ports.UnitOfWork on a SQLAlchemy engine:
+    `with SqlUnitOfWork(engine, write=True) as uow: ...; uow.commit()`.
 
     Database errors leave it as domain errors: connection trouble as
     StorageUnavailable (retryable), a statement timeout as DeadlineExceeded.
@@ -106,7 +97,7 @@ class UnitOfWork:
     connections may be as silent, is reset.
     """
 
-    ledger: LedgerRepository
+    ledger: SqlLedgerRepository
 
     def __init__(
         self,
@@ -129,7 +120,7 @@ class UnitOfWork:
         self._tx: pg.WriteTransaction | None = None  # Postgres writes
         self._committed = False
 
-    def __enter__(self) -> UnitOfWork:
+    def __enter__(self) -> SqlUnitOfWork:
         try:
             conn = self._engine.connect()
         except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:  # refused, or the pool is full
@@ -158,7 +149,7 @@ class UnitOfWork:
             self._release(conn, self._end_watch())
             self._conn = None
             raise translate_error(exc) from exc
-        self.ledger = LedgerRepository(conn, self._tx)
+        self.ledger = SqlLedgerRepository(conn, self._tx)
         return self
 
     def _check_deadline(self) -> None:

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger_client import LedgerClient, error_info
 
-from ledger_service.domain import STREAM_MESSAGE_MAX_ENTRIES
+from ledger_service.domain.limits import STREAM_MESSAGE_MAX_ENTRIES
 from ledger_service.storage.uow import create_engine
 
 from .conftest import FAST, collect_stream, details, init, post_request, run_threads

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from sqlalchemy.engine import Engine
 
-from ledger_service.storage.uow import UnitOfWork, create_engine
+from ledger_service.storage.uow import SqlUnitOfWork, create_engine
 
 
 @pytest.fixture
@@ -19,5 +19,5 @@ def engine(db_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def uow(engine: Engine) -> Callable[..., UnitOfWork]:
-    return functools.partial(UnitOfWork, engine)
+def uow(engine: Engine) -> Callable[..., SqlUnitOfWork]:
+    return functools.partial(SqlUnitOfWork, engine)

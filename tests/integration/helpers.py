@@ -10,7 +10,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from ledger_service.domain import NewEntry, validate_new_entry
+from ledger_service.domain.entries import NewEntry
+from ledger_service.domain.validation import validate_new_entry
 from ledger_service.storage.schema import counters, entries
 
 from ..conftest import entry_fields

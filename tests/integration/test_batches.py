@@ -10,15 +10,15 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from ledger_service import service
-from ledger_service.domain import (
-    INT64_MAX,
+from ledger_service.domain.entries import PostResult
+from ledger_service.domain.errors import (
+    AccountTotalOverflow,
     CounterNotInitialized,
     IdempotencyConflict,
     LedgerError,
-    PostResult,
-    TotalOverflow,
 )
+from ledger_service.domain.limits import INT64_MAX
+from ledger_service.service import use_cases
 from ledger_service.storage.numbering import as_utc
 from ledger_service.storage.schema import entries
 
@@ -28,10 +28,10 @@ from .helpers import counter_value, make_entry, run_concurrently, sequences
 def test_group_gives_each_entry_its_own_outcome_and_contiguous_numbers(
     uow: Any, engine: Engine, ledger: str
 ) -> None:
-    service.initialize_counter(uow, ledger)
-    service.post_entry(uow, make_entry(ledger, "old"))
-    service.post_entry(uow, make_entry(ledger, "old-2"))
-    outcomes = service.post_group(
+    use_cases.initialize_counter(uow, ledger)
+    use_cases.post_entry(uow, make_entry(ledger, "old"))
+    use_cases.post_entry(uow, make_entry(ledger, "old-2"))
+    outcomes = use_cases.post_group(
         uow,
         [
             make_entry(ledger, "a"),
@@ -62,12 +62,12 @@ def test_group_gives_each_entry_its_own_outcome_and_contiguous_numbers(
 def test_an_overflowing_entry_fails_alone_and_the_rest_commit_without_gap(
     uow: Any, engine: Engine, ledger: str
 ) -> None:
-    service.initialize_counter(uow, ledger)
-    service.post_entry(
+    use_cases.initialize_counter(uow, ledger)
+    use_cases.post_entry(
         uow,
         make_entry(ledger, "max", debit_account="full", credit_account="source", amount=INT64_MAX),
     )
-    outcomes = service.post_group(
+    outcomes = use_cases.post_group(
         uow,
         [
             make_entry(ledger, "x"),
@@ -75,7 +75,7 @@ def test_an_overflowing_entry_fails_alone_and_the_rest_commit_without_gap(
             make_entry(ledger, "y"),
         ],
     )
-    assert isinstance(outcomes[1], TotalOverflow)
+    assert isinstance(outcomes[1], AccountTotalOverflow)
     assert [o.entry.sequence for o in outcomes if isinstance(o, PostResult)] == [2, 3]
     assert sequences(engine, ledger) == [1, 2, 3]
 
@@ -83,7 +83,7 @@ def test_an_overflowing_entry_fails_alone_and_the_rest_commit_without_gap(
 def test_group_on_a_ledger_without_counter_writes_nothing(
     uow: Any, engine: Engine, ledger: str
 ) -> None:
-    outcomes = service.post_group(uow, [make_entry(ledger, "a"), make_entry(ledger, "b")])
+    outcomes = use_cases.post_group(uow, [make_entry(ledger, "a"), make_entry(ledger, "b")])
     assert all(isinstance(o, CounterNotInitialized) for o in outcomes)
     assert sequences(engine, ledger) == []
 
@@ -91,13 +91,13 @@ def test_group_on_a_ledger_without_counter_writes_nothing(
 def test_atomic_batch_commits_in_request_order_and_replays_known_keys(
     uow: Any, engine: Engine, ledger: str
 ) -> None:
-    service.initialize_counter(uow, ledger)
-    service.post_entry(uow, make_entry(ledger, "known"))
-    results = service.post_atomic(
+    use_cases.initialize_counter(uow, ledger)
+    use_cases.post_entry(uow, make_entry(ledger, "known"))
+    results = use_cases.post_atomic(
         uow, [make_entry(ledger, "n1"), make_entry(ledger, "known"), make_entry(ledger, "n2")]
     )
     assert [(r.entry.sequence, r.replayed) for r in results] == [(2, False), (1, True), (3, False)]
-    again = service.post_atomic(uow, [make_entry(ledger, "n1"), make_entry(ledger, "n2")])
+    again = use_cases.post_atomic(uow, [make_entry(ledger, "n1"), make_entry(ledger, "n2")])
     assert [(r.entry.sequence, r.replayed) for r in again] == [(2, True), (3, True)]
     assert sequences(engine, ledger) == [1, 2, 3]
 
@@ -105,9 +105,9 @@ def test_atomic_batch_commits_in_request_order_and_replays_known_keys(
 def test_a_transactions_entries_share_their_commit_time_which_never_decreases(
     uow: Any, engine: Engine, ledger: str
 ) -> None:
-    service.initialize_counter(uow, ledger)
-    first = service.post_atomic(uow, [make_entry(ledger, f"a{i}") for i in range(3)])
-    second = service.post_group(uow, [make_entry(ledger, f"b{i}") for i in range(2)])
+    use_cases.initialize_counter(uow, ledger)
+    first = use_cases.post_atomic(uow, [make_entry(ledger, f"a{i}") for i in range(3)])
+    second = use_cases.post_group(uow, [make_entry(ledger, f"b{i}") for i in range(2)])
     times = [o.entry.created_at for o in [*first, *second] if isinstance(o, PostResult)]
     assert len(times) == 5
     assert len(set(times[:3])) == 1 and len(set(times[3:])) == 1
@@ -127,8 +127,8 @@ def test_a_failing_atomic_batch_writes_nothing(
     uow: Any, engine: Engine, ledger: str, failure: str
 ) -> None:
     if failure != "no counter":
-        service.initialize_counter(uow, ledger)
-        service.post_entry(
+        use_cases.initialize_counter(uow, ledger)
+        use_cases.post_entry(
             uow,
             make_entry(
                 ledger, "known", debit_account="full", credit_account="source", amount=INT64_MAX
@@ -140,11 +140,11 @@ def test_a_failing_atomic_batch_writes_nothing(
         expected: type[LedgerError] = IdempotencyConflict
     elif failure == "overflow":
         batch.append(make_entry(ledger, "n3", debit_account="full", amount=1))
-        expected = TotalOverflow
+        expected = AccountTotalOverflow
     else:
         expected = CounterNotInitialized
     with pytest.raises(expected) as error:
-        service.post_atomic(uow, batch)
+        use_cases.post_atomic(uow, batch)
     if failure == "conflict":
         assert error.value.message.startswith("entries[2]: ")
         assert error.value.metadata["index"] == "2"
@@ -155,17 +155,17 @@ def test_a_failing_atomic_batch_writes_nothing(
 def test_batches_and_single_posts_mixed_under_concurrency_give_one_to_n(
     uow: Any, engine: Engine, ledger: str
 ) -> None:
-    service.initialize_counter(uow, ledger)
+    use_cases.initialize_counter(uow, ledger)
 
     def worker(i: int) -> int:
         if i % 3 == 0:
             batch = [make_entry(ledger, f"atomic{i}-{j}", debit_account=f"d{i}") for j in range(25)]
-            return len(service.post_atomic(uow, batch))
+            return len(use_cases.post_atomic(uow, batch))
         if i % 3 == 1:
             batch = [make_entry(ledger, f"group{i}-{j}", debit_account=f"d{i}") for j in range(10)]
-            return len(service.post_group(uow, batch))
+            return len(use_cases.post_group(uow, batch))
         for j in range(5):
-            service.post_entry(uow, make_entry(ledger, f"single{i}-{j}", debit_account=f"d{i}"))
+            use_cases.post_entry(uow, make_entry(ledger, f"single{i}-{j}", debit_account=f"d{i}"))
         return 5
 
     counts = run_concurrently(24, worker)
@@ -179,13 +179,13 @@ def test_groups_racing_on_the_same_keys_store_each_key_once(
     uow: Any, engine: Engine, ledger: str
 ) -> None:
     """Like several server processes each batching posts of the same keys."""
-    service.initialize_counter(uow, ledger)
+    use_cases.initialize_counter(uow, ledger)
     keys = [f"k{i}" for i in range(20)]
 
     def worker(i: int) -> dict[str, int]:
         mine = keys[:]
         random.Random(i).shuffle(mine)
-        outcomes = service.post_group(uow, [make_entry(ledger, k) for k in mine])
+        outcomes = use_cases.post_group(uow, [make_entry(ledger, k) for k in mine])
         results = [o for o in outcomes if isinstance(o, PostResult)]
         assert len(results) == len(mine), outcomes
         return {k: r.entry.sequence for k, r in zip(mine, results, strict=True)}
@@ -200,8 +200,8 @@ def test_groups_racing_on_the_same_keys_store_each_key_once(
 def test_optional_columns_are_stored_per_entry_in_a_mixed_batch(
     uow: Any, engine: Engine, ledger: str
 ) -> None:
-    service.initialize_counter(uow, ledger)
-    service.post_atomic(
+    use_cases.initialize_counter(uow, ledger)
+    use_cases.post_atomic(
         uow,
         [
             make_entry(ledger, "plain"),

@@ -16,14 +16,16 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from ledger_service import service
-from ledger_service.domain import DeadlineExceeded, PostResult, StorageUnavailable
+from ledger_service.domain.entries import PostResult
+from ledger_service.domain.errors import DeadlineExceeded, StorageUnavailable
+from ledger_service.service import use_cases
+from ledger_service.storage.listener import PgListener
 from ledger_service.storage.loop_writer import LoopWriter
 from ledger_service.storage.probe import DatabaseProbe
 from ledger_service.storage.timeouts import DbTimeouts, libpq_conninfo
-from ledger_service.storage.uow import UnitOfWork, create_engine, normalize_url
+from ledger_service.storage.uow import SqlUnitOfWork, create_engine, normalize_url
 from ledger_service.storage.watchdog import Watchdog
-from ledger_service.watch import HeadWatcher, PgListener
+from ledger_service.streaming.watch import HeadWatcher
 
 from ..conftest import missing_requirement
 from ..faultproxy import FaultProxy, kernel_drop_unavailable
@@ -54,7 +56,7 @@ def direct(pg_url: str) -> Iterator[Engine]:
 
 
 def initialize(engine: Engine, ledger: str) -> None:
-    service.initialize_counter(lambda **kw: UnitOfWork(engine, **kw), ledger)
+    use_cases.initialize_counter(lambda **kw: SqlUnitOfWork(engine, **kw), ledger)
 
 
 def run(scenario: Any) -> Any:
@@ -110,7 +112,7 @@ def test_every_connection_carries_keepalives_and_a_tcp_user_timeout(
         try:
             with watcher.following(), engine.connect():
                 await asyncio.wait_for(listener.connected.wait(), timeout=10)
-                assert await service.post_new(writer, [make_entry(ledger, "k1")], None)
+                assert await use_cases.post_new(writer, [make_entry(ledger, "k1")], None)
                 assert await probe.check() is None
                 found = [s for s in sockets_to_postgres() if s.getsockname()[1] not in others]
                 options = [
@@ -158,13 +160,13 @@ def test_a_silent_connection_fails_the_write_at_its_deadline_and_the_next_write_
             watchdog=watchdog,
         )
         try:
-            first = await service.post_new(writer, [make_entry(ledger, "k1")], None)
+            first = await use_cases.post_new(writer, [make_entry(ledger, "k1")], None)
             proxy.black_hole()  # the writer's idle connection goes silent
             with pytest.raises(DeadlineExceeded, match="retry with the same idempotency key"):
-                await service.post_new(writer, [make_entry(ledger, "k2")], 0.5)
+                await use_cases.post_new(writer, [make_entry(ledger, "k2")], 0.5)
             assert lost == [True]
             # A fresh connection: new ones pass.
-            after = await service.post_new(writer, [make_entry(ledger, "k3")], 5.0)
+            after = await use_cases.post_new(writer, [make_entry(ledger, "k3")], 5.0)
             assert first is not None and after is not None
             return [first[0].entry.sequence, after[0].entry.sequence]
         finally:
@@ -184,11 +186,11 @@ def test_without_a_deadline_a_silent_write_is_abandoned_after_the_answer_timeout
         url = normalize_url(proxy.url(pg_url))
         writer = LoopWriter(url, 4, timeouts=TIMEOUTS, watchdog=watchdog)
         try:
-            await service.post_new(writer, [make_entry(ledger, "k1")], None)
+            await use_cases.post_new(writer, [make_entry(ledger, "k1")], None)
             proxy.black_hole()
             with pytest.raises(StorageUnavailable, match="no answer within 1s"):
-                await service.post_new(writer, [make_entry(ledger, "k2")], None)
-            assert await service.post_new(writer, [make_entry(ledger, "k3")], None)
+                await use_cases.post_new(writer, [make_entry(ledger, "k2")], None)
+            assert await use_cases.post_new(writer, [make_entry(ledger, "k3")], None)
         finally:
             await writer.close()
 
@@ -202,22 +204,22 @@ def test_the_thread_pool_path_is_bounded_too_and_its_pool_is_reset(
     initialize(direct, ledger)
     engine = create_engine(proxy.url(pg_url), pool_size=2, timeouts=TIMEOUTS)
 
-    def uow(**kw: Any) -> UnitOfWork:
-        return UnitOfWork(engine, timeouts=TIMEOUTS, watchdog=watchdog, **kw)
+    def uow(**kw: Any) -> SqlUnitOfWork:
+        return SqlUnitOfWork(engine, timeouts=TIMEOUTS, watchdog=watchdog, **kw)
 
     try:
-        assert service.post_entry(uow, make_entry(ledger, "k1"), 5.0).entry.sequence == 1
+        assert use_cases.post_entry(uow, make_entry(ledger, "k1"), 5.0).entry.sequence == 1
         with uow(), uow():  # two pooled connections, both about to go silent
             pass
         proxy.black_hole()
         with pytest.raises(DeadlineExceeded):
-            service.post_entry(uow, make_entry(ledger, "k2"), 0.5)
+            use_cases.post_entry(uow, make_entry(ledger, "k2"), 0.5)
         # The pool was reset with the cut: the next call gets a new connection.
-        assert service.read_page(uow, ledger, 0, 10).head == 1
+        assert use_cases.read_rows(uow, ledger, 0, 10).head == 1
         proxy.black_hole()  # which now goes silent too
         with pytest.raises(StorageUnavailable, match="no answer within 1s"):
-            service.read_page(uow, ledger, 0, 10)  # a read: no deadline but the bound
-        assert service.post_entry(uow, make_entry(ledger, "k3"), 5.0).entry.sequence == 2
+            use_cases.read_rows(uow, ledger, 0, 10)  # a read: no deadline but the bound
+        assert use_cases.post_entry(uow, make_entry(ledger, "k3"), 5.0).entry.sequence == 2
     finally:
         engine.dispose()
     assert sequences(direct, ledger) == [1, 2]
@@ -243,9 +245,9 @@ def test_a_caller_that_goes_away_is_answered_at_once_even_when_no_cancel_gets_th
         url = normalize_url(proxy.url(pg_url))
         writer = LoopWriter(url, 4, timeouts=TIMEOUTS, watchdog=watchdog)
         try:
-            await service.post_new(writer, [make_entry(ledger, "k1")], None)
+            await use_cases.post_new(writer, [make_entry(ledger, "k1")], None)
             proxy.stall()
-            task = asyncio.create_task(service.post_new(writer, [make_entry(ledger, "k2")], 1.0))
+            task = asyncio.create_task(use_cases.post_new(writer, [make_entry(ledger, "k2")], 1.0))
             await asyncio.sleep(0.2)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -258,12 +260,12 @@ def test_a_caller_that_goes_away_is_answered_at_once_even_when_no_cancel_gets_th
     run(scenario())
     assert "query cancellation failed" not in caplog.text
 
-    def uow(**kw: Any) -> UnitOfWork:
-        return UnitOfWork(direct, **kw)
+    def uow(**kw: Any) -> SqlUnitOfWork:
+        return SqlUnitOfWork(direct, **kw)
 
     # The held statement may have been delivered on resume: either way the
     # retry answers with k2's one entry.
-    retried = service.post_entry(uow, make_entry(ledger, "k2"), 5.0)
+    retried = use_cases.post_entry(uow, make_entry(ledger, "k2"), 5.0)
     assert retried.entry.sequence == 2
     assert sequences(direct, ledger) == [1, 2]
     assert counter_value(direct, ledger) == 2
@@ -346,12 +348,12 @@ def test_keepalives_drop_a_connection_the_network_lost_without_the_answer_bound(
     async def scenario() -> list[PostResult] | None:
         writer = LoopWriter(normalize_url(proxy.url(pg_url)), 4, timeouts=timeouts)
         try:
-            await service.post_new(writer, [make_entry(ledger, "k1")], None)
+            await use_cases.post_new(writer, [make_entry(ledger, "k1")], None)
             proxy.drop()
             with pytest.raises(StorageUnavailable):
                 async with asyncio.timeout(30):  # far below the answer bound
-                    await service.post_new(writer, [make_entry(ledger, "k2")], None)
-            return await service.post_new(writer, [make_entry(ledger, "k3")], None)
+                    await use_cases.post_new(writer, [make_entry(ledger, "k2")], None)
+            return await use_cases.post_new(writer, [make_entry(ledger, "k3")], None)
         finally:
             await writer.close()
 

@@ -9,8 +9,9 @@ from collections.abc import Callable
 import psycopg
 import sqlalchemy as sa
 
+from ledger_service.storage.listener import PgListener
 from ledger_service.storage.timeouts import libpq_conninfo
-from ledger_service.watch import HeadWatcher, PgListener
+from ledger_service.streaming.watch import HeadWatcher
 
 
 def listen_backends(pg_url: str, application_name: str) -> list[int]:

@@ -13,18 +13,18 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from ledger_service import service
-from ledger_service.domain import (
-    INT64_MAX,
+from ledger_service.domain.entries import PostResult
+from ledger_service.domain.errors import (
     CounterNotInitialized,
     DeadlineExceeded,
     IdempotencyConflict,
-    PostResult,
     StorageUnavailable,
 )
+from ledger_service.domain.limits import INT64_MAX
+from ledger_service.service import use_cases
 from ledger_service.storage.loop_writer import LoopWriter
 from ledger_service.storage.timeouts import DbTimeouts, libpq_conninfo
-from ledger_service.storage.uow import UnitOfWork, create_engine, normalize_url
+from ledger_service.storage.uow import SqlUnitOfWork, create_engine, normalize_url
 
 from ..conftest import hold_row_lock, lock_waiters_when
 from .helpers import counter_value, make_entry, sequences
@@ -54,7 +54,7 @@ def with_writer(pg_url: str, scenario: Callable[[LoopWriter], Awaitable[T]], **k
 
 
 def initialize(pg_engine: Engine, ledger: str) -> None:
-    service.initialize_counter(lambda **kw: UnitOfWork(pg_engine, **kw), ledger)
+    use_cases.initialize_counter(lambda **kw: SqlUnitOfWork(pg_engine, **kw), ledger)
 
 
 def test_new_entries_are_stored_in_order_with_the_next_numbers(
@@ -65,7 +65,7 @@ def test_new_entries_are_stored_in_order_with_the_next_numbers(
     second = [make_entry(ledger, "k3", description="x", metadata={"a": "1"})]
 
     async def scenario(writer: LoopWriter) -> list[list[PostResult] | None]:
-        return [await service.post_new(writer, b, None) for b in (first, second)]
+        return [await use_cases.post_new(writer, b, None) for b in (first, second)]
 
     results = with_writer(pg_url, scenario)
     assert all(r is not None for r in results)
@@ -74,7 +74,7 @@ def test_new_entries_are_stored_in_order_with_the_next_numbers(
     assert [r.entry.payload for r in posted] == [*first, *second]
     assert not any(r.replayed for r in posted)
     # What callers are told equals what is stored (read back by the other path).
-    with UnitOfWork(pg_engine) as uow:
+    with SqlUnitOfWork(pg_engine) as uow:
         stored = uow.ledger.find_by_keys(ledger, [f"k{i}" for i in range(4)])
     assert [stored[r.entry.payload.idempotency_key] for r in posted] == [r.entry for r in posted]
     with pg_engine.connect() as conn:
@@ -90,12 +90,12 @@ def test_new_entries_are_stored_in_order_with_the_next_numbers(
 def test_what_is_not_plainly_new_is_refused_without_writing_and_the_careful_path_decides(
     pg_url: str, pg_engine: Engine, ledger: str, case: str
 ) -> None:
-    def uow(**kw: Any) -> UnitOfWork:
-        return UnitOfWork(pg_engine, **kw)
+    def uow(**kw: Any) -> SqlUnitOfWork:
+        return SqlUnitOfWork(pg_engine, **kw)
 
     if case != "no counter":
         initialize(pg_engine, ledger)
-        service.post_entry(uow, make_entry(ledger, "old"))
+        use_cases.post_entry(uow, make_entry(ledger, "old"))
     batch = {
         "stored key": [make_entry(ledger, "new"), make_entry(ledger, "old", amount=7)],
         "repeated key": [make_entry(ledger, "new"), make_entry(ledger, "new")],
@@ -105,7 +105,7 @@ def test_what_is_not_plainly_new_is_refused_without_writing_and_the_careful_path
     before = counter_value(pg_engine, ledger)
 
     async def scenario(writer: LoopWriter) -> list[PostResult] | None:
-        return await service.post_new(writer, batch, None)
+        return await use_cases.post_new(writer, batch, None)
 
     assert with_writer(pg_url, scenario) is None
     assert counter_value(pg_engine, ledger) == before  # no number taken
@@ -113,9 +113,9 @@ def test_what_is_not_plainly_new_is_refused_without_writing_and_the_careful_path
 
     if case == "no counter":
         with pytest.raises(CounterNotInitialized):
-            service.post_group(uow, batch, None, look_up_first=True)
+            use_cases.post_group(uow, batch, None, look_up_first=True)
         return
-    outcomes = service.post_group(uow, batch, None, look_up_first=True)
+    outcomes = use_cases.post_group(uow, batch, None, look_up_first=True)
     if case == "stored key":
         assert isinstance(outcomes[0], PostResult) and outcomes[0].entry.sequence == 2
         assert isinstance(outcomes[1], IdempotencyConflict)
@@ -131,11 +131,11 @@ def test_the_deadline_bounds_a_lock_wait_and_nothing_is_written(
     pg_url: str, pg_engine: Engine, ledger: str, locked: str
 ) -> None:
     initialize(pg_engine, ledger)
-    with_writer(pg_url, lambda w: service.post_new(w, [make_entry(ledger, "k0")], None))
+    with_writer(pg_url, lambda w: use_cases.post_new(w, [make_entry(ledger, "k0")], None))
     with pg_engine.connect() as conn:
         hold_row_lock(conn, ledger, locked)
         with pytest.raises(DeadlineExceeded):
-            with_writer(pg_url, lambda w: service.post_new(w, [make_entry(ledger, "k1")], 0.5))
+            with_writer(pg_url, lambda w: use_cases.post_new(w, [make_entry(ledger, "k1")], 0.5))
         # The statement gave up its lock wait by itself (lock_timeout).
         assert lock_waiters_when(pg_engine, 0, timeout=10) == 0
         conn.rollback()
@@ -167,9 +167,9 @@ def test_a_lost_connection_is_unavailable_then_replaced_and_the_pools_are_reset(
                     ).fetchone()
                 assert killed is not None and killed[0] >= 2  # the writer's, the engine's
                 with pytest.raises(StorageUnavailable):
-                    await service.post_new(writer, [make_entry(ledger, key)], None)
+                    await use_cases.post_new(writer, [make_entry(ledger, key)], None)
                 assert lost == [True]
-            results = await service.post_new(writer, [make_entry(ledger, key)], None)
+            results = await use_cases.post_new(writer, [make_entry(ledger, key)], None)
             assert results is not None
             numbers.append(results[0].entry.sequence)
         return numbers
@@ -193,7 +193,7 @@ def test_a_cancelled_caller_returns_at_once_and_its_write_ends_within_its_bound(
     async def scenario(writer: LoopWriter) -> int:
         with pg_engine.connect() as conn:
             hold_row_lock(conn, ledger)
-            task = asyncio.create_task(service.post_new(writer, [make_entry(ledger, "k1")], None))
+            task = asyncio.create_task(use_cases.post_new(writer, [make_entry(ledger, "k1")], None))
             assert await asyncio.to_thread(lock_waiters_when, pg_engine, 1, timeout=10) == 1
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -201,7 +201,7 @@ def test_a_cancelled_caller_returns_at_once_and_its_write_ends_within_its_bound(
             # The statement's lock_timeout (the answer timeout, 1 s) ends its wait.
             assert await asyncio.to_thread(lock_waiters_when, pg_engine, 0, timeout=10) == 0
             conn.rollback()
-        results = await service.post_new(writer, [make_entry(ledger, "k2")], None)
+        results = await use_cases.post_new(writer, [make_entry(ledger, "k2")], None)
         assert results is not None
         return results[0].entry.sequence
 
@@ -227,7 +227,7 @@ def test_concurrent_writers_on_one_ledger_get_exactly_one_to_n(
 
             async def post(i: int) -> list[int]:
                 batch = [make_entry(ledger, f"k{i}-{j}") for j in range(1 + i % 3)]
-                results = await service.post_new(writers[i % 2], batch, None)
+                results = await use_cases.post_new(writers[i % 2], batch, None)
                 assert results is not None
                 return [r.entry.sequence for r in results]
 

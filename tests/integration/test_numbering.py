@@ -9,14 +9,15 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from ledger_service import service, wire
-from ledger_service.domain import (
-    INT64_MAX,
+from ledger_service.api import wire
+from ledger_service.domain.entries import PostResult
+from ledger_service.domain.errors import (
+    AccountTotalOverflow,
     CounterNotInitialized,
     IdempotencyConflict,
-    PostResult,
-    TotalOverflow,
 )
+from ledger_service.domain.limits import INT64_MAX
+from ledger_service.service import use_cases
 from ledger_service.storage.schema import account_totals, counters, entries
 
 from .helpers import counter_value, make_entry, run_concurrently, sequences
@@ -25,10 +26,10 @@ from .helpers import counter_value, make_entry, run_concurrently, sequences
 def test_initialize_counter_is_idempotent_and_never_resets(
     uow: Any, engine: Engine, ledger: str
 ) -> None:
-    first = service.initialize_counter(uow, ledger)
+    first = use_cases.initialize_counter(uow, ledger)
     assert (first.value, first.created) == (0, True)
-    service.post_entry(uow, make_entry(ledger, "k1"))
-    again = service.initialize_counter(uow, ledger)
+    use_cases.post_entry(uow, make_entry(ledger, "k1"))
+    again = use_cases.initialize_counter(uow, ledger)
     assert (again.value, again.created) == (1, False)
     assert counter_value(engine, ledger) == 1
 
@@ -36,7 +37,7 @@ def test_initialize_counter_is_idempotent_and_never_resets(
 def test_sixteen_concurrent_initializations_create_exactly_one_counter(
     uow: Any, engine: Engine, ledger: str
 ) -> None:
-    results = run_concurrently(16, lambda _: service.initialize_counter(uow, ledger))
+    results = run_concurrently(16, lambda _: use_cases.initialize_counter(uow, ledger))
     assert all(not isinstance(r, Exception) for r in results), results
     assert sum(r.created for r in results) == 1
     assert {r.value for r in results} == {0}
@@ -66,12 +67,12 @@ def test_counter_is_seeded_from_existing_entries(uow: Any, engine: Engine, ledge
                     created_at=sa.func.current_timestamp(),
                 )
             )
-    counter = service.initialize_counter(uow, ledger)
+    counter = use_cases.initialize_counter(uow, ledger)
     assert (counter.value, counter.created) == (7, True)
-    posted = service.post_entry(uow, make_entry(ledger, "new"))
+    posted = use_cases.post_entry(uow, make_entry(ledger, "new"))
     assert posted.entry.sequence == 8
     # Restored rows have no stored encoding; streams encode them from columns.
-    page = service.read_page(uow, ledger, 0, 10)
+    page = use_cases.read_rows(uow, ledger, 0, 10)
     assert page.sequences == [1, 2, 3, 7, 8]
     decoded = wire.stream_message(page.rows).entries
     assert [(e.sequence, e.idempotency_key, e.amount) for e in decoded] == [
@@ -87,7 +88,7 @@ def test_post_before_initialize_is_rejected_and_writes_nothing(
     uow: Any, engine: Engine, ledger: str
 ) -> None:
     with pytest.raises(CounterNotInitialized, match="InitializeCounter"):
-        service.post_entry(uow, make_entry(ledger, "k1"))
+        use_cases.post_entry(uow, make_entry(ledger, "k1"))
     assert sequences(engine, ledger) == []
     assert counter_value(engine, ledger) is None
     with engine.connect() as conn:
@@ -100,22 +101,22 @@ def test_post_before_initialize_is_rejected_and_writes_nothing(
 def test_replay_returns_the_original_entry_and_consumes_no_number(
     uow: Any, engine: Engine, ledger: str
 ) -> None:
-    service.initialize_counter(uow, ledger)
-    first = service.post_entry(uow, make_entry(ledger, "k1", metadata={"order": "42"}))
-    replay = service.post_entry(uow, make_entry(ledger, "k1", metadata={"order": "42"}))
+    use_cases.initialize_counter(uow, ledger)
+    first = use_cases.post_entry(uow, make_entry(ledger, "k1", metadata={"order": "42"}))
+    replay = use_cases.post_entry(uow, make_entry(ledger, "k1", metadata={"order": "42"}))
     assert not first.replayed and replay.replayed
     assert replay.entry == first.entry
-    assert service.post_entry(uow, make_entry(ledger, "k2")).entry.sequence == 2
+    assert use_cases.post_entry(uow, make_entry(ledger, "k2")).entry.sequence == 2
     assert sequences(engine, ledger) == [1, 2]
 
 
 def test_same_key_with_other_payload_names_the_differing_fields(
     uow: Any, engine: Engine, ledger: str
 ) -> None:
-    service.initialize_counter(uow, ledger)
-    service.post_entry(uow, make_entry(ledger, "k1"))
+    use_cases.initialize_counter(uow, ledger)
+    use_cases.post_entry(uow, make_entry(ledger, "k1"))
     with pytest.raises(IdempotencyConflict) as info:
-        service.post_entry(uow, make_entry(ledger, "k1", amount=101, description="other"))
+        use_cases.post_entry(uow, make_entry(ledger, "k1", amount=101, description="other"))
     assert info.value.fields == ["amount", "description"]
     assert "amount, description" in info.value.message
     assert sequences(engine, ledger) == [1]
@@ -125,15 +126,15 @@ def test_same_key_with_other_payload_names_the_differing_fields(
 def test_sixteen_concurrent_posts_of_one_key_store_one_entry(
     uow: Any, engine: Engine, ledger: str
 ) -> None:
-    service.initialize_counter(uow, ledger)
-    results = run_concurrently(16, lambda _: service.post_entry(uow, make_entry(ledger, "same")))
+    use_cases.initialize_counter(uow, ledger)
+    results = run_concurrently(16, lambda _: use_cases.post_entry(uow, make_entry(ledger, "same")))
     assert all(isinstance(r, PostResult) for r in results), results
     assert sum(not r.replayed for r in results) == 1
     assert {r.entry.sequence for r in results} == {1}
     assert sequences(engine, ledger) == [1]
     assert counter_value(engine, ledger) == 1
     # The losers' rolled-back increments left no gap.
-    assert service.post_entry(uow, make_entry(ledger, "next")).entry.sequence == 2
+    assert use_cases.post_entry(uow, make_entry(ledger, "next")).entry.sequence == 2
 
 
 @pytest.mark.parametrize("accounts", ["own", "crossing"])
@@ -143,7 +144,7 @@ def test_concurrent_posts_get_exactly_one_to_n(
     """ "own": every thread posts between its own accounts, so only the counter
     row serializes them. "crossing": all threads post a->b and b->a, which
     would deadlock if account rows were locked in arbitrary order."""
-    service.initialize_counter(uow, ledger)
+    use_cases.initialize_counter(uow, ledger)
     per_thread, threads = 10, 32
 
     def worker(i: int) -> list[int]:
@@ -153,7 +154,7 @@ def test_concurrent_posts_get_exactly_one_to_n(
                 debit, credit = f"debit-{i}", f"credit-{i}"
             else:
                 debit, credit = ("a", "b") if (i + j) % 2 else ("b", "a")
-            result = service.post_entry(
+            result = use_cases.post_entry(
                 uow, make_entry(ledger, f"t{i}-{j}", debit_account=debit, credit_account=credit)
             )
             out.append(result.entry.sequence)
@@ -171,21 +172,21 @@ def test_concurrent_posts_get_exactly_one_to_n(
 def test_overflowing_total_is_rejected_and_writes_nothing(
     uow: Any, engine: Engine, ledger: str
 ) -> None:
-    service.initialize_counter(uow, ledger)
-    service.post_entry(uow, make_entry(ledger, "big", amount=INT64_MAX))
-    with pytest.raises(TotalOverflow):
-        service.post_entry(uow, make_entry(ledger, "one-more", amount=1))
+    use_cases.initialize_counter(uow, ledger)
+    use_cases.post_entry(uow, make_entry(ledger, "big", amount=INT64_MAX))
+    with pytest.raises(AccountTotalOverflow):
+        use_cases.post_entry(uow, make_entry(ledger, "one-more", amount=1))
     assert sequences(engine, ledger) == [1]
-    view = service.get_account(uow, ledger, "cash")
+    view = use_cases.get_account(uow, ledger, "cash")
     assert [(b.debits, b.credits) for b in view.balances] == [(INT64_MAX, 0)]
     assert view.as_of_sequence == 1
     # Another asset is another total: still fine.
-    ok = service.post_entry(uow, make_entry(ledger, "eur", amount=1, asset="EUR/2"))
+    ok = use_cases.post_entry(uow, make_entry(ledger, "eur", amount=1, asset="EUR/2"))
     assert ok.entry.sequence == 2
 
 
 def test_account_totals_equal_the_sums_of_entries(uow: Any, ledger: str) -> None:
-    service.initialize_counter(uow, ledger)
+    use_cases.initialize_counter(uow, ledger)
     posts = [
         ("cash", "revenue", 500, "USD"),
         ("cash", "loan", 1000, "USD"),
@@ -193,7 +194,7 @@ def test_account_totals_equal_the_sums_of_entries(uow: Any, ledger: str) -> None
         ("cash", "revenue", 7, "EUR/2"),
     ]
     for i, (debit, credit, amount, asset) in enumerate(posts):
-        service.post_entry(
+        use_cases.post_entry(
             uow,
             make_entry(
                 ledger,
@@ -204,26 +205,26 @@ def test_account_totals_equal_the_sums_of_entries(uow: Any, ledger: str) -> None
                 asset=asset,
             ),
         )
-    view = service.get_account(uow, ledger, "cash")
+    view = use_cases.get_account(uow, ledger, "cash")
     assert view.as_of_sequence == 4
     got = {b.asset: (b.debits, b.credits, b.balance) for b in view.balances}
     for asset in ("USD", "EUR/2"):
         debits = sum(a for d, _, a, s in posts if d == "cash" and s == asset)
         credits = sum(a for _, c, a, s in posts if c == "cash" and s == asset)
         assert got[asset] == (debits, credits, debits - credits)
-    assert service.get_account(uow, ledger, "nobody").balances == []
+    assert use_cases.get_account(uow, ledger, "nobody").balances == []
 
 
 def test_get_account_of_unknown_ledger_is_rejected(uow: Any, ledger: str) -> None:
     with pytest.raises(CounterNotInitialized):
-        service.get_account(uow, ledger, "cash")
+        use_cases.get_account(uow, ledger, "cash")
 
 
 def test_pages_are_keyset_ordered_and_bounded(uow: Any, ledger: str) -> None:
-    service.initialize_counter(uow, ledger)
+    use_cases.initialize_counter(uow, ledger)
     for i in range(7):
-        service.post_entry(uow, make_entry(ledger, f"k{i}"))
-    page = service.read_page(uow, ledger, 2, 3)
+        use_cases.post_entry(uow, make_entry(ledger, f"k{i}"))
+    page = use_cases.read_rows(uow, ledger, 2, 3)
     assert page.sequences == [3, 4, 5]
     assert page.head == 7
-    assert service.read_page(uow, ledger, 7, 3).sequences == []
+    assert use_cases.read_rows(uow, ledger, 7, 3).sequences == []

@@ -12,11 +12,12 @@ import psycopg
 import pytest
 from sqlalchemy.engine import Engine
 
-from ledger_service import service
-from ledger_service.domain import INT64_MAX, StorageUnavailable, TotalOverflow
+from ledger_service.domain.errors import AccountTotalOverflow, StorageUnavailable
+from ledger_service.domain.limits import INT64_MAX
+from ledger_service.service import use_cases
 from ledger_service.storage import pg
 from ledger_service.storage.timeouts import libpq_conninfo
-from ledger_service.storage.uow import UnitOfWork, create_engine
+from ledger_service.storage.uow import SqlUnitOfWork, create_engine
 
 from ..conftest import lock_waiters_when
 from .helpers import make_entry, sequences
@@ -57,23 +58,23 @@ def test_array_parameters_reach_postgres_exactly(
 def test_a_connection_that_broke_is_discarded_quietly_not_handed_out_again(
     pg_engine: Engine, ledger: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def uow(**kw: object) -> UnitOfWork:
-        return UnitOfWork(pg_engine, **kw)  # type: ignore[arg-type]
+    def uow(**kw: object) -> SqlUnitOfWork:
+        return SqlUnitOfWork(pg_engine, **kw)  # type: ignore[arg-type]
 
-    service.initialize_counter(uow, ledger)
+    use_cases.initialize_counter(uow, ledger)
     with pg_engine.connect() as conn:  # the pool's only connection
         pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
     admin_url = libpq_conninfo(pg_engine.url)
     with psycopg.connect(admin_url) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     with caplog.at_level(logging.WARNING), pytest.raises(StorageUnavailable):
-        service.post_entry(uow, make_entry(ledger, "k1"))
+        use_cases.post_entry(uow, make_entry(ledger, "k1"))
     # Invalidated by the unit of work itself: the pool did not have to find
     # out by failing to reset it (which it logs as an error with a traceback).
     pool_errors = [r for r in caplog.records if r.name.startswith("sqlalchemy.pool")]
     assert not pool_errors, caplog.text
     # The broken connection was discarded, not returned to the pool.
-    assert service.post_entry(uow, make_entry(ledger, "k1")).entry.sequence == 1
+    assert use_cases.post_entry(uow, make_entry(ledger, "k1")).entry.sequence == 1
     assert sequences(pg_engine, ledger) == [1]
     with pg_engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != pid
@@ -86,19 +87,19 @@ def test_failed_writes_do_not_spoil_the_connection_for_the_next(
     transaction (an overflowing total) between good ones, past psycopg's
     prepare threshold: every good write still works, numbered 1..N."""
 
-    def uow(**kw: object) -> UnitOfWork:
-        return UnitOfWork(pg_engine, **kw)  # type: ignore[arg-type]
+    def uow(**kw: object) -> SqlUnitOfWork:
+        return SqlUnitOfWork(pg_engine, **kw)  # type: ignore[arg-type]
 
-    service.initialize_counter(uow, ledger)
-    service.post_entry(
+    use_cases.initialize_counter(uow, ledger)
+    use_cases.post_entry(
         uow, make_entry(ledger, "big", debit_account="x", credit_account="y", amount=INT64_MAX)
     )
     for i in range(12):
-        with pytest.raises(TotalOverflow):
-            service.post_entry(
+        with pytest.raises(AccountTotalOverflow):
+            use_cases.post_entry(
                 uow, make_entry(ledger, f"over-{i}", debit_account="x", credit_account="z")
             )
-        service.post_entry(uow, make_entry(ledger, f"ok-{i}"))
+        use_cases.post_entry(uow, make_entry(ledger, f"ok-{i}"))
     assert sequences(pg_engine, ledger) == list(range(1, 14))
 
 
@@ -111,12 +112,14 @@ def test_a_writer_waiting_on_an_account_row_does_not_hold_the_counter(
     first)."""
     engine = create_engine(pg_url, pool_size=4)
 
-    def uow(**kw: object) -> UnitOfWork:
-        return UnitOfWork(engine, **kw)  # type: ignore[arg-type]
+    def uow(**kw: object) -> SqlUnitOfWork:
+        return SqlUnitOfWork(engine, **kw)  # type: ignore[arg-type]
 
     try:
-        service.initialize_counter(uow, ledger)
-        service.post_entry(uow, make_entry(ledger, "first", debit_account="a", credit_account="b"))
+        use_cases.initialize_counter(uow, ledger)
+        use_cases.post_entry(
+            uow, make_entry(ledger, "first", debit_account="a", credit_account="b")
+        )
         with ThreadPoolExecutor(1) as pool, engine.connect() as holder:
             holder.exec_driver_sql(
                 "SELECT * FROM ledger_account_totals WHERE ledger = %(l)s AND account = 'a'"
@@ -124,12 +127,12 @@ def test_a_writer_waiting_on_an_account_row_does_not_hold_the_counter(
                 {"l": ledger},
             )
             stuck = pool.submit(
-                service.post_entry, uow, make_entry(ledger, "stuck", debit_account="a"), 30.0
+                use_cases.post_entry, uow, make_entry(ledger, "stuck", debit_account="a"), 30.0
             )
             try:
                 assert lock_waiters_when(engine, 1, timeout=5) == 1
                 # Other accounts go ahead, within a deadline, while "stuck" waits.
-                other = service.post_entry(
+                other = use_cases.post_entry(
                     uow, make_entry(ledger, "other", debit_account="c", credit_account="d"), 5.0
                 )
                 assert other.entry.sequence == 2

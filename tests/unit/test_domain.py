@@ -7,11 +7,10 @@ from typing import Any
 
 import pytest
 
-from ledger_service.domain import (
-    INT64_MAX,
-    EntryFields,
-    InvalidArgument,
-    NewEntry,
+from ledger_service.domain.entries import EntryFields, NewEntry
+from ledger_service.domain.errors import InvalidArgument
+from ledger_service.domain.limits import INT64_MAX
+from ledger_service.domain.validation import (
     validate_account_query,
     validate_batch,
     validate_ledger,

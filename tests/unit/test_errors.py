@@ -13,7 +13,7 @@ from google.rpc import error_details_pb2, status_pb2
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from ledger_service.api.errors import ERROR_DOMAIN, STATUS_OF, map_errors, to_rpc_status
-from ledger_service.domain import (
+from ledger_service.domain.errors import (
     CounterNotInitialized,
     FieldViolation,
     IdempotencyConflict,

@@ -10,17 +10,15 @@ from typing import Any
 
 import pytest
 
-from ledger_service.domain import (
+from ledger_service.domain.entries import Entry, NewEntry, PostResult
+from ledger_service.domain.errors import (
     DeadlineExceeded,
-    Entry,
     LedgerError,
-    NewEntry,
     Overloaded,
-    PostResult,
     StorageUnavailable,
-    validate_new_entry,
 )
-from ledger_service.group_commit import GroupCommitter
+from ledger_service.domain.validation import validate_new_entry
+from ledger_service.service.group_commit import GroupCommitter
 
 
 def entry(key: str, ledger: str = "l") -> NewEntry:

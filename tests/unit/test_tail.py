@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from ledger_service.domain import StorageUnavailable
-from ledger_service.tail import Row, Tails, _Tail
-from ledger_service.watch import HeadWatcher
+from ledger_service.domain.errors import StorageUnavailable
+from ledger_service.streaming.tail import Row, Tails, _Tail
+from ledger_service.streaming.watch import HeadWatcher
 
 
 def rows(first: int, last: int) -> list[Row]:

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from ledger.v1 import ledger_pb2
 
-from ledger_service import wire
-from ledger_service.domain import validate_new_entry
+from ledger_service.api import wire
+from ledger_service.domain.validation import validate_new_entry
 
 ENTRY = validate_new_entry(
     ledger="books",

@@ -20,7 +20,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from .domain import LedgerError, StorageUnavailable
+from ..domain.errors import LedgerError, StorageUnavailable
 from .watch import HeadWatcher
 
 log = logging.getLogger(__name__)

@@ -6,46 +6,24 @@ thread pool.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import Protocol
+from collections.abc import Sequence
 
-from .domain import (
-    AccountView,
-    Counter,
+from ..domain.accounts import AccountView
+from ..domain.entries import Counter, Entry, NewEntry, PostResult
+from ..domain.errors import (
+    AccountTotalOverflow,
     CounterNotInitialized,
-    Entry,
     IdempotencyConflict,
     LedgerError,
-    NewEntry,
     PositionAhead,
-    PostResult,
-    TotalOverflow,
 )
-from .storage.numbering import Numbered
-from .storage.repository import (
+from .ports import (
     DuplicateIdempotencyKey,
-    LedgerRepository,
-    Page,
-    TotalsOverflow,
+    EntryRows,
+    NewEntryWriter,
+    TotalsOutOfRange,
+    UowFactory,
 )
-
-
-class UnitOfWork(Protocol):
-    ledger: LedgerRepository
-
-    def __enter__(self) -> UnitOfWork: ...
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-    def commit(self) -> None: ...
-
-
-# uow_factory(write=..., timeout=...) -> UnitOfWork
-UowFactory = Callable[..., UnitOfWork]
 
 # A same-key race costs one retry: the loser's insert fails on the unique key
 # only after the winner committed, so the next attempt finds the winner's entry.
@@ -125,14 +103,6 @@ def post_atomic(
             continue  # a concurrent post took one of the keys: look again
         return [o for o in outcomes if isinstance(o, PostResult)]
     raise RuntimeError("idempotency keys kept racing; giving up")
-
-
-class NewEntryWriter(Protocol):
-    """storage.loop_writer.LoopWriter: the common write, without a thread."""
-
-    async def add_new_entries(
-        self, ledger: str, batch: Sequence[NewEntry], time_left: float | None
-    ) -> Numbered | None: ...
 
 
 async def post_new(
@@ -218,11 +188,11 @@ def _write(
             new = [batch[i] for i in fresh]
             try:
                 appended = uow.ledger.add_entries(ledger, new)
-            except TotalsOverflow as exc:
+            except TotalsOutOfRange as exc:
                 if optimistic:
                     raise _LookUpFirst() from exc  # a replay's amount may have been counted
                 if atomic or len(new) == 1:
-                    raise TotalOverflow(ledger) from exc
+                    raise AccountTotalOverflow(ledger) from exc
                 raise _SplitBatch() from exc
             except DuplicateIdempotencyKey as exc:
                 raise (_LookUpFirst() if optimistic else _SplitBatch()) from exc
@@ -266,9 +236,9 @@ def stream_start(uow_factory: UowFactory, ledger: str, after_sequence: int) -> i
     return head
 
 
-def read_page(uow_factory: UowFactory, ledger: str, after_sequence: int, limit: int) -> Page:
+def read_rows(uow_factory: UowFactory, ledger: str, after_sequence: int, limit: int) -> EntryRows:
     with uow_factory() as uow:
-        return uow.ledger.page_after(ledger, after_sequence, limit)
+        return uow.ledger.rows_after(ledger, after_sequence, limit)
 
 
 def get_account(uow_factory: UowFactory, ledger: str, account: str) -> AccountView:

@@ -1,72 +1,22 @@
-"""Wakes following streams when a ledger gets new entries.
-
-One HeadWatcher per server process. Posts in this process publish to it after
-commit; on Postgres one LISTEN connection per process (PgListener) publishes
-commits made by every process, while the process has live followers: every
-commit notifies every listening process, so a process that follows nothing
-does not listen (it would wake for each commit of the whole cluster for
-nothing). Streams also poll, so a lost notification only delays delivery,
-never loses an entry.
-"""
+"""The process's LISTEN connection: commits of every server process, as
+Postgres notifies them, wake this process's followers (streaming/watch.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
 
-from .storage.dialect import NOTIFY_CHANNEL
-from .storage.timeouts import DEFAULT_TIMEOUTS, AsyncConnections, DbTimeouts
-from .storage.watchdog import WATCHDOG, Watchdog
+from ..streaming.watch import HeadWatcher
+from .dialect import NOTIFY_CHANNEL
+from .timeouts import DEFAULT_TIMEOUTS, AsyncConnections, DbTimeouts
+from .watchdog import WATCHDOG, Watchdog
 
 log = logging.getLogger(__name__)
-
-
-class HeadWatcher:
-    """Per-ledger wake-up events, used on the event loop's thread only."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-        self._following = 0
-        # Set while something in this process follows a ledger (see following()).
-        self.wanted = asyncio.Event()
-
-    @contextlib.contextmanager
-    def following(self) -> Iterator[None]:
-        """Marks a live reader of a ledger for its lifetime: while any is
-        active, this process listens for other processes' commits."""
-        self._following += 1
-        self.wanted.set()
-        try:
-            yield
-        finally:
-            self._following -= 1
-            if not self._following:
-                self.wanted.clear()
-
-    def event(self, ledger: str) -> asyncio.Event:
-        """Take this BEFORE reading, then wait on it: a commit published after
-        the read began sets it, so no wake-up falls between read and wait."""
-        ev = self._events.get(ledger)
-        if ev is None:
-            ev = self._events[ledger] = asyncio.Event()
-        return ev
-
-    def publish(self, ledger: str) -> None:
-        ev = self._events.pop(ledger, None)
-        if ev is not None:
-            ev.set()
-
-    def publish_all(self) -> None:
-        events, self._events = self._events, {}
-        for ev in events.values():
-            ev.set()
 
 
 class PgListener:

@@ -26,7 +26,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from .domain import DeadlineExceeded, LedgerError, NewEntry, Overloaded, PostResult
+from ..domain.entries import NewEntry, PostResult
+from ..domain.errors import DeadlineExceeded, LedgerError, Overloaded
 
 log = logging.getLogger(__name__)
 

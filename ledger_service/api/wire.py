@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.timestamp_pb2 import Timestamp
 from ledger.v1 import ledger_pb2
 
-from .domain import Entry, NewEntry
+from ..domain.entries import Entry, NewEntry
 
 _ENTRIES_TAG = b"\x0a"  # field 1, length-delimited (entries, results, entry)
 _REPLAYED_TRUE = b"\x10\x01"  # PostedEntry.replayed = true

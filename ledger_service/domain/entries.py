@@ -1,0 +1,74 @@
+"""Entries: a validated one without its number yet, a committed one, and what
+a post returns. They are built a thousand at a time per batch, so they are
+slotted and not frozen (a frozen dataclass's __init__ is several times
+slower); nothing mutates them: treat them as values."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(slots=True)
+class NewEntry:
+    """A validated entry that has no number yet."""
+
+    ledger: str
+    idempotency_key: str
+    debit_account: str
+    credit_account: str
+    amount: int
+    asset: str
+    entry_type: str = ""
+    description: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    # Its ledger.v1.Entry encoding (without sequence and created_at) when the
+    # edge already has it (see wire.py); not part of the value.
+    encoded: bytes | None = field(default=None, compare=False, repr=False)
+
+    def differing_fields(self, other: NewEntry) -> list[str]:
+        """Payload fields (not ledger or key) whose values differ from `other`."""
+        names = (
+            "debit_account",
+            "credit_account",
+            "amount",
+            "asset",
+            "entry_type",
+            "description",
+        )
+        fields = [n for n in names if getattr(self, n) != getattr(other, n)]
+        if dict(self.metadata) != dict(other.metadata):
+            fields.append("metadata")
+        return fields
+
+
+@dataclass(slots=True)
+class Entry:
+    """A committed entry with its number."""
+
+    sequence: int
+    created_at: datetime
+    payload: NewEntry
+    # The payload's ledger.v1.Entry encoding when storage has it at hand (a
+    # cache for the gRPC edge, see wire.py; not part of the value).
+    payload_wire: bytes | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(slots=True)
+class PostResult:
+    entry: Entry
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class Counter:
+    ledger: str
+    value: int
+    created: bool
+
+
+# One entry of a batch, without `ledger`, in NewEntry's field order:
+# idempotency_key, debit_account, credit_account, amount, asset, entry_type,
+# description, metadata, encoded.
+EntryFields = tuple[str, str, str, int, str, str, str, Mapping[str, str], bytes | None]

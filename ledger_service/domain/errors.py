@@ -1,0 +1,116 @@
+"""The errors use cases raise on purpose. Each has a stable UPPER_SNAKE reason;
+the gRPC edge maps the class to a status code in one table (api/errors.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .limits import INT64_MAX
+
+
+class LedgerError(Exception):
+    """Base of every error a use case raises on purpose."""
+
+    reason = "LEDGER_ERROR"
+
+    def __init__(self, message: str, metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class InvalidArgument(LedgerError):
+    reason = "INVALID_FIELD"
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self.violations = violations
+        message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(message, {"fields": ",".join(v.field for v in violations)})
+
+
+class CounterNotInitialized(LedgerError):
+    reason = "COUNTER_NOT_INITIALIZED"
+
+    def __init__(self, ledger: str) -> None:
+        super().__init__(
+            f"ledger {ledger!r} has no counter: call InitializeCounter "
+            f"(or `ledger-service init-counter --ledger {ledger}`) first",
+            {"ledger": ledger},
+        )
+
+
+class IdempotencyConflict(LedgerError):
+    reason = "IDEMPOTENCY_KEY_REUSED"
+
+    def __init__(
+        self, ledger: str, key: str, sequence: int, fields: list[str], index: int | None = None
+    ) -> None:
+        self.fields = fields
+        where = "" if index is None else f"entries[{index}]: "
+        metadata = {"ledger": ledger, "sequence": str(sequence), "fields": ",".join(fields)}
+        if index is not None:
+            metadata["index"] = str(index)
+        super().__init__(
+            f"{where}idempotency_key {key!r} was already used in ledger {ledger!r} by entry "
+            f"{sequence} with a different payload; differing fields: {', '.join(fields)}",
+            metadata,
+        )
+
+
+class AccountTotalOverflow(LedgerError):
+    reason = "ACCOUNT_TOTAL_OVERFLOW"
+
+    def __init__(self, ledger: str) -> None:
+        super().__init__(
+            f"posting would overflow an account total in ledger {ledger!r} "
+            f"(totals are limited to {INT64_MAX}); nothing was written",
+            {"ledger": ledger},
+        )
+
+
+class Overloaded(LedgerError):
+    reason = "TOO_MANY_PENDING_POSTS"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this server already has {limit} posts waiting to be written; "
+            "retry later with the same idempotency key",
+            {"limit": str(limit)},
+        )
+
+
+class PositionAhead(LedgerError):
+    reason = "POSITION_AHEAD_OF_LEDGER"
+
+    def __init__(self, ledger: str, after_sequence: int, head: int) -> None:
+        super().__init__(
+            f"after_sequence {after_sequence} is beyond ledger {ledger!r}'s last entry {head}: "
+            "this position does not belong to this ledger's history",
+            {"ledger": ledger, "head_sequence": str(head)},
+        )
+
+
+class StorageUnavailable(LedgerError):
+    reason = "STORAGE_UNAVAILABLE"
+
+
+class DeadlineExceeded(LedgerError):
+    reason = "DEADLINE_EXCEEDED"
+
+
+def check_deadline(deadline: float | None) -> None:
+    """Refuses to send a write once the callers' deadline (a time.monotonic()
+    value, None for none) has passed."""
+    if deadline is not None and time.monotonic() >= deadline:
+        # The caller has already been told DEADLINE_EXCEEDED; do not make
+        # the outcome depend on a race with it. (A commit that started in
+        # time may still finish late: retrying with the same key is safe.)
+        raise DeadlineExceeded("deadline exceeded before commit; nothing was written")

@@ -1,0 +1,79 @@
+"""New entries as the gRPC edge posts them: written from the event loop when
+every key is new (the common case), else by the careful use cases in the
+thread pool, within what is left of the callers' time. Followers are woken
+once something new committed."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar, cast
+
+from ..domain.entries import NewEntry, PostResult
+from ..domain.errors import check_deadline
+from . import use_cases
+from .ports import Blocking, NewEntryWriter, UowFactory
+
+R = TypeVar("R")
+
+
+class Writes:
+    def __init__(
+        self,
+        uow: UowFactory,
+        run: Blocking,
+        writer: NewEntryWriter | None,
+        published: Callable[[str], None],
+    ) -> None:
+        self._uow = uow
+        self._run = run
+        # Postgres: the common write from the event loop (storage/loop_writer.py).
+        self._writer = writer
+        self._published = published  # wakes the ledger's followers
+
+    async def group(
+        self, batch: Sequence[NewEntry], time_left: float | None
+    ) -> list[use_cases.Outcome]:
+        """A group commit's transaction: each entry gets its own outcome."""
+        outcomes = await self._write(use_cases.post_group, batch, time_left)
+        if any(isinstance(o, PostResult) and not o.replayed for o in outcomes):
+            self._published(batch[0].ledger)
+        return outcomes
+
+    async def atomic(self, batch: Sequence[NewEntry], time_left: float | None) -> list[PostResult]:
+        """PostEntries: all of the batch, or none of it."""
+        results = await self._write(use_cases.post_atomic, batch, time_left)
+        if any(not r.replayed for r in results):
+            self._published(batch[0].ledger)
+        return results
+
+    async def one(self, entry: NewEntry, time_left: float | None) -> PostResult:
+        """One transaction per post (without group commit)."""
+        result: PostResult = await self._run(use_cases.post_entry, self._uow, entry, time_left)
+        if not result.replayed:
+            self._published(entry.ledger)
+        return result
+
+    async def _write(
+        self,
+        careful: Callable[..., list[R]],
+        batch: Sequence[NewEntry],
+        time_left: float | None,
+    ) -> list[R]:
+        """`batch` from the event loop if every key is new, else with
+        `careful` (post_group or post_atomic) in the thread pool."""
+        if self._writer is None:
+            written: list[R] = await self._run(careful, self._uow, batch, time_left)
+            return written
+        deadline = None if time_left is None else time.monotonic() + time_left
+        results = await use_cases.post_new(self._writer, batch, time_left)
+        if results is not None:
+            return cast(list[R], results)
+        check_deadline(deadline)
+        if deadline is not None:
+            time_left = deadline - time.monotonic()
+        decided: list[R] = await self._run(
+            functools.partial(careful, look_up_first=True), self._uow, batch, time_left
+        )
+        return decided
