@@ -1,30 +1,120 @@
-"""The input limits: part of the public contract (documented on the proto
-fields and in the README)."""
+"""The input limits, as one table: the checks (domain/validation.py), their
+messages and the README's limits text all come from it. They are part of the
+public contract, documented on the proto fields too."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 INT64_MAX = 2**63 - 1
 
-# Input limits. They are part of the public contract (documented on the proto
-# fields and in the README); the worst-case entry they allow is ~10.5 KiB, so a
-# stream message of STREAM_MESSAGE_MAX_ENTRIES stays well under gRPC's 4 MiB.
-LEDGER_MAX_CHARS = 64
-KEY_MAX_CHARS = 128
-ACCOUNT_MAX_CHARS = 128
-ASSET_MAX_CHARS = 32
-ENTRY_TYPE_MAX_CHARS = 64
-DESCRIPTION_MAX_CHARS = 1024
-METADATA_MAX_PAIRS = 32
-METADATA_KEY_MAX_CHARS = 64
-METADATA_VALUE_MAX_CHARS = 256
-METADATA_MAX_BYTES = 4096
-STREAM_MESSAGE_MAX_ENTRIES = 256
-BATCH_MAX_ENTRIES = 1000
-
-LEDGER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
-ASSET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]*")
 # C0/C1 control characters (NUL included): they break logs, terminals and
 # Postgres text (which rejects NUL outright).
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True)
+class Text:
+    """A text field of `min_chars` (0: optional) to `max_chars` characters.
+    With `pattern` (shown to people as `alphabet`) it must match it; else,
+    unless `controls`, it holds no control character; with `controls`, only
+    NUL is refused."""
+
+    min_chars: int
+    max_chars: int
+    pattern: re.Pattern[str] | None = None
+    alphabet: str = ""
+    controls: bool = False
+
+    def plainly_valid(self, value: str) -> bool:
+        """A fast check: True only for a valid value. isprintable() is one C
+        call, stricter than "no control characters", so False only means
+        "look closer" (violation() decides)."""
+        if not self.min_chars <= len(value) <= self.max_chars:
+            return False
+        if self.pattern is not None:
+            return self.pattern.fullmatch(value) is not None
+        return "\x00" not in value if self.controls else value.isprintable()
+
+    def all_plainly_valid(self, values: tuple[str, ...]) -> bool:
+        """plainly_valid() over a batch's column, a C-level pass per check
+        (len over a map; isprintable over a join, printable exactly when
+        every part is) rather than Python work per entry."""
+        if min(map(len, values)) < self.min_chars or max(map(len, values)) > self.max_chars:
+            return False
+        if self.pattern is not None:
+            return all(self.pattern.fullmatch(v) is not None for v in set(values))
+        joined = "".join(values)
+        return "\x00" not in joined if self.controls else joined.isprintable()
+
+    def violation(self, value: str) -> str | None:
+        """What is wrong with `value`, or None."""
+        if not value:
+            return "is required" if self.min_chars else None
+        if len(value) > self.max_chars:
+            return f"must be at most {self.max_chars} characters"
+        if self.pattern is not None and not self.pattern.fullmatch(value):
+            return f"must match {self.pattern.pattern}"
+        if self.controls:
+            return "must not contain NUL" if "\x00" in value else None
+        if not value.isprintable() and CONTROL_RE.search(value):
+            return "must not contain control characters"
+        return None
+
+    def describe(self) -> str:
+        """The limit as the README states it."""
+        if self.min_chars:
+            size = f"{self.min_chars} to {self.max_chars} characters"
+        else:
+            size = f"at most {self.max_chars} characters"
+        if self.alphabet:
+            return f"{size} of `{self.alphabet}`, starting with a letter or digit"
+        return f"{size} (no NUL)" if self.controls else f"{size} without control characters"
+
+
+LEDGER = Text(1, 64, re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*"), "A-Z a-z 0-9 _ - . :")
+IDEMPOTENCY_KEY = Text(1, 128)
+ACCOUNT = Text(1, 128)
+ASSET = Text(1, 32, re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]*"), "A-Z a-z 0-9 _ - . : /")
+ENTRY_TYPE = Text(0, 64)
+DESCRIPTION = Text(0, 1024, controls=True)
+METADATA_KEY = Text(1, 64)
+METADATA_VALUE = Text(0, 256, controls=True)
+
+# An entry's text fields, in NewEntry's order.
+ENTRY_TEXT = {
+    "idempotency_key": IDEMPOTENCY_KEY,
+    "debit_account": ACCOUNT,
+    "credit_account": ACCOUNT,
+    "asset": ASSET,
+    "entry_type": ENTRY_TYPE,
+    "description": DESCRIPTION,
+}
+
+AMOUNT_MAX = INT64_MAX  # minor units; an amount is > 0
+METADATA_MAX_PAIRS = 32
+METADATA_MAX_BYTES = 4096  # keys and values, UTF-8
+BATCH_MAX_ENTRIES = 1000
+# The worst-case entry the limits allow is ~10.5 KiB, so a stream message of
+# this many stays well under gRPC's 4 MiB default.
+STREAM_MESSAGE_MAX_ENTRIES = 256
+
+
+def describe() -> list[str]:
+    """The README's input limits, one line a field, made from the table above."""
+    return [
+        f"`ledger`: {LEDGER.describe()}",
+        f"`idempotency_key`: {IDEMPOTENCY_KEY.describe()}",
+        f"accounts (`debit_account`, `credit_account`, `account`): {ACCOUNT.describe()};"
+        " an entry's two accounts differ",
+        f"`asset`: {ASSET.describe()}",
+        "`amount`: 1 to 2^63-1 (minor units)",
+        f"`entry_type`: {ENTRY_TYPE.describe()}",
+        f"`description`: {DESCRIPTION.describe()}",
+        f"`metadata`: at most {METADATA_MAX_PAIRS} pairs; keys {METADATA_KEY.describe()};"
+        f" values {METADATA_VALUE.describe()}; at most {METADATA_MAX_BYTES} bytes of UTF-8"
+        " in all",
+        f"`PostEntries`: 1 to {BATCH_MAX_ENTRIES} entries",
+        f"a `StreamEntries` message: at most {STREAM_MESSAGE_MAX_ENTRIES} entries",
+    ]
