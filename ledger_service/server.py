@@ -31,13 +31,9 @@ HEALTH_INTERVAL = 1.0
 
 def settle_startup_objects() -> None:
     """Moves everything made at startup (modules, descriptors, SQL, the
-    pools) out of the cyclic garbage collector's view.
-
-    A 1000-entry batch makes thousands of short-lived objects, which trigger
-    collections; each full one rescanned the whole heap of startup objects
-    that live as long as the process: ~30% of the server's CPU under
-    PostEntries load (py-spy --native), 104k -> 125-132k entries/s once frozen.
-    """
+    pools) out of the cyclic garbage collector's view: a 1000-entry batch
+    makes thousands of short-lived objects, and each full collection would
+    rescan the whole heap of objects that live as long as the process."""
     gc.collect()
     gc.freeze()
 

@@ -132,9 +132,8 @@ def repeated(encoded_entries: Iterable[bytes]) -> bytes:
 
 def stream_message(rows: Sequence[tuple[int, int, bytes]]) -> ledger_pb2.StreamEntriesResponse:
     """A StreamEntriesResponse of (sequence, created_at epoch microseconds,
-    payload) rows: one parse of all payloads, then two fields set per entry
-    (measured ~2x faster than encoding the suffix bytes in Python, ~5x than
-    building the messages)."""
+    payload) rows: one parse of all payloads, then two fields set per entry,
+    faster than encoding the rest in Python or building the messages."""
     message = ledger_pb2.StreamEntriesResponse.FromString(repeated(p for _, _, p in rows))
     for entry_message, (sequence, micros, _) in zip(message.entries, rows, strict=True):
         entry_message.sequence = sequence

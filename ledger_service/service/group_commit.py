@@ -11,10 +11,9 @@ Under concurrent load the next transaction also waits, briefly (max_wait,
 3 ms by default), until as many posts are queued as the previous one carried:
 the callers just answered usually come straight back, and a group that waits
 for them is larger, so the per-transaction work (in this process and in the
-database) is shared by more entries. Measured at 64 callers: ~9 -> ~19
-entries per transaction, ~3.6k -> ~4.8k entries/s, p50 18 -> 13 ms. It is the
-idea of Postgres' commit_delay/commit_siblings. After a transaction of one entry
-(a lone caller) nothing waits.
+database) is shared by more entries (docs/performance.md). It is the idea of
+Postgres' commit_delay/commit_siblings. After a transaction of one entry (a
+lone caller) nothing waits.
 """
 
 from __future__ import annotations

@@ -95,11 +95,9 @@ def is_query_canceled(exc: BaseException) -> bool:
     return sqlstate(exc) in ("57014", "55P03")
 
 
-# Failures of the database rather than of the request, which a retry (with
-# the same idempotency key) can outlive: connection exceptions, insufficient
-# resources (disk full, out of memory, too many connections), system and I/O
-# errors, a shutdown or a restart, and a read-only database (a standby, or
-# one set read-only for maintenance).
+# Failures of the database, not of the request, which a retry can outlive:
+# connection, insufficient resources (disk, memory, connections), I/O, a
+# shutdown or restart, a read-only database (a standby, say).
 _UNAVAILABLE_CLASSES = ("08", "53", "58")
 _UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03", "25006"})
 # Of those, the ones after which the connection itself is gone.

@@ -5,14 +5,13 @@ total overflowing. Such a write is one statement in one round trip
 (numbering.TAKE_AND_INSERT_PG, committed as it ends). Run here, on psycopg's
 asyncio connection in the event loop's own thread, it spares each transaction
 two thread hand-offs (to a database thread and back), each a wake-up of
-another thread and a wait for the GIL on a server that is CPU-bound. Measured
-at 64 callers on the same build: ~10-20% more entries/s, and the lone
-caller's p50 ~25% lower (3.5-3.9 -> 2.6-3.0 ms); the database threads' CPU per
-entry fell from ~170 to ~70 µs.
+another thread and a wait for the GIL on a server that is CPU-bound
+(docs/performance.md).
 
 Anything else is refused without writing anything (None): a key already
-stored, no counter, an overflowing total. The careful path (service.py, in
-the thread pool) then looks the keys up and decides what the caller hears.
+stored, no counter, an overflowing total. The careful path (service/
+use_cases.py, in the thread pool) then looks the keys up and decides what the
+caller hears.
 Errors that are the database's own (unreachable, deadline) are raised as the
 same domain errors the careful path raises.
 """
@@ -58,9 +57,8 @@ class LoopWriter:
         self._db = AsyncConnections(url, timeouts, watchdog)
         self._timeouts = timeouts
         # A lost connection usually means all are (a restart, a failover):
-        # the idle ones are closed, and so, through this, are the thread
-        # pool's, as SQLAlchemy does for its own pool; else the next write
-        # and the next careful write would each fail once more on a dead one.
+        # the idle ones are closed, and through this the thread pool's too,
+        # else the next writes would each fail once more on a dead one.
         self._on_connection_lost = on_connection_lost
         self._idle: list[psycopg.AsyncConnection[Any]] = []
         self._slots = asyncio.Semaphore(max_connections)  # binds to a loop on first use
@@ -98,11 +96,9 @@ class LoopWriter:
             totals,
             lock_timeout=lock_timeout(self._timeouts.statement_time(time_left)),
         )
-        # The statement runs in a task of its own: a caller that goes away
-        # (gRPC cancels it at its deadline) is answered at once, and the
-        # statement ends within its own bounds instead of by psycopg's cancel
-        # request, which needs a new connection that a failing network may
-        # not give.
+        # In a task of its own: a caller that goes away is answered at once,
+        # and the statement ends by its own bounds, not by psycopg's cancel
+        # request, which needs a new connection a failing network may refuse.
         write = asyncio.get_running_loop().create_task(self._write(params, time_left, deadline))
         self._writes.add(write)
         write.add_done_callback(self._written)

@@ -41,38 +41,10 @@ from ..domain.entries import Entry, NewEntry
 from . import dialect, pg
 from .schema import counters, entries
 
-# Postgres, one statement: account totals (one row per (account, asset), in
-# that order, so concurrent writers lock them in the same order), then the
-# counter bump by n, the insert of all n rows and one NOTIFY. Row i of the
-# arrays gets number old value + i, so a batch's numbers are contiguous and in
-# request order; they share one created_at, read from the clock once the
-# counter row is locked (so created_at never decreases along the sequence),
-# and the statement returns just the last number and that time. The NOTIFY
-# is delivered at commit, to every server process's listener. (The insert
-# runs although nothing reads it: Postgres runs data-modifying WITH parts to
-# completion.)
-# - The bump waits for the totals: its condition counts their rows, so the
-#   counter row is locked only after the account rows.
-# - A total passing int64 raises "bigint out of range" (SQLSTATE 22003): the
-#   transaction rolls back whole.
-# - The caller's deadline bounds every lock wait (account rows, the counter
-#   row, a concurrent insert of the same key): `deadline` sets lock_timeout
-#   for this statement's own transaction, and the totals read it (an
-#   InitPlan, run once before their first row) before any lock is taken.
-#   Postgres reads lock_timeout when a wait begins; a statement_timeout set
-#   here would be too late, being armed when the statement starts.
-# - Without a counter row nothing is written: the totals insert nothing (the
-#   EXISTS), so the bump and the insert find nothing, and no row comes back.
-#   One statement, one snapshot: a counter created concurrently is seen by
-#   all parts of it or by none.
-# (The ledger parameter is cast once per use: psycopg sends it untyped, and its
-# uses would otherwise deduce both text and varchar.)
-# Driver-level SQL, run on the psycopg connection (storage/pg.py). Columns whose
-# values cannot contain control characters (validated: keys, accounts, asset,
-# entry type; metadata as JSON, which escapes them) go as ONE text each, the
-# values joined by U+001F and split by string_to_array: a join is one C call,
-# where encoding an array costs Python work per element (most of the write's
-# CPU for 1000 entries). The rest go as binary arrays in pg.py's types.
+# The whole write, one statement (how and why: docs/guarantees.md, sections 1
+# to 3 and 6): lock_timeout, then the account totals in (account, asset)
+# order, then the counter bump and the insert, then one NOTIFY. Text columns
+# go joined by U+001F (one C call to build), the others as binary arrays.
 TAKE_AND_INSERT_PG = f"""
     WITH deadline AS (
         SELECT set_config('lock_timeout', %(lock_timeout)s::TEXT, true) AS lock_timeout

@@ -7,16 +7,15 @@ statement ends. The counter lock is thus held only while the server runs the
 insert and the commit; it never waits on this process, whose thread may have
 to wait for the GIL before it can send or read anything. (An explicit
 BEGIN ... COMMIT, even pipelined, did: psycopg sends the statement as soon as
-it is queued, Postgres runs it at once, and the lock then waited for the
-COMMIT that followed; measured 15-18% of PostEntries throughput.) The
-statement writes all or nothing, so nothing needs to look at its result
-before it commits.
+it is queued, Postgres runs it at once, and the lock then waits for the
+COMMIT.) The statement writes all or nothing, so nothing needs to look at its
+result before it commits.
 
-Through SQLAlchemy's execution machinery such statements cost about 300 µs
-more Python CPU per group-commit transaction (measured) on a server that is
-CPU-bound, so they go straight to psycopg: driver SQL, parameters bound by
-psycopg, the statement prepared automatically after a few runs. SQLAlchemy
-still owns the pool, the schema and everything off the hot path. Errors arrive as psycopg's own;
+SQLAlchemy's execution machinery costs more Python CPU per statement than a
+CPU-bound server can spare on its hot path (docs/performance.md), so these
+statements go straight to psycopg: driver SQL, parameters bound by psycopg,
+prepared automatically after a few runs. SQLAlchemy still owns the pool, the
+schema and everything off the hot path. Errors arrive as psycopg's own;
 dialect.py recognises both kinds.
 
 Array parameters are wrapped in the types below, whose dumpers write

@@ -132,11 +132,9 @@ class SqlUnitOfWork:
                     conn.execution_options(sqlite_begin="IMMEDIATE")
                 conn.begin()
             else:
-                # Postgres: the driver in autocommit mode. Reads and other
-                # single statements (creating a counter) are each their own
-                # transaction and snapshot: no BEGIN/COMMIT round trips. So
-                # is the write of entries: one statement, one round trip,
-                # bounded by the caller's deadline (pg.py).
+                # Postgres, autocommit: every statement (a read, creating a
+                # counter, the write of entries) is its own transaction and
+                # snapshot, with no BEGIN/COMMIT round trips (pg.py).
                 conn.execution_options(isolation_level="AUTOCOMMIT")
                 self._raw = pg.driver(conn)
                 self._watch = self._watchdog.start(
