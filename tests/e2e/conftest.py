@@ -12,8 +12,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
+from ledger_service.testing import ServerProcess
+
 from ..conftest import entry_fields, throwaway_pg_database
-from .harness import ServerProcess
 
 # Short intervals keep the tests quick; they change latency, not behaviour.
 FAST = ["--poll-interval", "0.2", "--shutdown-grace", "5"]

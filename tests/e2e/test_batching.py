@@ -12,6 +12,7 @@ import pytest
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from ledger_service.storage.uow import create_engine
+from ledger_service.testing import ServerProcess
 
 from ..conftest import hold_row_lock
 from .conftest import (
@@ -23,7 +24,6 @@ from .conftest import (
     post_request,
     run_threads,
 )
-from .harness import ServerProcess
 
 
 def streamed(stub: Any, ledger: str) -> list[ledger_pb2.Entry]:

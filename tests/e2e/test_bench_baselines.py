@@ -12,11 +12,11 @@ import pytest
 import sqlalchemy as sa
 from ledger.v1 import ledger_pb2_grpc
 
-from bench.run import check_gap_free
+from bench.database import check_gap_free
 from ledger_service.storage.uow import create_engine
+from ledger_service.testing import ServerProcess
 
 from .conftest import init, post_request
-from .harness import ServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import ServerProcess
+from ledger_service.testing import ServerProcess
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -21,11 +21,11 @@ import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ledger_service.storage.timeouts import libpq_conninfo
+from ledger_service.testing import ServerProcess
 
 from ..conftest import hold_row_lock, lock_waiters_when, migrated, missing_requirement
 from ..pgcluster import PgCluster, cluster_unavailable
 from .conftest import FAST, batch_request, details, init, post_request
-from .harness import ServerProcess
 from .traffic import Callers, Follower, check_books, stored_entries
 
 SERVICE = "ledger.v1.LedgerService"

@@ -9,8 +9,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from ledger_service.testing import ServerProcess
+
 from ..conftest import missing_requirement
-from .harness import ServerProcess
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "interop" / "node"
 

@@ -16,11 +16,11 @@ import sqlalchemy as sa
 from ledger.v1 import ledger_pb2
 
 from ledger_service.storage.timeouts import libpq_conninfo
+from ledger_service.testing import ServerProcess
 
 from ..conftest import missing_requirement
 from ..faultproxy import FaultProxy, kernel_drop_unavailable
 from .conftest import FAST, init, post_request
-from .harness import ServerProcess
 from .traffic import Callers, Follower, check_books
 
 # Short bounds keep the tests quick. Recovery is asserted only against a

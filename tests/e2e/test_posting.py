@@ -13,10 +13,10 @@ import sqlalchemy as sa
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from ledger_service.storage.uow import create_engine
+from ledger_service.testing import ServerProcess
 
 from ..conftest import hold_row_lock, lock_waiters_when
 from .conftest import FAST, collect_stream, details, init, post_request, run_threads
-from .harness import ServerProcess
 
 
 def test_every_rpc_answers_through_a_real_server(stub: Any, ledger: str) -> None:

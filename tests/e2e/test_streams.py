@@ -15,9 +15,9 @@ from ledger_client import LedgerClient, error_info
 
 from ledger_service.domain.limits import STREAM_MESSAGE_MAX_ENTRIES
 from ledger_service.storage.uow import create_engine
+from ledger_service.testing import ServerProcess
 
 from .conftest import FAST, collect_stream, details, init, post_request, run_threads
-from .harness import ServerProcess
 
 
 def post_many(stub: Any, ledger: str, n: int, prefix: str = "k", **overrides: Any) -> None:

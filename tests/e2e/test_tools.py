@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from ledger_service.testing import ServerProcess
+
 from ..conftest import migrated
-from .harness import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

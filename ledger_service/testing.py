@@ -1,4 +1,5 @@
-"""Starts real `ledger-service serve` processes on loopback for end-to-end tests."""
+"""Runs `ledger-service serve` as a child process on loopback: for the tests,
+the benchmark, and anyone testing against a real server."""
 
 from __future__ import annotations
 
@@ -19,8 +20,23 @@ from ledger.v1 import ledger_pb2_grpc
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
 
+def _checkout_root() -> Path | None:
+    """The source checkout this package lives in, else None (the current directory):
+    the children run there so `python -m bench.servers` and relative paths resolve."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
 class ServerProcess:
-    """`with ServerProcess(db_url) as server: server.stub.PostEntry(...)`."""
+    """`with ServerProcess(db_url) as server: server.stub.PostEntry(...)`.
+
+    `start` launches `command` (by default `python -m ledger_service serve`) with
+    `--listen 127.0.0.1:PORT --database-url URL` and `extra_args`, and returns once
+    the server logs "listening on HOST:PORT" (port 0: a free one, kept on restart).
+    Its stderr is drained into `.lines` for as long as it runs. `terminate` is
+    SIGTERM and wait, `kill` SIGKILL, `close` (also on leaving `with`) either;
+    `channel` and `stub` reach the server at `address`.
+    """
 
     def __init__(
         self,
@@ -60,7 +76,7 @@ class ServerProcess:
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, **self.env},
-            cwd=Path(__file__).resolve().parents[2],
+            cwd=_checkout_root(),
         )
         found = threading.Event()
 

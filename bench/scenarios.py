@@ -1,0 +1,267 @@
+"""What the benchmark runs: the servers it starts, the load specs of every
+scenario, and the interleaved repetitions whose samples the report reads."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import ExitStack
+from typing import Any
+
+from bench import ROOT
+from bench.database import bench_database, check_gap_free, seed
+from bench.load import planned_posts
+from ledger_service.storage import migrate
+from ledger_service.storage.uow import create_engine
+from ledger_service.testing import ServerProcess
+
+# PostEntry servers, in the order of the tables and the chart.
+POST_MODES = ("ledger", "unbatched", "plain", "sequence", "noop")
+GAP_FREE = ("ledger", "unbatched", "plain")
+
+
+def load(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs load processes together, aligned on one start time."""
+    start_at = time.time() + 1.5  # time for the processes to import and connect
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.load",
+                json.dumps({**s, "start_at": start_at, "process": i}),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for i, s in enumerate(specs)
+    ]
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=900)
+        if p.returncode != 0:
+            raise RuntimeError(f"load process failed ({p.returncode})")
+        results.append(json.loads(out))
+    return results
+
+
+def split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
+    entries = sum(r["entries"] for r in results)
+    seconds = max(r["seconds"] for r in results)
+    lat = [x for r in results for x in r.get("latencies", [])]
+    return {
+        "entries_per_s": entries / seconds,
+        "p50_ms": percentile(lat, 0.50) * 1000,
+        "p99_ms": percentile(lat, 0.99) * 1000,
+    }
+
+
+def new_ledger(server: ServerProcess, prefix: str) -> str:
+    from ledger.v1 import ledger_pb2
+
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    server.stub.InitializeCounter(ledger_pb2.InitializeCounterRequest(ledger=name), timeout=30)
+    return name
+
+
+def run(quick: bool) -> dict[str, Any]:
+    reps = 1 if quick else 3
+    duration, warmup = (1.0, 0.3) if quick else (5.0, 1.0)
+    catchup_n = 50_000 if quick else 1_000_000
+    one_per_message_n = 20_000 if quick else 100_000
+    samples: dict[str, list[dict[str, float]]] = {}
+
+    def record(name: str, value: dict[str, float]) -> None:
+        samples.setdefault(name, []).append(value)
+        print(f"  {name}: " + ", ".join(f"{k}={v:,.1f}" for k, v in value.items()), flush=True)
+
+    with bench_database() as url, ExitStack() as stack:
+        engine = create_engine(url, pool_size=1)
+        migrate.upgrade(engine)
+        engine.dispose()
+        # 8 connections (+8 overflow) per server: all of them, the psycopg
+        # clients and the stream readers stay under Postgres' 100 connections.
+        pool = ["--pool-size", "8"]
+        servers: dict[str, ServerProcess] = {
+            "ledger": ServerProcess(url, extra_args=pool),
+            "unbatched": ServerProcess(url, extra_args=[*pool, "--no-group-commit"]),
+            "one_per_message": ServerProcess(url, extra_args=[*pool, "--stream-batch", "1"]),
+        }
+        for mode in ("plain", "sequence", "noop"):
+            servers[mode] = _baseline_server(url, mode)
+        for s in servers.values():
+            stack.enter_context(s)
+        catchup_ledger = f"catchup-{uuid.uuid4().hex[:8]}"
+        seed(url, catchup_ledger, catchup_n)
+
+        for rep in range(1, reps + 1):
+            print(f"repetition {rep}/{reps}", flush=True)
+            for callers in (1, 16, 64):
+                procs = 1 if callers == 1 else 2
+                for mode in POST_MODES:
+                    server = servers[mode]
+                    ledger = new_ledger(servers["ledger"], "post")
+                    specs = [
+                        {
+                            "kind": "post",
+                            "address": server.address,
+                            "ledger": ledger,
+                            "concurrency": c,
+                            "duration": duration,
+                            "warmup": warmup,
+                        }
+                        for c in split(callers, procs)
+                    ]
+                    record(f"post_{mode}_{callers}", summarize(load(specs)))
+                    if mode in GAP_FREE:
+                        check_gap_free(url, ledger)
+            ledger = new_ledger(servers["ledger"], "db")
+            specs = [
+                {
+                    "kind": "db",
+                    "url": url,
+                    "ledger": ledger,
+                    "size": 1,
+                    "concurrency": c,
+                    "duration": duration,
+                    "warmup": warmup,
+                }
+                for c in split(16, 2)
+            ]
+            record("db_single_16", summarize(load(specs)))
+            for size in (100, 1000):
+                ledger = new_ledger(servers["ledger"], "batch")
+                specs = [
+                    {
+                        "kind": "post",
+                        "address": servers["ledger"].address,
+                        "ledger": ledger,
+                        "batch": size,
+                        "concurrency": 2,
+                        "duration": duration,
+                        "warmup": warmup,
+                    }
+                    for _ in range(2)
+                ]
+                record(f"post_entries_{size}", summarize(load(specs)))
+            ledger = new_ledger(servers["ledger"], "db")
+            specs = [
+                {
+                    "kind": "db",
+                    "url": url,
+                    "ledger": ledger,
+                    "size": 1000,
+                    "concurrency": 2,
+                    "duration": duration,
+                    "warmup": warmup,
+                }
+                for _ in range(2)
+            ]
+            record("db_batch_1000", summarize(load(specs)))
+            for mode, limit in (("ledger", catchup_n), ("one_per_message", one_per_message_n)):
+                (r,) = load(
+                    [
+                        {
+                            "kind": "catch_up",
+                            "address": servers[mode].address,
+                            "ledger": catchup_ledger,
+                            "limit": limit,
+                        }
+                    ]
+                )
+                assert r["entries"] == limit, r
+                record(f"catch_up_{mode}", {"entries_per_s": r["entries"] / r["seconds"]})
+            rate = 0.5 * samples["post_ledger_16"][-1]["entries_per_s"]
+            record("live_tail_16", live_tail(servers["ledger"], rate, duration))
+
+    medians = {
+        name: {k: statistics.median(v[k] for v in values) for k in values[0]}
+        for name, values in samples.items()
+    }
+    return {"samples": samples, "medians": medians}
+
+
+def _baseline_server(url: str, mode: str) -> ServerProcess:
+    return ServerProcess(
+        url, command=[sys.executable, "-m", "bench.servers", "--mode", mode, "--pool-size", "8"]
+    )
+
+
+def live_tail(server: ServerProcess, rate: float, duration: float) -> dict[str, float]:
+    """16 followers (2 processes) while one writer process posts at `rate`.
+
+    The followers stop once the writer's last planned entry has reached them
+    (the ledger is new, so that is sequence N), or at a deadline far past the
+    writer's planned end: on an overloaded machine the writer itself runs
+    late, and a fixed deadline would count entries not yet posted as lost.
+    """
+    ledger = new_ledger(server, "tail")
+    concurrency = 16
+    planned = planned_posts(rate, duration, concurrency)
+    deadline = time.time() + 1.5 + 4 * duration + 10.0
+    followers = {
+        "kind": "followers",
+        "address": server.address,
+        "ledger": ledger,
+        "after": 0,
+        "streams": 8,
+        "until": planned,
+        "deadline": deadline,
+    }
+    writer = {
+        "kind": "rate_writer",
+        "address": server.address,
+        "ledger": ledger,
+        "rate": rate,
+        "duration": duration,
+        "concurrency": concurrency,
+    }
+    results = load([followers, followers, writer])
+    acks = {int(k): v for k, v in results[2]["acks"].items()}
+    if sorted(acks) != list(range(1, planned + 1)):
+        raise RuntimeError(f"live tail: the writer got {len(acks)} numbers, not 1..{planned}")
+    delays = []
+    missing = 0
+    gaps = []
+    for r in results[:2]:
+        for arrivals in r["arrivals"]:
+            got = {int(k): v for k, v in arrivals.items()}
+            lost = sorted(seq for seq in acks if seq not in got)
+            for seq, acked in acks.items():
+                if seq in got:
+                    # Negative: the follower had it before the writer's ack arrived.
+                    delays.append(max(0.0, got[seq] - acked))
+            missing += len(lost)
+            if lost:
+                gaps.append(
+                    f"{len(lost)} of {len(acks)} (sequences {lost[0]}..{lost[-1]}; "
+                    f"the stream got {len(got)}, up to {max(got, default=0)})"
+                )
+    if missing:
+        late = max(acks.values(), default=0.0) - deadline
+        raise RuntimeError(
+            f"live tail: {missing} deliveries missing; the writer's last ack came "
+            f"{late:+.1f} s from the followers' deadline; per stream: " + "; ".join(gaps)
+        )
+    return {
+        # What the writer achieved: below `rate` when the machine fell behind.
+        "rate_per_s": len(acks) / max(duration, results[2]["seconds"]),
+        "p50_ms": percentile(delays, 0.50) * 1000,
+        "p99_ms": percentile(delays, 0.99) * 1000,
+    }
