@@ -93,7 +93,8 @@ def post_atomic(
     look_up_first: bool = False,
 ) -> list[PostResult]:
     """All of `batch` commits with contiguous numbers, or nothing does. Keys
-    already posted with the same payload replay and take no number."""
+    already posted with the same payload replay and take no number. Its keys
+    are distinct (validate_batch refuses a batch that repeats one)."""
     for _ in range(_KEY_RACE_ATTEMPTS):
         try:
             outcomes = _write_with_fallback(
@@ -191,7 +192,7 @@ def _write(
             except TotalsOutOfRange as exc:
                 if optimistic:
                     raise _LookUpFirst() from exc  # a replay's amount may have been counted
-                if atomic or len(new) == 1:
+                if atomic or len(batch) == 1:
                     raise AccountTotalOverflow(ledger) from exc
                 raise _SplitBatch() from exc
             except DuplicateIdempotencyKey as exc:

@@ -80,6 +80,28 @@ def test_an_overflowing_entry_fails_alone_and_the_rest_commit_without_gap(
     assert sequences(engine, ledger) == [1, 2, 3]
 
 
+def test_a_replay_is_answered_when_the_groups_only_new_entry_overflows(
+    uow: Any, engine: Engine, ledger: str
+) -> None:
+    """The overflowing entry fails alone even when it is the group's only new
+    one: the replay beside it still replays (it once failed with it)."""
+    use_cases.initialize_counter(uow, ledger)
+    use_cases.post_entry(
+        uow,
+        make_entry(ledger, "max", debit_account="full", credit_account="source", amount=INT64_MAX),
+    )
+    first = use_cases.post_entry(uow, make_entry(ledger, "x"))
+    for look_up_first in (False, True):  # the careful path, and after the loop writer
+        outcomes = use_cases.post_group(
+            uow,
+            [make_entry(ledger, "x"), make_entry(ledger, "over", debit_account="full", amount=1)],
+            look_up_first=look_up_first,
+        )
+        assert outcomes[0] == PostResult(first.entry, replayed=True)
+        assert isinstance(outcomes[1], AccountTotalOverflow)
+    assert sequences(engine, ledger) == [1, 2]
+
+
 def test_group_on_a_ledger_without_counter_writes_nothing(
     uow: Any, engine: Engine, ledger: str
 ) -> None:
