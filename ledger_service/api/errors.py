@@ -1,8 +1,9 @@
-"""Domain errors -> canonical gRPC status, in ONE table, applied to every
-LedgerService method by map_errors.
+"""Domain errors -> canonical gRPC status and ErrorReason, in ONE table,
+applied to every LedgerService method by map_errors.
 
-Every error carries a google.rpc.ErrorInfo (domain "ledger.v1", UPPER_SNAKE
-reason); bad input also carries google.rpc.BadRequest field violations.
+Every error carries a google.rpc.ErrorInfo (domain "ledger.v1", reason = the
+contract's ErrorReason value name without its ERROR_REASON_ prefix); bad input
+also carries google.rpc.BadRequest field violations.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import SimpleNamespace
-from typing import Any, NoReturn, cast
+from typing import Any, NamedTuple, NoReturn, TypeAlias, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -37,32 +38,67 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class ShuttingDown(LedgerError):
-    reason = "SERVER_SHUTTING_DOWN"
-
     def __init__(self) -> None:
         super().__init__("server is shutting down; reconnect and resume from your last position")
 
 
 class InternalError(LedgerError):
-    reason = "INTERNAL"
-
     def __init__(self) -> None:
         super().__init__("internal error; see the server log")
 
 
-# The one table. Same (reason, domain) always means the same thing.
-STATUS_OF: dict[type[LedgerError], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    CounterNotInitialized: grpc.StatusCode.FAILED_PRECONDITION,
-    IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
-    AccountTotalOverflow: grpc.StatusCode.FAILED_PRECONDITION,
-    PositionAhead: grpc.StatusCode.OUT_OF_RANGE,
-    StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
-    InternalError: grpc.StatusCode.INTERNAL,
+Reason: TypeAlias = ledger_pb2.ErrorReason.ValueType
+_REASON_PREFIX = "ERROR_REASON_"
+
+
+class Row(NamedTuple):
+    """One row of the table: what an error class becomes on the wire."""
+
+    code: grpc.StatusCode
+    reason: Reason
+
+
+# The one table. Same (reason, domain) always means the same thing; every
+# ErrorReason but UNSPECIFIED is one row's (tests/unit/test_error_reasons.py).
+ERRORS: dict[type[LedgerError], Row] = {
+    InvalidArgument: Row(grpc.StatusCode.INVALID_ARGUMENT, ledger_pb2.ERROR_REASON_INVALID_FIELD),
+    CounterNotInitialized: Row(
+        grpc.StatusCode.FAILED_PRECONDITION, ledger_pb2.ERROR_REASON_COUNTER_NOT_INITIALIZED
+    ),
+    IdempotencyConflict: Row(
+        grpc.StatusCode.ALREADY_EXISTS, ledger_pb2.ERROR_REASON_IDEMPOTENCY_KEY_REUSED
+    ),
+    AccountTotalOverflow: Row(
+        grpc.StatusCode.FAILED_PRECONDITION, ledger_pb2.ERROR_REASON_ACCOUNT_TOTAL_OVERFLOW
+    ),
+    PositionAhead: Row(
+        grpc.StatusCode.OUT_OF_RANGE, ledger_pb2.ERROR_REASON_POSITION_AHEAD_OF_LEDGER
+    ),
+    StorageUnavailable: Row(
+        grpc.StatusCode.UNAVAILABLE, ledger_pb2.ERROR_REASON_STORAGE_UNAVAILABLE
+    ),
+    DeadlineExceeded: Row(
+        grpc.StatusCode.DEADLINE_EXCEEDED, ledger_pb2.ERROR_REASON_DEADLINE_EXCEEDED
+    ),
+    Overloaded: Row(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, ledger_pb2.ERROR_REASON_TOO_MANY_PENDING_POSTS
+    ),
+    ShuttingDown: Row(grpc.StatusCode.UNAVAILABLE, ledger_pb2.ERROR_REASON_SERVER_SHUTTING_DOWN),
+    InternalError: Row(grpc.StatusCode.INTERNAL, ledger_pb2.ERROR_REASON_INTERNAL),
 }
+
+
+def reason_name(reason: Reason) -> str:
+    """The ErrorInfo reason string of an ErrorReason value, e.g.
+    ERROR_REASON_INVALID_FIELD -> "INVALID_FIELD" (what clients compare)."""
+    return ledger_pb2.ErrorReason.Name(reason).removeprefix(_REASON_PREFIX)
+
+
+# Derived once: the wire strings of every row, and where unknown classes go.
+_WIRE: dict[type[LedgerError], tuple[grpc.StatusCode, str]] = {
+    cls: (row.code, reason_name(row.reason)) for cls, row in ERRORS.items()
+}
+_UNMAPPED = _WIRE[InternalError]
 
 
 def _pack(message: Any) -> any_pb2.Any:
@@ -72,12 +108,10 @@ def _pack(message: Any) -> any_pb2.Any:
 
 
 def to_rpc_status(exc: LedgerError) -> grpc.Status:
-    code = STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL)
+    code, reason = _WIRE.get(type(exc), _UNMAPPED)
     details = [
         _pack(
-            error_details_pb2.ErrorInfo(
-                reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata
-            )
+            error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=exc.metadata)
         )
     ]
     if isinstance(exc, InvalidArgument):

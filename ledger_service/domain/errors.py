@@ -1,5 +1,6 @@
-"""The errors use cases raise on purpose. Each has a stable UPPER_SNAKE reason;
-the gRPC edge maps the class to a status code in one table (api/errors.py)."""
+"""The errors use cases raise on purpose. Which status code and which stable
+reason (the contract's ErrorReason) each becomes is the gRPC edge's business:
+one table, api/errors.py."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ from .limits import INT64_MAX
 
 class LedgerError(Exception):
     """Base of every error a use case raises on purpose."""
-
-    reason = "LEDGER_ERROR"
 
     def __init__(self, message: str, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
@@ -28,8 +27,6 @@ class FieldViolation:
 
 
 class InvalidArgument(LedgerError):
-    reason = "INVALID_FIELD"
-
     def __init__(self, violations: list[FieldViolation]) -> None:
         self.violations = violations
         message = "; ".join(f"{v.field}: {v.description}" for v in violations)
@@ -37,8 +34,6 @@ class InvalidArgument(LedgerError):
 
 
 class CounterNotInitialized(LedgerError):
-    reason = "COUNTER_NOT_INITIALIZED"
-
     def __init__(self, ledger: str) -> None:
         super().__init__(
             f"ledger {ledger!r} has no counter: call InitializeCounter "
@@ -48,8 +43,6 @@ class CounterNotInitialized(LedgerError):
 
 
 class IdempotencyConflict(LedgerError):
-    reason = "IDEMPOTENCY_KEY_REUSED"
-
     def __init__(
         self, ledger: str, key: str, sequence: int, fields: list[str], index: int | None = None
     ) -> None:
@@ -66,8 +59,6 @@ class IdempotencyConflict(LedgerError):
 
 
 class AccountTotalOverflow(LedgerError):
-    reason = "ACCOUNT_TOTAL_OVERFLOW"
-
     def __init__(self, ledger: str) -> None:
         super().__init__(
             f"posting would overflow an account total in ledger {ledger!r} "
@@ -77,8 +68,6 @@ class AccountTotalOverflow(LedgerError):
 
 
 class Overloaded(LedgerError):
-    reason = "TOO_MANY_PENDING_POSTS"
-
     def __init__(self, limit: int) -> None:
         super().__init__(
             f"this server already has {limit} posts waiting to be written; "
@@ -88,8 +77,6 @@ class Overloaded(LedgerError):
 
 
 class PositionAhead(LedgerError):
-    reason = "POSITION_AHEAD_OF_LEDGER"
-
     def __init__(self, ledger: str, after_sequence: int, head: int) -> None:
         super().__init__(
             f"after_sequence {after_sequence} is beyond ledger {ledger!r}'s last entry {head}: "
@@ -99,11 +86,11 @@ class PositionAhead(LedgerError):
 
 
 class StorageUnavailable(LedgerError):
-    reason = "STORAGE_UNAVAILABLE"
+    """The database could not do the work now; the message says why."""
 
 
 class DeadlineExceeded(LedgerError):
-    reason = "DEADLINE_EXCEEDED"
+    """The callers' deadline passed before the work was done."""
 
 
 def check_deadline(deadline: float | None) -> None:

@@ -12,7 +12,13 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
-from ledger_service.api.errors import ERROR_DOMAIN, STATUS_OF, map_errors, to_rpc_status
+from ledger_service.api.errors import (
+    ERROR_DOMAIN,
+    ERRORS,
+    map_errors,
+    reason_name,
+    to_rpc_status,
+)
 from ledger_service.domain.errors import (
     CounterNotInitialized,
     FieldViolation,
@@ -56,13 +62,14 @@ def test_conflict_is_already_exists() -> None:
     assert status.code == grpc.StatusCode.ALREADY_EXISTS
 
 
-@pytest.mark.parametrize("error_class", list(STATUS_OF), ids=[c.__name__ for c in STATUS_OF])
+@pytest.mark.parametrize("error_class", list(ERRORS), ids=[c.__name__ for c in ERRORS])
 def test_every_mapped_error_has_a_distinct_upper_snake_reason(
     error_class: type[LedgerError],
 ) -> None:
-    reasons = [c.reason for c in STATUS_OF]
-    assert reasons.count(error_class.reason) == 1
-    assert error_class.reason.isupper() and " " not in error_class.reason
+    reasons = [row.reason for row in ERRORS.values()]
+    assert reasons.count(ERRORS[error_class].reason) == 1
+    name = reason_name(ERRORS[error_class].reason)
+    assert name.isupper() and " " not in name
 
 
 class _Failing:
@@ -127,7 +134,7 @@ def test_map_errors_gives_every_method_a_rich_status_and_hides_unexpected_errors
                 received.append(message.head_sequence)
         assert received == [7]  # what was sent before the error still arrives
         assert midway.value.code() == grpc.StatusCode.OUT_OF_RANGE
-        assert _reason(midway.value) == PositionAhead.reason
+        assert _reason(midway.value) == reason_name(ERRORS[PositionAhead].reason)
 
     asyncio.run(_served(calls))
     assert "secret connection string" in caplog.text  # logged for the operator

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,141 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ErrorReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
+    """Never sent."""
+    ERROR_REASON_INVALID_FIELD: _ErrorReason.ValueType  # 1
+    """A request field breaks its documented limits. Status INVALID_ARGUMENT,
+    with a `google.rpc.BadRequest` naming each field (`entries[i].<field>`
+    in PostEntries); metadata "fields" lists them, comma-separated.
+    Retry: no, fix the request.
+    """
+    ERROR_REASON_COUNTER_NOT_INITIALIZED: _ErrorReason.ValueType  # 2
+    """The ledger has no counter. Status FAILED_PRECONDITION; metadata "ledger".
+    Retry: after calling InitializeCounter.
+    """
+    ERROR_REASON_IDEMPOTENCY_KEY_REUSED: _ErrorReason.ValueType  # 3
+    """The `idempotency_key` was already used in the ledger by an entry with a
+    different payload. Status ALREADY_EXISTS; the message and metadata
+    "fields" name the differing fields, metadata "sequence" the existing
+    entry, "ledger" the ledger and, in PostEntries, "index" the entry.
+    Retry: no; a different entry needs a different key.
+    """
+    ERROR_REASON_ACCOUNT_TOTAL_OVERFLOW: _ErrorReason.ValueType  # 4
+    """The post would take an account total above 9223372036854775807 (2^63-1).
+    Status FAILED_PRECONDITION; metadata "ledger". Retry: no.
+    """
+    ERROR_REASON_POSITION_AHEAD_OF_LEDGER: _ErrorReason.ValueType  # 5
+    """StreamEntries' `after_sequence` is beyond the ledger's last entry: the
+    position belongs to another history. Status OUT_OF_RANGE; metadata
+    "ledger" and "head_sequence" (the last entry). Retry: no.
+    """
+    ERROR_REASON_STORAGE_UNAVAILABLE: _ErrorReason.ValueType  # 6
+    """The database is unreachable, gave no answer in time, is at its connection
+    limit, out of disk, restarting or read-only; the message names why.
+    Status UNAVAILABLE; a post's outcome may be unknown. Retry: yes, with
+    backoff and the same idempotency key; a stream resumes from its position.
+    """
+    ERROR_REASON_SERVER_SHUTTING_DOWN: _ErrorReason.ValueType  # 7
+    """The server is draining (SIGTERM). Status UNAVAILABLE. Retry: yes,
+    reconnect (to another server) and resume: a stream from its position,
+    a post with the same idempotency key.
+    """
+    ERROR_REASON_TOO_MANY_PENDING_POSTS: _ErrorReason.ValueType  # 8
+    """The server process already has its limit of posts waiting for their
+    group's transaction; nothing was written. Status RESOURCE_EXHAUSTED;
+    metadata "limit". Retry: yes, later, with backoff and the same
+    idempotency key.
+    """
+    ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 9
+    """The caller's deadline passed in the server (it also bounds lock waits in
+    the database). Status DEADLINE_EXCEEDED; a post's outcome may be unknown.
+    Retry: yes, with the same idempotency key.
+    """
+    ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 10
+    """A bug, or a database error nobody planned for; the server log names it.
+    Status INTERNAL. Retry: not automatically. (A post's outcome may be
+    unknown; retrying it with the same idempotency key is safe.)
+    """
+
+class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
+    """The reasons of the errors LedgerService returns.
+
+    Every error carries a `google.rpc.ErrorInfo` whose `domain` is "ledger.v1"
+    and whose `reason` is the name of one of these values without the
+    `ERROR_REASON_` prefix: ERROR_REASON_COUNTER_NOT_INITIALIZED is sent as
+    reason "COUNTER_NOT_INITIALIZED". The enum itself is never sent; it fixes
+    the reason strings, which are stable: a reason is never renamed or given
+    another meaning. Reasons may be added, so decide on an unknown reason by
+    its status code. A deadline that passes in transit is reported by gRPC
+    itself: DEADLINE_EXCEEDED with no ErrorInfo. A rejected call writes nothing
+    and consumes no number, except where a value below says the outcome of a
+    post is unknown: then retry it with the same `idempotency_key`, which
+    replays the entry if it was committed and never posts it twice.
+    """
+
+ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
+"""Never sent."""
+ERROR_REASON_INVALID_FIELD: ErrorReason.ValueType  # 1
+"""A request field breaks its documented limits. Status INVALID_ARGUMENT,
+with a `google.rpc.BadRequest` naming each field (`entries[i].<field>`
+in PostEntries); metadata "fields" lists them, comma-separated.
+Retry: no, fix the request.
+"""
+ERROR_REASON_COUNTER_NOT_INITIALIZED: ErrorReason.ValueType  # 2
+"""The ledger has no counter. Status FAILED_PRECONDITION; metadata "ledger".
+Retry: after calling InitializeCounter.
+"""
+ERROR_REASON_IDEMPOTENCY_KEY_REUSED: ErrorReason.ValueType  # 3
+"""The `idempotency_key` was already used in the ledger by an entry with a
+different payload. Status ALREADY_EXISTS; the message and metadata
+"fields" name the differing fields, metadata "sequence" the existing
+entry, "ledger" the ledger and, in PostEntries, "index" the entry.
+Retry: no; a different entry needs a different key.
+"""
+ERROR_REASON_ACCOUNT_TOTAL_OVERFLOW: ErrorReason.ValueType  # 4
+"""The post would take an account total above 9223372036854775807 (2^63-1).
+Status FAILED_PRECONDITION; metadata "ledger". Retry: no.
+"""
+ERROR_REASON_POSITION_AHEAD_OF_LEDGER: ErrorReason.ValueType  # 5
+"""StreamEntries' `after_sequence` is beyond the ledger's last entry: the
+position belongs to another history. Status OUT_OF_RANGE; metadata
+"ledger" and "head_sequence" (the last entry). Retry: no.
+"""
+ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 6
+"""The database is unreachable, gave no answer in time, is at its connection
+limit, out of disk, restarting or read-only; the message names why.
+Status UNAVAILABLE; a post's outcome may be unknown. Retry: yes, with
+backoff and the same idempotency key; a stream resumes from its position.
+"""
+ERROR_REASON_SERVER_SHUTTING_DOWN: ErrorReason.ValueType  # 7
+"""The server is draining (SIGTERM). Status UNAVAILABLE. Retry: yes,
+reconnect (to another server) and resume: a stream from its position,
+a post with the same idempotency key.
+"""
+ERROR_REASON_TOO_MANY_PENDING_POSTS: ErrorReason.ValueType  # 8
+"""The server process already has its limit of posts waiting for their
+group's transaction; nothing was written. Status RESOURCE_EXHAUSTED;
+metadata "limit". Retry: yes, later, with backoff and the same
+idempotency key.
+"""
+ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 9
+"""The caller's deadline passed in the server (it also bounds lock waits in
+the database). Status DEADLINE_EXCEEDED; a post's outcome may be unknown.
+Retry: yes, with the same idempotency key.
+"""
+ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 10
+"""A bug, or a database error nobody planned for; the server log names it.
+Status INTERNAL. Retry: not automatically. (A post's outcome may be
+unknown; retrying it with the same idempotency key is safe.)
+"""
+Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
 class Entry(_message.Message):

@@ -2,8 +2,8 @@
 // @generated from file ledger/v1/ledger.proto (package ledger.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file ledger/v1/ledger.proto.
  */
 export const file_ledger_v1_ledger: GenFile = /*@__PURE__*/
-  fileDesc("ChZsZWRnZXIvdjEvbGVkZ2VyLnByb3RvEglsZWRnZXIudjEizAIKBUVudHJ5Eg4KBmxlZGdlchgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoAxIXCg9pZGVtcG90ZW5jeV9rZXkYAyABKAkSFQoNZGViaXRfYWNjb3VudBgEIAEoCRIWCg5jcmVkaXRfYWNjb3VudBgFIAEoCRIOCgZhbW91bnQYBiABKAMSDQoFYXNzZXQYByABKAkSEgoKZW50cnlfdHlwZRgIIAEoCRITCgtkZXNjcmlwdGlvbhgJIAEoCRIwCghtZXRhZGF0YRgKIAMoCzIeLmxlZGdlci52MS5FbnRyeS5NZXRhZGF0YUVudHJ5Ei4KCmNyZWF0ZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIqChhJbml0aWFsaXplQ291bnRlclJlcXVlc3QSDgoGbGVkZ2VyGAEgASgJIksKGUluaXRpYWxpemVDb3VudGVyUmVzcG9uc2USDgoGbGVkZ2VyGAEgASgJEg0KBXZhbHVlGAIgASgDEg8KB2NyZWF0ZWQYAyABKAgirAIKEFBvc3RFbnRyeVJlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRIVCg1kZWJpdF9hY2NvdW50GAQgASgJEhYKDmNyZWRpdF9hY2NvdW50GAUgASgJEg4KBmFtb3VudBgGIAEoAxINCgVhc3NldBgHIAEoCRISCgplbnRyeV90eXBlGAggASgJEhMKC2Rlc2NyaXB0aW9uGAkgASgJEjsKCG1ldGFkYXRhGAogAygLMikubGVkZ2VyLnYxLlBvc3RFbnRyeVJlcXVlc3QuTWV0YWRhdGFFbnRyeRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFKBAgCEANKBAgLEAwiRgoRUG9zdEVudHJ5UmVzcG9uc2USHwoFZW50cnkYASABKAsyEC5sZWRnZXIudjEuRW50cnkSEAoIcmVwbGF5ZWQYAiABKAgilgIKCkVudHJ5SW5wdXQSFwoPaWRlbXBvdGVuY3lfa2V5GAMgASgJEhUKDWRlYml0X2FjY291bnQYBCABKAkSFgoOY3JlZGl0X2FjY291bnQYBSABKAkSDgoGYW1vdW50GAYgASgDEg0KBWFzc2V0GAcgASgJEhIKCmVudHJ5X3R5cGUYCCABKAkSEwoLZGVzY3JpcHRpb24YCSABKAkSNQoIbWV0YWRhdGEYCiADKAsyIy5sZWRnZXIudjEuRW50cnlJbnB1dC5NZXRhZGF0YUVudHJ5Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUoECAEQAkoECAIQA0oECAsQDCJMChJQb3N0RW50cmllc1JlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEiYKB2VudHJpZXMYAiADKAsyFS5sZWRnZXIudjEuRW50cnlJbnB1dCJACgtQb3N0ZWRFbnRyeRIfCgVlbnRyeRgBIAEoCzIQLmxlZGdlci52MS5FbnRyeRIQCghyZXBsYXllZBgCIAEoCCI+ChNQb3N0RW50cmllc1Jlc3BvbnNlEicKB3Jlc3VsdHMYASADKAsyFi5sZWRnZXIudjEuUG9zdGVkRW50cnkiTgoUU3RyZWFtRW50cmllc1JlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEhYKDmFmdGVyX3NlcXVlbmNlGAIgASgDEg4KBmZvbGxvdxgDIAEoCCJ3ChVTdHJlYW1FbnRyaWVzUmVzcG9uc2USIQoHZW50cmllcxgBIAMoCzIQLmxlZGdlci52MS5FbnRyeRIRCgljYXVnaHRfdXAYAiABKAgSFQoNaGVhZF9zZXF1ZW5jZRgDIAEoAxIRCgloZWFydGJlYXQYBCABKAgiNAoRR2V0QWNjb3VudFJlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEg8KB2FjY291bnQYAiABKAkiWwoMQXNzZXRCYWxhbmNlEg0KBWFzc2V0GAEgASgJEhQKDHRvdGFsX2RlYml0cxgCIAEoAxIVCg10b3RhbF9jcmVkaXRzGAMgASgDEg8KB2JhbGFuY2UYBCABKAMieAoSR2V0QWNjb3VudFJlc3BvbnNlEg4KBmxlZGdlchgBIAEoCRIPCgdhY2NvdW50GAIgASgJEikKCGJhbGFuY2VzGAMgAygLMhcubGVkZ2VyLnYxLkFzc2V0QmFsYW5jZRIWCg5hc19vZl9zZXF1ZW5jZRgEIAEoAzKmAwoNTGVkZ2VyU2VydmljZRJeChFJbml0aWFsaXplQ291bnRlchIjLmxlZGdlci52MS5Jbml0aWFsaXplQ291bnRlclJlcXVlc3QaJC5sZWRnZXIudjEuSW5pdGlhbGl6ZUNvdW50ZXJSZXNwb25zZRJGCglQb3N0RW50cnkSGy5sZWRnZXIudjEuUG9zdEVudHJ5UmVxdWVzdBocLmxlZGdlci52MS5Qb3N0RW50cnlSZXNwb25zZRJMCgtQb3N0RW50cmllcxIdLmxlZGdlci52MS5Qb3N0RW50cmllc1JlcXVlc3QaHi5sZWRnZXIudjEuUG9zdEVudHJpZXNSZXNwb25zZRJUCg1TdHJlYW1FbnRyaWVzEh8ubGVkZ2VyLnYxLlN0cmVhbUVudHJpZXNSZXF1ZXN0GiAubGVkZ2VyLnYxLlN0cmVhbUVudHJpZXNSZXNwb25zZTABEkkKCkdldEFjY291bnQSHC5sZWRnZXIudjEuR2V0QWNjb3VudFJlcXVlc3QaHS5sZWRnZXIudjEuR2V0QWNjb3VudFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("ChZsZWRnZXIvdjEvbGVkZ2VyLnByb3RvEglsZWRnZXIudjEizAIKBUVudHJ5Eg4KBmxlZGdlchgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoAxIXCg9pZGVtcG90ZW5jeV9rZXkYAyABKAkSFQoNZGViaXRfYWNjb3VudBgEIAEoCRIWCg5jcmVkaXRfYWNjb3VudBgFIAEoCRIOCgZhbW91bnQYBiABKAMSDQoFYXNzZXQYByABKAkSEgoKZW50cnlfdHlwZRgIIAEoCRITCgtkZXNjcmlwdGlvbhgJIAEoCRIwCghtZXRhZGF0YRgKIAMoCzIeLmxlZGdlci52MS5FbnRyeS5NZXRhZGF0YUVudHJ5Ei4KCmNyZWF0ZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIqChhJbml0aWFsaXplQ291bnRlclJlcXVlc3QSDgoGbGVkZ2VyGAEgASgJIksKGUluaXRpYWxpemVDb3VudGVyUmVzcG9uc2USDgoGbGVkZ2VyGAEgASgJEg0KBXZhbHVlGAIgASgDEg8KB2NyZWF0ZWQYAyABKAgirAIKEFBvc3RFbnRyeVJlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRIVCg1kZWJpdF9hY2NvdW50GAQgASgJEhYKDmNyZWRpdF9hY2NvdW50GAUgASgJEg4KBmFtb3VudBgGIAEoAxINCgVhc3NldBgHIAEoCRISCgplbnRyeV90eXBlGAggASgJEhMKC2Rlc2NyaXB0aW9uGAkgASgJEjsKCG1ldGFkYXRhGAogAygLMikubGVkZ2VyLnYxLlBvc3RFbnRyeVJlcXVlc3QuTWV0YWRhdGFFbnRyeRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFKBAgCEANKBAgLEAwiRgoRUG9zdEVudHJ5UmVzcG9uc2USHwoFZW50cnkYASABKAsyEC5sZWRnZXIudjEuRW50cnkSEAoIcmVwbGF5ZWQYAiABKAgilgIKCkVudHJ5SW5wdXQSFwoPaWRlbXBvdGVuY3lfa2V5GAMgASgJEhUKDWRlYml0X2FjY291bnQYBCABKAkSFgoOY3JlZGl0X2FjY291bnQYBSABKAkSDgoGYW1vdW50GAYgASgDEg0KBWFzc2V0GAcgASgJEhIKCmVudHJ5X3R5cGUYCCABKAkSEwoLZGVzY3JpcHRpb24YCSABKAkSNQoIbWV0YWRhdGEYCiADKAsyIy5sZWRnZXIudjEuRW50cnlJbnB1dC5NZXRhZGF0YUVudHJ5Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUoECAEQAkoECAIQA0oECAsQDCJMChJQb3N0RW50cmllc1JlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEiYKB2VudHJpZXMYAiADKAsyFS5sZWRnZXIudjEuRW50cnlJbnB1dCJACgtQb3N0ZWRFbnRyeRIfCgVlbnRyeRgBIAEoCzIQLmxlZGdlci52MS5FbnRyeRIQCghyZXBsYXllZBgCIAEoCCI+ChNQb3N0RW50cmllc1Jlc3BvbnNlEicKB3Jlc3VsdHMYASADKAsyFi5sZWRnZXIudjEuUG9zdGVkRW50cnkiTgoUU3RyZWFtRW50cmllc1JlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEhYKDmFmdGVyX3NlcXVlbmNlGAIgASgDEg4KBmZvbGxvdxgDIAEoCCJ3ChVTdHJlYW1FbnRyaWVzUmVzcG9uc2USIQoHZW50cmllcxgBIAMoCzIQLmxlZGdlci52MS5FbnRyeRIRCgljYXVnaHRfdXAYAiABKAgSFQoNaGVhZF9zZXF1ZW5jZRgDIAEoAxIRCgloZWFydGJlYXQYBCABKAgiNAoRR2V0QWNjb3VudFJlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEg8KB2FjY291bnQYAiABKAkiWwoMQXNzZXRCYWxhbmNlEg0KBWFzc2V0GAEgASgJEhQKDHRvdGFsX2RlYml0cxgCIAEoAxIVCg10b3RhbF9jcmVkaXRzGAMgASgDEg8KB2JhbGFuY2UYBCABKAMieAoSR2V0QWNjb3VudFJlc3BvbnNlEg4KBmxlZGdlchgBIAEoCRIPCgdhY2NvdW50GAIgASgJEikKCGJhbGFuY2VzGAMgAygLMhcubGVkZ2VyLnYxLkFzc2V0QmFsYW5jZRIWCg5hc19vZl9zZXF1ZW5jZRgEIAEoAyqnAwoLRXJyb3JSZWFzb24SHAoYRVJST1JfUkVBU09OX1VOU1BFQ0lGSUVEEAASHgoaRVJST1JfUkVBU09OX0lOVkFMSURfRklFTEQQARIoCiRFUlJPUl9SRUFTT05fQ09VTlRFUl9OT1RfSU5JVElBTElaRUQQAhInCiNFUlJPUl9SRUFTT05fSURFTVBPVEVOQ1lfS0VZX1JFVVNFRBADEicKI0VSUk9SX1JFQVNPTl9BQ0NPVU5UX1RPVEFMX09WRVJGTE9XEAQSKQolRVJST1JfUkVBU09OX1BPU0lUSU9OX0FIRUFEX09GX0xFREdFUhAFEiQKIEVSUk9SX1JFQVNPTl9TVE9SQUdFX1VOQVZBSUxBQkxFEAYSJQohRVJST1JfUkVBU09OX1NFUlZFUl9TSFVUVElOR19ET1dOEAcSJwojRVJST1JfUkVBU09OX1RPT19NQU5ZX1BFTkRJTkdfUE9TVFMQCBIiCh5FUlJPUl9SRUFTT05fREVBRExJTkVfRVhDRUVERUQQCRIZChVFUlJPUl9SRUFTT05fSU5URVJOQUwQCjKmAwoNTGVkZ2VyU2VydmljZRJeChFJbml0aWFsaXplQ291bnRlchIjLmxlZGdlci52MS5Jbml0aWFsaXplQ291bnRlclJlcXVlc3QaJC5sZWRnZXIudjEuSW5pdGlhbGl6ZUNvdW50ZXJSZXNwb25zZRJGCglQb3N0RW50cnkSGy5sZWRnZXIudjEuUG9zdEVudHJ5UmVxdWVzdBocLmxlZGdlci52MS5Qb3N0RW50cnlSZXNwb25zZRJMCgtQb3N0RW50cmllcxIdLmxlZGdlci52MS5Qb3N0RW50cmllc1JlcXVlc3QaHi5sZWRnZXIudjEuUG9zdEVudHJpZXNSZXNwb25zZRJUCg1TdHJlYW1FbnRyaWVzEh8ubGVkZ2VyLnYxLlN0cmVhbUVudHJpZXNSZXF1ZXN0GiAubGVkZ2VyLnYxLlN0cmVhbUVudHJpZXNSZXNwb25zZTABEkkKCkdldEFjY291bnQSHC5sZWRnZXIudjEuR2V0QWNjb3VudFJlcXVlc3QaHS5sZWRnZXIudjEuR2V0QWNjb3VudFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * A posted journal entry: `amount` of `asset` moves from `credit_account` to
@@ -639,6 +639,131 @@ export type GetAccountResponse = Message<"ledger.v1.GetAccountResponse"> & {
  */
 export const GetAccountResponseSchema: GenMessage<GetAccountResponse> = /*@__PURE__*/
   messageDesc(file_ledger_v1_ledger, 13);
+
+/**
+ * The reasons of the errors LedgerService returns.
+ *
+ * Every error carries a `google.rpc.ErrorInfo` whose `domain` is "ledger.v1"
+ * and whose `reason` is the name of one of these values without the
+ * `ERROR_REASON_` prefix: ERROR_REASON_COUNTER_NOT_INITIALIZED is sent as
+ * reason "COUNTER_NOT_INITIALIZED". The enum itself is never sent; it fixes
+ * the reason strings, which are stable: a reason is never renamed or given
+ * another meaning. Reasons may be added, so decide on an unknown reason by
+ * its status code. A deadline that passes in transit is reported by gRPC
+ * itself: DEADLINE_EXCEEDED with no ErrorInfo. A rejected call writes nothing
+ * and consumes no number, except where a value below says the outcome of a
+ * post is unknown: then retry it with the same `idempotency_key`, which
+ * replays the entry if it was committed and never posts it twice.
+ *
+ * @generated from enum ledger.v1.ErrorReason
+ */
+export enum ErrorReason {
+  /**
+   * Never sent.
+   *
+   * @generated from enum value: ERROR_REASON_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A request field breaks its documented limits. Status INVALID_ARGUMENT,
+   * with a `google.rpc.BadRequest` naming each field (`entries[i].<field>`
+   * in PostEntries); metadata "fields" lists them, comma-separated.
+   * Retry: no, fix the request.
+   *
+   * @generated from enum value: ERROR_REASON_INVALID_FIELD = 1;
+   */
+  INVALID_FIELD = 1,
+
+  /**
+   * The ledger has no counter. Status FAILED_PRECONDITION; metadata "ledger".
+   * Retry: after calling InitializeCounter.
+   *
+   * @generated from enum value: ERROR_REASON_COUNTER_NOT_INITIALIZED = 2;
+   */
+  COUNTER_NOT_INITIALIZED = 2,
+
+  /**
+   * The `idempotency_key` was already used in the ledger by an entry with a
+   * different payload. Status ALREADY_EXISTS; the message and metadata
+   * "fields" name the differing fields, metadata "sequence" the existing
+   * entry, "ledger" the ledger and, in PostEntries, "index" the entry.
+   * Retry: no; a different entry needs a different key.
+   *
+   * @generated from enum value: ERROR_REASON_IDEMPOTENCY_KEY_REUSED = 3;
+   */
+  IDEMPOTENCY_KEY_REUSED = 3,
+
+  /**
+   * The post would take an account total above 9223372036854775807 (2^63-1).
+   * Status FAILED_PRECONDITION; metadata "ledger". Retry: no.
+   *
+   * @generated from enum value: ERROR_REASON_ACCOUNT_TOTAL_OVERFLOW = 4;
+   */
+  ACCOUNT_TOTAL_OVERFLOW = 4,
+
+  /**
+   * StreamEntries' `after_sequence` is beyond the ledger's last entry: the
+   * position belongs to another history. Status OUT_OF_RANGE; metadata
+   * "ledger" and "head_sequence" (the last entry). Retry: no.
+   *
+   * @generated from enum value: ERROR_REASON_POSITION_AHEAD_OF_LEDGER = 5;
+   */
+  POSITION_AHEAD_OF_LEDGER = 5,
+
+  /**
+   * The database is unreachable, gave no answer in time, is at its connection
+   * limit, out of disk, restarting or read-only; the message names why.
+   * Status UNAVAILABLE; a post's outcome may be unknown. Retry: yes, with
+   * backoff and the same idempotency key; a stream resumes from its position.
+   *
+   * @generated from enum value: ERROR_REASON_STORAGE_UNAVAILABLE = 6;
+   */
+  STORAGE_UNAVAILABLE = 6,
+
+  /**
+   * The server is draining (SIGTERM). Status UNAVAILABLE. Retry: yes,
+   * reconnect (to another server) and resume: a stream from its position,
+   * a post with the same idempotency key.
+   *
+   * @generated from enum value: ERROR_REASON_SERVER_SHUTTING_DOWN = 7;
+   */
+  SERVER_SHUTTING_DOWN = 7,
+
+  /**
+   * The server process already has its limit of posts waiting for their
+   * group's transaction; nothing was written. Status RESOURCE_EXHAUSTED;
+   * metadata "limit". Retry: yes, later, with backoff and the same
+   * idempotency key.
+   *
+   * @generated from enum value: ERROR_REASON_TOO_MANY_PENDING_POSTS = 8;
+   */
+  TOO_MANY_PENDING_POSTS = 8,
+
+  /**
+   * The caller's deadline passed in the server (it also bounds lock waits in
+   * the database). Status DEADLINE_EXCEEDED; a post's outcome may be unknown.
+   * Retry: yes, with the same idempotency key.
+   *
+   * @generated from enum value: ERROR_REASON_DEADLINE_EXCEEDED = 9;
+   */
+  DEADLINE_EXCEEDED = 9,
+
+  /**
+   * A bug, or a database error nobody planned for; the server log names it.
+   * Status INTERNAL. Retry: not automatically. (A post's outcome may be
+   * unknown; retrying it with the same idempotency key is safe.)
+   *
+   * @generated from enum value: ERROR_REASON_INTERNAL = 10;
+   */
+  INTERNAL = 10,
+}
+
+/**
+ * Describes the enum ledger.v1.ErrorReason.
+ */
+export const ErrorReasonSchema: GenEnum<ErrorReason> = /*@__PURE__*/
+  enumDesc(file_ledger_v1_ledger, 0);
 
 /**
  * LedgerService numbers journal entries gap-free, per ledger.
