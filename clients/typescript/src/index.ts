@@ -1,8 +1,9 @@
 // A thin client for ledger.v1.LedgerService over gRPC (HTTP/2, connect-node).
 // It adds what every caller would otherwise write: an idempotency key per
-// post, retries of UNAVAILABLE with that same key (so a retry never posts
-// twice), and streams that resume after their last entry when the connection
-// drops. int64 fields are bigint, exact.
+// post, retries of UNAVAILABLE and DEADLINE_EXCEEDED with that same key (so a
+// retry never posts twice) within a bound on the whole call, and streams that
+// resume after their last entry when the connection drops. int64 fields are
+// bigint, exact.
 import { randomUUID } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { BinaryReader } from "@bufbuild/protobuf/wire";
@@ -10,6 +11,7 @@ import { Code, ConnectError, createClient, type Client } from "@connectrpc/conne
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import {
   type Entry,
+  ErrorReason,
   type GetAccountResponse,
   type InitializeCounterResponse,
   LedgerService,
@@ -33,46 +35,69 @@ export interface PostInput {
 }
 
 export interface ClientOptions {
-  /** Attempts per call when the server is UNAVAILABLE (default 6). */
+  /** Attempts per call after UNAVAILABLE or DEADLINE_EXCEEDED (default 6). */
   maxAttempts?: number;
   /** Deadline of each attempt in milliseconds (default 10000). */
   timeoutMs?: number;
+  /**
+   * Deadline of a whole retried call, backoff included, in milliseconds
+   * (default 30000); `null`: only maxAttempts bounds it, at up to
+   * maxAttempts × timeoutMs plus backoff.
+   */
+  totalTimeoutMs?: number | null;
 }
 
-const RETRYABLE = new Set([Code.Unavailable]);
+// Codes after which a post (with its idempotency key) or InitializeCounter is
+// sent again: after an unknown outcome the retry replays, never doubles.
+const RETRYABLE = new Set([Code.Unavailable, Code.DeadlineExceeded]);
+// Codes after which a stream reconnects from its position. A stream has no
+// deadline of ours, so a DEADLINE_EXCEEDED on one is the caller's signal.
+const RESUMABLE = new Set([Code.Unavailable]);
 
 export class LedgerClient {
   /** The generated client, for anything this wrapper does not cover. */
   readonly raw: Client<typeof LedgerService>;
   private readonly maxAttempts: number;
   private readonly timeoutMs: number;
+  private readonly totalTimeoutMs: number | null;
 
   /** `baseUrl` like "http://127.0.0.1:50051". */
   constructor(baseUrl: string, options: ClientOptions = {}) {
     this.raw = createClient(LedgerService, createGrpcTransport({ baseUrl }));
     this.maxAttempts = options.maxAttempts ?? 6;
     this.timeoutMs = options.timeoutMs ?? 10_000;
+    this.totalTimeoutMs = options.totalTimeoutMs === undefined ? 30_000 : options.totalTimeoutMs;
   }
 
-  private async retrying<T>(call: () => Promise<T>): Promise<T> {
+  /**
+   * Calls `call(timeoutMs)` again after a retryable failure, within maxAttempts and
+   * totalTimeoutMs; each attempt's timeoutMs is what is left, at most this.timeoutMs.
+   */
+  private async retrying<T>(call: (timeoutMs: number) => Promise<T>): Promise<T> {
+    const deadline = this.totalTimeoutMs === null ? Infinity : Date.now() + this.totalTimeoutMs;
     for (let attempt = 0; ; attempt++) {
       try {
-        return await call();
+        return await call(Math.min(this.timeoutMs, deadline - Date.now()));
       } catch (error) {
         const code = ConnectError.from(error).code;
         if (!RETRYABLE.has(code) || attempt + 1 >= this.maxAttempts) throw error;
-        await sleep(Math.random() * Math.min(3000, 100 * 2 ** attempt));
+        const delay = Math.random() * Math.min(3000, 100 * 2 ** attempt);
+        if (Date.now() + delay >= deadline) throw error; // no time left for another attempt
+        await sleep(delay);
       }
     }
   }
 
   initializeCounter(ledger: string): Promise<InitializeCounterResponse> {
     // Idempotent by contract, so safe to retry.
-    return this.retrying(() =>
-      this.raw.initializeCounter({ ledger }, { timeoutMs: this.timeoutMs }),
-    );
+    return this.retrying((timeoutMs) => this.raw.initializeCounter({ ledger }, { timeoutMs }));
   }
 
+  /**
+   * Posts one entry, retrying with the same idempotency key. If an attempt
+   * committed but its answer was lost, the next returns that entry with
+   * `replayed` true.
+   */
   postEntry(ledger: string, input: PostInput): Promise<PostEntryResponse> {
     const request = create(PostEntryRequestSchema, {
       ledger,
@@ -85,7 +110,7 @@ export class LedgerClient {
       description: input.description ?? "",
       metadata: input.metadata ?? {},
     });
-    return this.retrying(() => this.raw.postEntry(request, { timeoutMs: this.timeoutMs }));
+    return this.retrying((timeoutMs) => this.raw.postEntry(request, { timeoutMs }));
   }
 
   getAccount(ledger: string, account: string): Promise<GetAccountResponse> {
@@ -122,11 +147,21 @@ export class LedgerClient {
         return;
       } catch (error) {
         const code = ConnectError.from(error).code;
-        if (!RETRYABLE.has(code) || ++failures >= this.maxAttempts) throw error;
+        if (!RESUMABLE.has(code) || ++failures >= this.maxAttempts) throw error;
         await sleep(Math.random() * Math.min(3000, 100 * 2 ** failures));
       }
     }
   }
+}
+
+/**
+ * The wire reason of an `ErrorReason` value: its name in the contract without
+ * the `ERROR_REASON_` prefix, e.g. "COUNTER_NOT_INITIALIZED". Compare it with
+ * `errorReason(error)`.
+ */
+export function reasonName(reason: ErrorReason): string {
+  // protoc-gen-es already drops the shared prefix from the member names.
+  return ErrorReason[reason];
 }
 
 /** The `google.rpc.ErrorInfo` reason of a failed call (e.g. "COUNTER_NOT_INITIALIZED"). */

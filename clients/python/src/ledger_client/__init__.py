@@ -1,8 +1,9 @@
 """A small client for ledger.v1.LedgerService.
 
 It adds what every caller would otherwise write: an idempotency key per post,
-retries of UNAVAILABLE with that same key (so a retry never posts twice), and
-streams that resume from the last entry they yielded after a disconnect.
+retries of UNAVAILABLE and DEADLINE_EXCEEDED with that same key (so a retry
+never posts twice) within a bound on the whole call, and streams that resume
+from the last entry they yielded after a disconnect.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ __all__ = ["LedgerClient", "error_info"]
 
 # Codes after which the same request may be sent again. A post carries its
 # idempotency key, so a retry after an unknown outcome replays, never doubles.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Codes after which a stream reconnects from its position. A stream has no
+# deadline of ours, so a DEADLINE_EXCEEDED on one is not a stall to retry.
+RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 R = TypeVar("R")
 
@@ -49,6 +53,7 @@ class LedgerClient:
         target: str,
         *,
         timeout: float = 10.0,
+        total_timeout: float | None = 30.0,
         max_attempts: int = 6,
         backoff: float = 0.1,
         max_backoff: float = 3.0,
@@ -66,7 +71,10 @@ class LedgerClient:
             ],
         )
         self._stub = ledger_pb2_grpc.LedgerServiceStub(self._channel)
-        self.timeout = timeout
+        self.timeout = timeout  # each attempt's deadline (s)
+        # The whole retried call's deadline (s), backoff included; None: only
+        # max_attempts bounds it, at up to max_attempts * timeout plus backoff.
+        self.total_timeout = total_timeout
         self.max_attempts = max_attempts
         self._backoff = backoff
         self._max_backoff = max_backoff
@@ -85,20 +93,31 @@ class LedgerClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _sleep(self, attempt: int) -> None:
+    def _backoff_delay(self, attempt: int) -> float:
         # Full jitter: many clients retrying after one outage do not stampede.
-        time.sleep(random.uniform(0, min(self._max_backoff, self._backoff * 2**attempt)))
+        return random.uniform(0, min(self._max_backoff, self._backoff * 2**attempt))
+
+    def _sleep(self, attempt: int) -> None:
+        time.sleep(self._backoff_delay(attempt))
 
     def _unary_with_retries(self, method: Callable[..., R], request: Any) -> R:
-        """Sends the same request again after a retryable failure; only for
-        calls that are idempotent (InitializeCounter, PostEntry with its key)."""
+        """Sends the same request again after a retryable failure, within
+        max_attempts and total_timeout; only for calls that are idempotent
+        (InitializeCounter, PostEntry with its key)."""
+        deadline = None if self.total_timeout is None else time.monotonic() + self.total_timeout
         for attempt in range(self.max_attempts):
+            timeout = self.timeout
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
             try:
-                return method(request, timeout=self.timeout)
+                return method(request, timeout=timeout)
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE or attempt + 1 == self.max_attempts:
                     raise
-                self._sleep(attempt)
+                delay = self._backoff_delay(attempt)
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise  # no time left for another attempt
+                time.sleep(delay)
         raise AssertionError("unreachable")
 
     def initialize_counter(self, ledger: str) -> ledger_pb2.InitializeCounterResponse:
@@ -120,7 +139,9 @@ class LedgerClient:
         metadata: Mapping[str, str] | None = None,
     ) -> ledger_pb2.PostEntryResponse:
         """Posts one entry. Without `idempotency_key` a fresh UUID is used; every
-        retry of this call reuses it, so the entry is posted at most once."""
+        retry of this call reuses it, so the entry is posted at most once. If an
+        attempt committed but its answer was lost, the next one returns that
+        entry with `replayed` true."""
         request = ledger_pb2.PostEntryRequest(
             ledger=ledger,
             idempotency_key=idempotency_key or str(uuid.uuid4()),
@@ -169,7 +190,7 @@ class LedgerClient:
                     yield message
                 return
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE:
+                if exc.code() not in RESUMABLE:
                     raise
                 failures += 1
                 if failures >= self.max_attempts:

@@ -3,8 +3,15 @@
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { test } from "node:test";
+import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { LedgerClient, errorReason } from "../index.js";
+import {
+  ErrorReason,
+  LedgerClient,
+  PostEntryRequestSchema,
+  errorReason,
+  reasonName,
+} from "../index.js";
 
 const address = process.env.LEDGER_ADDRESS;
 if (!address) throw new Error("set LEDGER_ADDRESS to a running ledger server (host:port)");
@@ -18,7 +25,8 @@ test("posts, replays, conflicts, follows a stream and reads balances exactly", a
     client.postEntry(ledger, { debitAccount: "cash", creditAccount: "sales", amount: 1n, asset: "USD" }),
     (error: unknown) =>
       ConnectError.from(error).code === Code.FailedPrecondition &&
-      errorReason(error) === "COUNTER_NOT_INITIALIZED",
+      errorReason(error) === "COUNTER_NOT_INITIALIZED" &&
+      errorReason(error) === reasonName(ErrorReason.COUNTER_NOT_INITIALIZED),
   );
   const counter = await client.initializeCounter(ledger);
   assert.equal(counter.created, true);
@@ -60,4 +68,41 @@ test("posts, replays, conflicts, follows a stream and reads balances exactly", a
   const account = await client.getAccount(ledger, "cash");
   assert.equal(account.asOfSequence, 3n);
   assert.equal(account.balances[0]?.totalDebits, 3n * BIG);
+
+  // One test only (tests/e2e/test_interop.py counts them), so the retries too.
+  // DEADLINE_EXCEEDED after a commit whose answer was lost: the retry with the
+  // same key replays it, and the entry is posted once.
+  const flaky = new LedgerClient(`http://${address}`, { maxAttempts: 3 });
+  const post = flaky.raw.postEntry.bind(flaky.raw);
+  const keys: string[] = [];
+  flaky.raw.postEntry = async (request, options) => {
+    const answer = await post(request, options);
+    keys.push(create(PostEntryRequestSchema, request).idempotencyKey);
+    if (keys.length === 1) throw new ConnectError("answer lost", Code.DeadlineExceeded);
+    return answer;
+  };
+  const retried = await flaky.postEntry(ledger, { ...input, idempotencyKey: undefined });
+  assert.equal(keys.length, 2);
+  assert.equal(keys[0], keys[1]);
+  assert.equal(retried.replayed, true);
+  assert.equal(retried.entry?.sequence, 4n);
+  assert.equal((await client.getAccount(ledger, "cash")).asOfSequence, 4n);
+
+  // Retries end within totalTimeoutMs, however many attempts are left.
+  const stalled = new LedgerClient(`http://${address}`, {
+    maxAttempts: 1000, timeoutMs: 50, totalTimeoutMs: 400,
+  });
+  let attempts = 0;
+  stalled.raw.postEntry = async (_request, options) => {
+    attempts++;
+    await new Promise((resolve) => setTimeout(resolve, options?.timeoutMs));
+    throw new ConnectError("stalled", Code.DeadlineExceeded);
+  };
+  const started = Date.now();
+  await assert.rejects(
+    stalled.postEntry(ledger, input),
+    (error: unknown) => ConnectError.from(error).code === Code.DeadlineExceeded,
+  );
+  const elapsed = Date.now() - started;
+  assert.ok(attempts > 1 && elapsed < 1000, `${attempts} attempts in ${elapsed} ms`);
 });
