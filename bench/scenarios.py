@@ -87,6 +87,13 @@ def run(quick: bool) -> dict[str, Any]:
     one_per_message_n = 20_000 if quick else 100_000
     samples: dict[str, list[dict[str, float]]] = {}
 
+    def timed(concurrencies: list[int], **spec: Any) -> list[dict[str, Any]]:
+        """One load process per entry of `concurrencies`, measuring the same window."""
+        return [
+            {**spec, "concurrency": c, "duration": duration, "warmup": warmup}
+            for c in concurrencies
+        ]
+
     def record(name: str, value: dict[str, float]) -> None:
         samples.setdefault(name, []).append(value)
         print(f"  {name}: " + ", ".join(f"{k}={v:,.1f}" for k, v in value.items()), flush=True)
@@ -117,62 +124,22 @@ def run(quick: bool) -> dict[str, Any]:
                 for mode in POST_MODES:
                     server = servers[mode]
                     ledger = new_ledger(servers["ledger"], "post")
-                    specs = [
-                        {
-                            "kind": "post",
-                            "address": server.address,
-                            "ledger": ledger,
-                            "concurrency": c,
-                            "duration": duration,
-                            "warmup": warmup,
-                        }
-                        for c in split(callers, procs)
-                    ]
+                    specs = timed(
+                        split(callers, procs), kind="post", address=server.address, ledger=ledger
+                    )
                     record(f"post_{mode}_{callers}", summarize(load(specs)))
                     if mode in GAP_FREE:
                         check_gap_free(url, ledger)
             ledger = new_ledger(servers["ledger"], "db")
-            specs = [
-                {
-                    "kind": "db",
-                    "url": url,
-                    "ledger": ledger,
-                    "size": 1,
-                    "concurrency": c,
-                    "duration": duration,
-                    "warmup": warmup,
-                }
-                for c in split(16, 2)
-            ]
+            specs = timed(split(16, 2), kind="db", url=url, ledger=ledger, size=1)
             record("db_single_16", summarize(load(specs)))
             for size in (100, 1000):
                 ledger = new_ledger(servers["ledger"], "batch")
-                specs = [
-                    {
-                        "kind": "post",
-                        "address": servers["ledger"].address,
-                        "ledger": ledger,
-                        "batch": size,
-                        "concurrency": 2,
-                        "duration": duration,
-                        "warmup": warmup,
-                    }
-                    for _ in range(2)
-                ]
+                address = servers["ledger"].address
+                specs = timed([2, 2], kind="post", address=address, ledger=ledger, batch=size)
                 record(f"post_entries_{size}", summarize(load(specs)))
             ledger = new_ledger(servers["ledger"], "db")
-            specs = [
-                {
-                    "kind": "db",
-                    "url": url,
-                    "ledger": ledger,
-                    "size": 1000,
-                    "concurrency": 2,
-                    "duration": duration,
-                    "warmup": warmup,
-                }
-                for _ in range(2)
-            ]
+            specs = timed([2, 2], kind="db", url=url, ledger=ledger, size=1000)
             record("db_batch_1000", summarize(load(specs)))
             for mode, limit in (("ledger", catchup_n), ("one_per_message", one_per_message_n)):
                 (r,) = load(
