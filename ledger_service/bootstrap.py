@@ -36,17 +36,17 @@ class App:
     readiness: Readiness
     listener: PgListener | None  # Postgres only, as are the writer and the probe
     probe: DatabaseProbe | None
-    _executor: ThreadPoolExecutor
-    _writer: LoopWriter | None
-    _dispose: Callable[[], None]
+    executor: ThreadPoolExecutor
+    writer: LoopWriter | None
+    dispose: Callable[[], None]  # the engine's pool
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=True)
-        if self._writer is not None:
-            await self._writer.close()
+        self.executor.shutdown(wait=True)
+        if self.writer is not None:
+            await self.writer.close()
         if self.probe is not None:
             await self.probe.close()
-        self._dispose()
+        self.dispose()
 
 
 def in_thread_pool(executor: ThreadPoolExecutor) -> Blocking:
@@ -87,9 +87,9 @@ def build(settings: Settings) -> App:
         readiness=readiness,
         listener=PgListener(url, watcher, timeouts=timeouts) if postgres else None,
         probe=DatabaseProbe(url, timeouts=timeouts) if postgres else None,
-        _executor=executor,
-        _writer=writer,
-        _dispose=engine.dispose,
+        executor=executor,
+        writer=writer,
+        dispose=engine.dispose,
     )
 
 

@@ -21,26 +21,26 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..domain.errors import LedgerError, StorageUnavailable
+from ..service.ports import StoredRow
 from .watch import HeadWatcher
 
 log = logging.getLogger(__name__)
 
-Row = tuple[int, int, bytes]  # (sequence, created_at epoch microseconds, payload)
 # read(ledger, after_sequence, limit) -> (rows, head or None)
-Reader = Callable[[str, int, int], Awaitable[tuple[list[Row], int | None]]]
+Reader = Callable[[str, int, int], Awaitable[tuple[list[StoredRow], int | None]]]
 
 
 @dataclass
 class _Tail:
     last: int  # sequence of the newest row read (rows, if any, end with it)
-    rows: list[Row] = field(default_factory=list)  # consecutive, oldest first
+    rows: list[StoredRow] = field(default_factory=list)  # consecutive, oldest first
     head: int = 0
     subscribers: int = 0
     updated: asyncio.Event = field(default_factory=asyncio.Event)
     error: LedgerError | None = None
     task: asyncio.Task[None] | None = None
 
-    def after(self, position: int, limit: int) -> list[Row] | None:
+    def after(self, position: int, limit: int) -> list[StoredRow] | None:
         """Up to `limit` rows right after `position`; [] if none yet; None if
         `position` is older than the buffer (read the database instead)."""
         if not self.rows:

@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from ledger_service.domain.errors import StorageUnavailable
-from ledger_service.streaming.tail import Row, Tails, _Tail
+from ledger_service.service.ports import StoredRow as Row
+from ledger_service.streaming.tail import Tails, _Tail
 from ledger_service.streaming.watch import HeadWatcher
 
 
