@@ -34,8 +34,9 @@ class LedgerServiceStub:
     N, no entry below N can appear later.
 
     Errors carry a `google.rpc.ErrorInfo` (domain "ledger.v1") whose `reason` is
-    stable and machine-readable; bad input also carries `google.rpc.BadRequest`
-    field violations. See the README's error table.
+    stable and machine-readable: one of `ErrorReason`'s values, each saying
+    whether to retry. Bad input also carries `google.rpc.BadRequest` field
+    violations.
     """
 
     def __init__(self, channel):
@@ -80,8 +81,9 @@ class LedgerServiceServicer:
     N, no entry below N can appear later.
 
     Errors carry a `google.rpc.ErrorInfo` (domain "ledger.v1") whose `reason` is
-    stable and machine-readable; bad input also carries `google.rpc.BadRequest`
-    field violations. See the README's error table.
+    stable and machine-readable: one of `ErrorReason`'s values, each saying
+    whether to retry. Bad input also carries `google.rpc.BadRequest` field
+    violations.
     """
 
     def InitializeCounter(self, request, context):
@@ -175,8 +177,9 @@ class LedgerService:
     N, no entry below N can appear later.
 
     Errors carry a `google.rpc.ErrorInfo` (domain "ledger.v1") whose `reason` is
-    stable and machine-readable; bad input also carries `google.rpc.BadRequest`
-    field violations. See the README's error table.
+    stable and machine-readable: one of `ErrorReason`'s values, each saying
+    whether to retry. Bad input also carries `google.rpc.BadRequest` field
+    violations.
     """
 
     @staticmethod

@@ -35,8 +35,9 @@ class LedgerServiceStub:
     N, no entry below N can appear later.
 
     Errors carry a `google.rpc.ErrorInfo` (domain "ledger.v1") whose `reason` is
-    stable and machine-readable; bad input also carries `google.rpc.BadRequest`
-    field violations. See the README's error table.
+    stable and machine-readable: one of `ErrorReason`'s values, each saying
+    whether to retry. Bad input also carries `google.rpc.BadRequest` field
+    violations.
     """
 
     @_typing.overload
@@ -79,8 +80,9 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     N, no entry below N can appear later.
 
     Errors carry a `google.rpc.ErrorInfo` (domain "ledger.v1") whose `reason` is
-    stable and machine-readable; bad input also carries `google.rpc.BadRequest`
-    field violations. See the README's error table.
+    stable and machine-readable: one of `ErrorReason`'s values, each saying
+    whether to retry. Bad input also carries `google.rpc.BadRequest` field
+    violations.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -119,8 +121,9 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     N, no entry below N can appear later.
 
     Errors carry a `google.rpc.ErrorInfo` (domain "ledger.v1") whose `reason` is
-    stable and machine-readable; bad input also carries `google.rpc.BadRequest`
-    field violations. See the README's error table.
+    stable and machine-readable: one of `ErrorReason`'s values, each saying
+    whether to retry. Bad input also carries `google.rpc.BadRequest` field
+    violations.
     """
 
     @_abc_1.abstractmethod

@@ -774,8 +774,9 @@ export const ErrorReasonSchema: GenEnum<ErrorReason> = /*@__PURE__*/
  * N, no entry below N can appear later.
  *
  * Errors carry a `google.rpc.ErrorInfo` (domain "ledger.v1") whose `reason` is
- * stable and machine-readable; bad input also carries `google.rpc.BadRequest`
- * field violations. See the README's error table.
+ * stable and machine-readable: one of `ErrorReason`'s values, each saying
+ * whether to retry. Bad input also carries `google.rpc.BadRequest` field
+ * violations.
  *
  * @generated from service ledger.v1.LedgerService
  */
