@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from psycopg.pq import TransactionStatus
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 # How long a SQLite writer waits for another process's write lock.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
+
+_IDLE = TransactionStatus.IDLE
 
 # Names this service's connections in pg_stat_activity.
 APPLICATION_NAME = "ledger-service"
@@ -196,9 +199,13 @@ class SqlUnitOfWork:
 
     def _release(self, conn: Connection, abandoned: bool = False) -> None:
         # SQLAlchemy did not see errors raised on the driver's connection: one
-        # that broke (or was cut off) is discarded here, else the pool finds
-        # out only when its reset fails, or hands out a dead connection.
-        if abandoned or (self._raw is not None and (self._raw.broken or self._raw.closed)):
+        # that broke, was cut off, or was left mid-command (a reset does that)
+        # is discarded here, else the pool's reset fails on it, or the pool
+        # hands it out again.
+        raw = self._raw
+        if abandoned or (
+            raw is not None and (raw.broken or raw.closed or raw.info.transaction_status != _IDLE)
+        ):
             conn.invalidate()
         conn.close()
 

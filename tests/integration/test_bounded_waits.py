@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -27,7 +28,7 @@ from ledger_service.storage.uow import SqlUnitOfWork, create_engine, normalize_u
 from ledger_service.storage.watchdog import Watchdog
 from ledger_service.streaming.watch import HeadWatcher
 
-from ..conftest import missing_requirement
+from ..conftest import hold_row_lock, lock_waiters_when, missing_requirement
 from ..faultproxy import FaultProxy, kernel_drop_unavailable
 from .helpers import counter_value, make_entry, sequences
 
@@ -223,6 +224,46 @@ def test_the_thread_pool_path_is_bounded_too_and_its_pool_is_reset(
     finally:
         engine.dispose()
     assert sequences(direct, ledger) == [1, 2]
+
+
+def test_a_connection_reset_mid_statement_is_discarded_quietly_and_replaced(
+    proxy: FaultProxy,
+    pg_url: str,
+    direct: Engine,
+    ledger: str,
+    watchdog: Watchdog,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The careful path's write is in flight (waiting for the counter lock)
+    when its connection is reset: the post is UNAVAILABLE, the connection is
+    thrown away rather than reset by the pool (which would fail, and log a
+    traceback), and the next post gets a fresh one. The backend lives on
+    and commits once it gets the lock: the outcome was unknown, and each
+    retry with the same key replays."""
+    initialize(direct, ledger)
+    engine = create_engine(proxy.url(pg_url), pool_size=1, timeouts=TIMEOUTS)
+
+    def uow(**kw: Any) -> SqlUnitOfWork:
+        return SqlUnitOfWork(engine, timeouts=TIMEOUTS, watchdog=watchdog, **kw)
+
+    caplog.set_level(logging.WARNING)
+    try:
+        for round_ in range(3):  # the reset lands at a slightly different point each time
+            with direct.connect() as conn, ThreadPoolExecutor(1) as pool:
+                hold_row_lock(conn, ledger)
+                post = pool.submit(use_cases.post_entry, uow, make_entry(ledger, f"k{round_}"), 10)
+                assert lock_waiters_when(direct, 1, timeout=10) == 1
+                proxy.reset()
+                with pytest.raises(StorageUnavailable):
+                    post.result(timeout=30)
+                conn.rollback()
+        retried = [use_cases.post_entry(uow, make_entry(ledger, f"k{i}"), 10) for i in range(3)]
+        assert [r.entry.sequence for r in retried] == [1, 2, 3]
+        assert use_cases.post_entry(uow, make_entry(ledger, "after"), 10).entry.sequence == 4
+    finally:
+        engine.dispose()
+    assert sequences(direct, ledger) == [1, 2, 3, 4]
+    assert "Traceback" not in caplog.text and "Exception during reset" not in caplog.text
 
 
 def test_a_caller_that_goes_away_is_answered_at_once_even_when_no_cancel_gets_through(
