@@ -90,11 +90,11 @@ class PgListener:
 
     async def _probe(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Raises if the connection does not answer within the bound."""
-        with self._db.watching(conn) as watch:
-            try:
+        try:
+            with self._db.watching(conn) as watch:
                 await conn.execute("SELECT 1")
-            except psycopg.OperationalError:
-                if not watch.fired:
-                    raise
+        except psycopg.OperationalError:
+            if not watch.fired:
+                raise
         if watch.fired:
             raise psycopg.OperationalError(f"{self._db.timeouts.no_answer()}: replacing it")

@@ -34,6 +34,8 @@ class Watch:
         self.fired = False
 
     def _cut(self) -> None:
+        # Marked first: whoever wakes with the connection error sees why.
+        self.fired = True
         sock = socket.socket(fileno=self._fd)
         try:
             sock.shutdown(socket.SHUT_RDWR)
@@ -41,7 +43,6 @@ class Watch:
             pass  # already disconnected: its waiter has woken anyway
         finally:
             sock.detach()
-        self.fired = True
 
     def _close(self) -> None:
         os.close(self._fd)

@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from ledger_service.storage.watchdog import Watchdog
+from ledger_service.storage.watchdog import Watch, Watchdog
 
 
 def test_a_blocked_reader_wakes_when_its_bound_passes_and_the_watch_says_so() -> None:
@@ -75,3 +75,24 @@ def test_a_cut_reaches_only_the_watched_socket_even_if_its_number_is_reused() ->
         watchdog.end(watch)
         for s in (first_peer, second, second_peer):
             s.close()
+
+
+def test_whoever_wakes_from_a_cut_already_sees_it_marked() -> None:
+    """The waiter decides what to tell its caller by `fired` while it still
+    holds the watch (the listener's probe does), so the mark must come before
+    the shutdown that wakes it."""
+    watchdog = Watchdog(tick=0.01)
+
+    def read(sock: socket.socket, watch: Watch, seen: list[bool]) -> None:
+        sock.recv(10)
+        seen.append(watch.fired)
+
+    for _ in range(20):
+        ours, peer = socket.socketpair()
+        with ours, peer:
+            seen: list[bool] = []
+            with watchdog.watching(ours.fileno(), time.monotonic() + 0.05) as watch:
+                reader = threading.Thread(target=read, args=(ours, watch, seen))
+                reader.start()
+                reader.join(timeout=10)
+            assert seen == [True]
