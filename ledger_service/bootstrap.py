@@ -7,9 +7,13 @@ import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
+from .api.errors import Guard
 from .api.servicer import LedgerServicer, StreamSettings
+from .auth.access import Gate
+from .auth.principals import AuthFile
 from .config import Settings
 from .domain.limits import STREAM_MESSAGE_MAX_ENTRIES
 from .service import use_cases
@@ -24,6 +28,7 @@ from .storage.readiness import Readiness
 from .storage.uow import SqlUnitOfWork, create_engine, normalize_url
 from .streaming.tail import Tails
 from .streaming.watch import HeadWatcher
+from .tls import TlsFiles, peer_identities
 
 T = TypeVar("T")
 
@@ -33,6 +38,8 @@ class App:
     """What serve() runs; close() releases it after the last call."""
 
     servicer: LedgerServicer
+    guard: Guard  # runs before every LedgerService call (api/errors.map_errors)
+    auth_file: AuthFile | None  # None: auth is off
     readiness: Readiness
     listener: PgListener | None  # Postgres only, as are the writer and the probe
     probe: DatabaseProbe | None
@@ -59,10 +66,11 @@ def in_thread_pool(executor: ThreadPoolExecutor) -> Blocking:
     return run
 
 
-def build(settings: Settings) -> App:
+def build(settings: Settings, tls: TlsFiles | None = None) -> App:
     """Everything but the gRPC server. Checks the schema once (SchemaNotCurrent
     if the database is reachable and not migrated; if unreachable, the server
     serves anyway, refusing calls until it is reachable)."""
+    auth_file = AuthFile(Path(settings.auth_file)) if settings.auth_file else None
     url = normalize_url(settings.database_url)
     timeouts = settings.db_timeouts()
     engine = create_engine(settings.database_url, pool_size=settings.pool_size, timeouts=timeouts)
@@ -84,6 +92,8 @@ def build(settings: Settings) -> App:
     watcher = HeadWatcher()
     return App(
         servicer=build_servicer(settings, uow, run, writer, watcher),
+        guard=guard(_gate(auth_file, tls), readiness),
+        auth_file=auth_file,
         readiness=readiness,
         listener=PgListener(url, watcher, timeouts=timeouts) if postgres else None,
         probe=DatabaseProbe(url, timeouts=timeouts) if postgres else None,
@@ -91,6 +101,25 @@ def build(settings: Settings) -> App:
         writer=writer,
         dispose=engine.dispose,
     )
+
+
+def _gate(auth_file: AuthFile | None, tls: TlsFiles | None) -> Gate | None:
+    if auth_file is None:
+        return None
+    if tls is not None and tls.client_ca is not None:  # mTLS: certificates name callers
+        return Gate(auth_file, lambda context: peer_identities(context.auth_context()))
+    return Gate(auth_file)
+
+
+def guard(gate: Gate | None, readiness: Readiness) -> Guard:
+    """Who may call first (deny by default), then whether the database is."""
+
+    def check(method: str, request: Any, context: Any) -> None:
+        if gate is not None:
+            gate.check(method, request, context)
+        readiness.require_ready()
+
+    return check
 
 
 def build_servicer(

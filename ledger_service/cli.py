@@ -8,10 +8,11 @@ import functools
 import logging
 import sys
 
+from .auth.tokens import new_token, token_digest
 from .config import Settings
 from .domain.errors import LedgerError
 from .domain.validation import validate_ledger
-from .server import serve
+from .server import StartupError, serve
 from .service import use_cases
 from .storage import migrate
 from .storage.readiness import SchemaNotCurrent
@@ -45,6 +46,25 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", parents=[common], help="run the gRPC server")
     serve_p.add_argument("--listen", help="host:port (env LEDGER_LISTEN, default 127.0.0.1:50051)")
+    serve_p.add_argument(
+        "--auth-file",
+        help="TOML file of principals, their token digests and roles (env LEDGER_AUTH_FILE); "
+        "re-read when it changes and on SIGHUP. Without it, auth is off",
+    )
+    serve_p.add_argument(
+        "--tls-cert", help="PEM certificate chain: turns on TLS (env LEDGER_TLS_CERT)"
+    )
+    serve_p.add_argument("--tls-key", help="PEM private key of --tls-cert (env LEDGER_TLS_KEY)")
+    serve_p.add_argument(
+        "--tls-client-ca",
+        help="PEM CA of the client certificates: turns on mutual TLS (env LEDGER_TLS_CLIENT_CA)",
+    )
+    serve_p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="serve without auth on a non-loopback address (env LEDGER_INSECURE=1)",
+    )
     serve_p.add_argument(
         "--pool-size", type=int, help="database connections (env LEDGER_POOL_SIZE)"
     )
@@ -89,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
         help="most entries per StreamEntries message, 1-256 (env LEDGER_STREAM_BATCH)",
     )
     sub.add_parser("migrate", parents=[common], help="apply the schema migrations")
+    sub.add_parser(
+        "new-token", help="print a new 256-bit bearer token and the digest the auth file holds"
+    )
+    sub.add_parser("hash-token", help="read a token on stdin, print its digest for the auth file")
     init_p = sub.add_parser(
         "init-counter", parents=[common], help="create a ledger's counter (idempotent)"
     )
@@ -101,6 +125,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     for name in (
         "database_url",
         "log_level",
+        "auth_file",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "insecure",
         "db_timeout",
         "db_tcp_timeout",
         "listen",
@@ -127,6 +156,18 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "new-token":
+        token = new_token()
+        # The token goes to whoever runs this, once; the file keeps the digest.
+        print(f"token:  {token}\nsha256: {token_digest(token)}")
+        return 0
+    if args.command == "hash-token":
+        token = sys.stdin.readline().strip()
+        if not token:
+            print("ledger-service: no token on stdin", file=sys.stderr)
+            return 2
+        print(token_digest(token))
+        return 0
     try:
         timeouts = settings.db_timeouts()
     except ValueError as exc:
@@ -151,4 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     except (LedgerError, SchemaNotCurrent) as exc:
         print(f"ledger-service: {exc}", file=sys.stderr)
         return 1
+    except StartupError as exc:
+        print(f"ledger-service: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .storage.timeouts import DbTimeouts
+from .tls import TlsFiles
 
 DEFAULT_DATABASE_URL = "sqlite:///ledger.sqlite3"
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -25,6 +27,19 @@ class Settings:
     )
     listen: str = field(default_factory=lambda: os.environ.get("LEDGER_LISTEN") or DEFAULT_LISTEN)
     log_level: str = field(default_factory=lambda: os.environ.get("LEDGER_LOG_LEVEL") or "INFO")
+    # The principals (TOML, docs/security.md); unset: auth is off, which
+    # serve allows only on a loopback address unless `insecure`.
+    auth_file: str = field(default_factory=lambda: os.environ.get("LEDGER_AUTH_FILE") or "")
+    # TLS (PEM files): a certificate and its key turn it on; a client CA
+    # turns on mutual TLS (client certificates required and verified).
+    tls_cert: str = field(default_factory=lambda: os.environ.get("LEDGER_TLS_CERT") or "")
+    tls_key: str = field(default_factory=lambda: os.environ.get("LEDGER_TLS_KEY") or "")
+    tls_client_ca: str = field(default_factory=lambda: os.environ.get("LEDGER_TLS_CLIENT_CA") or "")
+    insecure: bool = field(
+        default_factory=lambda: (
+            os.environ.get("LEDGER_INSECURE", "").lower() in ("1", "true", "yes", "on")
+        )
+    )
     # Seconds the database may take to accept a connection or answer a
     # statement before that connection is abandoned (closed, never reused);
     # callers with an earlier deadline have it abandoned at their deadline.
@@ -63,6 +78,15 @@ class Settings:
     heartbeat_interval: float = field(
         default_factory=lambda: _env_float("LEDGER_HEARTBEAT_INTERVAL", 15.0)
     )
+
+    def tls_files(self) -> TlsFiles | None:
+        """The TLS files, None without TLS; ValueError if they do not go together."""
+        if not (self.tls_cert or self.tls_key or self.tls_client_ca):
+            return None
+        if not (self.tls_cert and self.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        client_ca = Path(self.tls_client_ca) if self.tls_client_ca else None
+        return TlsFiles(Path(self.tls_cert), Path(self.tls_key), client_ca)
 
     def db_timeouts(self) -> DbTimeouts:
         return DbTimeouts(answer=self.db_timeout, tcp=self.db_tcp_timeout)

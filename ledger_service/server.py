@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
+import ipaddress
 import logging
 import signal
 from typing import Any
@@ -15,11 +17,14 @@ from grpc_reflection.v1alpha import reflection
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from . import bootstrap
+from . import tls as tls_module
 from .api.errors import map_errors
+from .auth.principals import AuthFile
 from .config import Settings
 from .storage.probe import DatabaseProbe
 from .storage.readiness import Readiness, SchemaNotCurrent
 from .storage.uow import normalize_url
+from .tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,8 @@ SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 
 # Seconds between two health checks of the database.
 HEALTH_INTERVAL = 1.0
+# Seconds between two looks at the auth file for a change.
+AUTH_RELOAD_INTERVAL = 1.0
 
 
 def settle_startup_objects() -> None:
@@ -40,21 +47,32 @@ def settle_startup_objects() -> None:
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Runs until SIGTERM/SIGINT (or `stop` is set), then drains."""
-    app = bootstrap.build(settings)
+    try:
+        tls = settings.tls_files()
+        if tls is not None:
+            tls_module.validate(tls)  # a bad file stops the start, named
+        _check_exposure(settings, tls)
+        app = bootstrap.build(settings, tls)
+    except ValueError as exc:  # the settings, an auth or TLS file, the database URL
+        raise StartupError(str(exc)) from exc
     server = grpc.aio.server(
         # gRPC enables SO_REUSEPORT by default: a second server on the same
         # port would silently share it. Fail loudly instead.
         options=[("grpc.so_reuseport", 0)],
     )
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
-        map_errors(app.servicer, guard=app.readiness.require_ready), server
+        map_errors(app.servicer, guard=app.guard), server
     )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(settings.listen)
+    port = (
+        server.add_insecure_port(settings.listen)
+        if tls is None
+        else server.add_secure_port(settings.listen, tls_module.server_credentials(tls))
+    )
     host = settings.listen.rsplit(":", 1)[0]
 
     stop = stop or asyncio.Event()
@@ -62,6 +80,13 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+
+    auth_task = None
+    if app.auth_file is not None:
+        auth_file = app.auth_file
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, functools.partial(auth_file.reload, force=True))
+        auth_task = asyncio.create_task(_watch_auth_file(auth_file), name="auth-file")
 
     listener_task = None
     if app.listener is not None:
@@ -101,14 +126,69 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     await health_servicer.enter_graceful_shutdown()
     app.servicer.begin_shutdown()
     await server.stop(settings.shutdown_grace)
-    if listener_task is not None:
-        listener_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener_task
+    for task in (listener_task, auth_task):
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     await app.close()
     log.info("stopped")
     if fatal is not None:
         raise fatal
+
+
+class StartupError(Exception):
+    """The server cannot start as configured; the message says why."""
+
+
+class InsecureListen(ValueError):
+    """serve would expose every ledger, unauthenticated, beyond loopback."""
+
+
+def _check_exposure(settings: Settings, tls: TlsFiles | None) -> None:
+    """Secure by default: without an auth file, serve only on loopback
+    (with a warning), unless --insecure says otherwise."""
+    host = settings.listen.rsplit(":", 1)[0].strip("[]")
+    loopback = host == "localhost" or _is_loopback_address(host)
+    if settings.auth_file:
+        if tls is None and not loopback:
+            log.warning(
+                "serving %s without TLS: bearer tokens cross the network in plaintext "
+                "(--tls-cert and --tls-key turn TLS on)",
+                settings.listen,
+            )
+        return
+    if loopback:
+        log.warning(
+            "auth is off: anyone who reaches %s may call everything (loopback only; "
+            "see docs/security.md to turn auth on)",
+            settings.listen,
+        )
+        return
+    if settings.insecure:
+        log.warning(
+            "auth is off (--insecure): anyone who reaches %s may call everything", settings.listen
+        )
+        return
+    raise InsecureListen(
+        f"refusing to serve {settings.listen} without auth: anyone who reaches it could post "
+        "to and read every ledger. Give an auth file (--auth-file or LEDGER_AUTH_FILE; see "
+        "docs/security.md), or pass --insecure to serve it open anyway"
+    )
+
+
+def _is_loopback_address(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name, or all addresses ("", 0.0.0.0)
+
+
+async def _watch_auth_file(auth_file: AuthFile) -> None:
+    """Re-reads the auth file when it changes (SIGHUP also forces it)."""
+    while True:
+        await asyncio.sleep(AUTH_RELOAD_INTERVAL)
+        auth_file.reload()
 
 
 async def _report_health(

@@ -27,8 +27,10 @@ from ..domain.errors import (
     InvalidArgument,
     LedgerError,
     Overloaded,
+    PermissionDenied,
     PositionAhead,
     StorageUnavailable,
+    Unauthenticated,
 )
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,10 @@ ERRORS: dict[type[LedgerError], Row] = {
     ),
     ShuttingDown: Row(grpc.StatusCode.UNAVAILABLE, ledger_pb2.ERROR_REASON_SERVER_SHUTTING_DOWN),
     InternalError: Row(grpc.StatusCode.INTERNAL, ledger_pb2.ERROR_REASON_INTERNAL),
+    Unauthenticated: Row(grpc.StatusCode.UNAUTHENTICATED, ledger_pb2.ERROR_REASON_UNAUTHENTICATED),
+    PermissionDenied: Row(
+        grpc.StatusCode.PERMISSION_DENIED, ledger_pb2.ERROR_REASON_PERMISSION_DENIED
+    ),
 }
 
 
@@ -143,15 +149,22 @@ async def _abort(context: Context, exc: BaseException) -> NoReturn:
     raise AssertionError("unreachable: abort raises")
 
 
+# guard(method name, request, context) runs before each call and may refuse
+# it by raising: authentication and roles, and whether the database is ready.
+Guard = Callable[[str, Any, Context], None]
+
+
+def _open(method: str, request: Any, context: Context) -> None:
+    pass
+
+
 def map_errors(
-    servicer: ledger_pb2_grpc.LedgerServiceServicer,
-    guard: Callable[[], None] = lambda: None,
+    servicer: ledger_pb2_grpc.LedgerServiceServicer, guard: Guard = _open
 ) -> ledger_pb2_grpc.LedgerServiceServicer:
-    """The LedgerService methods of `servicer`, each wrapped once so that an
-    exception escaping it becomes a rich status, ready for
-    add_LedgerServiceServicer_to_server. `guard()` runs before each call and
-    may refuse it by raising (e.g. while the database is not yet known to be
-    reachable and migrated).
+    """The LedgerService methods of `servicer`, each wrapped once so that the
+    guard runs first and an exception escaping it becomes a rich status,
+    ready for add_LedgerServiceServicer_to_server. A stream refused by the
+    guard ends before its first message.
 
     Why not a server interceptor: grpc.aio runs interceptors on every call
     (a pipeline of coroutines, and ours then built a new handler for the
@@ -161,16 +174,16 @@ def map_errors(
     for method in ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].methods:
         inner = getattr(servicer, method.name)
         wrap = _stream if method.server_streaming else _unary
-        setattr(mapped, method.name, wrap(inner, guard))
+        setattr(mapped, method.name, wrap(method.name, inner, guard))
     return cast(ledger_pb2_grpc.LedgerServiceServicer, mapped)
 
 
 def _unary(
-    inner: Callable[[Any, Context], Awaitable[Any]], guard: Callable[[], None]
+    name: str, inner: Callable[[Any, Context], Awaitable[Any]], guard: Guard
 ) -> Callable[..., Awaitable[Any]]:
     async def unary(request: Any, context: Context) -> Any:
         try:
-            guard()
+            guard(name, request, context)
             return await inner(request, context)
         except grpc.aio.AbortError:
             raise
@@ -181,11 +194,11 @@ def _unary(
 
 
 def _stream(
-    inner: Callable[[Any, Context], AsyncIterator[Any]], guard: Callable[[], None]
+    name: str, inner: Callable[[Any, Context], AsyncIterator[Any]], guard: Guard
 ) -> Callable[..., AsyncIterator[Any]]:
     async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
         try:
-            guard()
+            guard(name, request, context)
             async for response in inner(request, context):
                 yield response
         except grpc.aio.AbortError:

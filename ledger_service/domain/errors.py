@@ -93,6 +93,14 @@ class DeadlineExceeded(LedgerError):
     """The callers' deadline passed before the work was done."""
 
 
+class Unauthenticated(LedgerError):
+    """No credentials, or credentials nobody is known by."""
+
+
+class PermissionDenied(LedgerError):
+    """A known principal without the role the call needs."""
+
+
 def check_deadline(deadline: float | None) -> None:
     """Refuses to send a write once the callers' deadline (a time.monotonic()
     value, None for none) has passed."""

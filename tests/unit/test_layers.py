@@ -14,6 +14,7 @@ PACKAGE = ROOT / "ledger_service"
 # Layer -> the layers of this package it may import from.
 ALLOWED = {
     "domain": {"domain"},
+    "auth": {"domain", "auth"},
     "service": {"domain", "service"},
     "streaming": {"domain", "service", "streaming"},
     "api": {"domain", "service", "streaming", "api"},

@@ -81,6 +81,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Status INTERNAL. Retry: not automatically. (A post's outcome may be
     unknown; retrying it with the same idempotency key is safe.)
     """
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 11
+    """The call carries no credentials, or a token or client certificate that
+    no principal of the server's auth file has. Status UNAUTHENTICATED;
+    nothing was written. Retry: no, not with the same credentials.
+    """
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 12
+    """The caller is known but has no role that allows the call on its ledger;
+    the message names the roles that would. Status PERMISSION_DENIED;
+    nothing was written. Retry: no.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reasons of the errors LedgerService returns.
@@ -152,6 +162,16 @@ ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 10
 """A bug, or a database error nobody planned for; the server log names it.
 Status INTERNAL. Retry: not automatically. (A post's outcome may be
 unknown; retrying it with the same idempotency key is safe.)
+"""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 11
+"""The call carries no credentials, or a token or client certificate that
+no principal of the server's auth file has. Status UNAUTHENTICATED;
+nothing was written. Retry: no, not with the same credentials.
+"""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 12
+"""The caller is known but has no role that allows the call on its ledger;
+the message names the roles that would. Status PERMISSION_DENIED;
+nothing was written. Retry: no.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
