@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import getpass
 import logging
 import sys
 
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             ledger = validate_ledger(args.ledger)
             engine = create_engine(settings.database_url, pool_size=1, timeouts=timeouts)
             uow = functools.partial(SqlUnitOfWork, engine, timeouts=timeouts)
-            counter = use_cases.initialize_counter(uow, ledger)
+            # Whoever holds the database credentials is an admin already.
+            counter = use_cases.initialize_counter(uow, ledger, f"cli:{getpass.getuser()}")
             engine.dispose()
             state = "created" if counter.created else "already existed"
             print(f"ledger {counter.ledger}: counter {state}, value {counter.value}")

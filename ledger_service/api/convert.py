@@ -10,7 +10,7 @@ from ..domain.validation import validate_batch, validate_new_entry
 from . import wire
 
 
-def new_entry_from_request(request: ledger_pb2.PostEntryRequest) -> NewEntry:
+def new_entry_from_request(request: ledger_pb2.PostEntryRequest, posted_by: str = "") -> NewEntry:
     # Fields the server does not know (a newer client) must not reach the
     # stored encoding, where they would read as Entry fields.
     request.DiscardUnknownFields()
@@ -24,14 +24,19 @@ def new_entry_from_request(request: ledger_pb2.PostEntryRequest) -> NewEntry:
         entry_type=request.entry_type,
         description=request.description,
         metadata=dict(request.metadata),
-        # PostEntryRequest's field numbers are Entry's (see ledger.proto).
-        encoded=request.SerializeToString(),
+        # PostEntryRequest's field numbers are Entry's (see ledger.proto); a
+        # posted_by the request sent was an unknown field, discarded above.
+        encoded=request.SerializeToString() + wire.posted_by_field(posted_by),
+        posted_by=posted_by,
     )
 
 
-def batch_from_request(request: ledger_pb2.PostEntriesRequest) -> list[NewEntry]:
+def batch_from_request(
+    request: ledger_pb2.PostEntriesRequest, posted_by: str = ""
+) -> list[NewEntry]:
     request.DiscardUnknownFields()
     ledger = wire.ledger_field(request.ledger)
+    posted = wire.posted_by_field(posted_by)
     # One pass over the parsed entries, each read as a tuple of its fields
     # (validation then works a column at a time).
     return validate_batch(
@@ -47,10 +52,11 @@ def batch_from_request(request: ledger_pb2.PostEntriesRequest) -> list[NewEntry]
                 e.description,
                 dict(e.metadata) if len(e.metadata) else {},
                 # EntryInput's field numbers are Entry's: ledger + item = payload.
-                ledger + e.SerializeToString(),
+                ledger + e.SerializeToString() + posted,
             )
             for e in request.entries
         ],
+        posted_by,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
+from ..auth.access import CALLER
 from ..domain.errors import DeadlineExceeded
 from ..domain.limits import STREAM_MESSAGE_MAX_ENTRIES
 from ..domain.validation import (
@@ -81,15 +82,21 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.InitializeCounterRequest, context: Context
     ) -> ledger_pb2.InitializeCounterResponse:
         ledger = validate_ledger(request.ledger)
-        counter = await self._run(use_cases.initialize_counter, self._uow, ledger)
-        return ledger_pb2.InitializeCounterResponse(
-            ledger=counter.ledger, value=counter.value, created=counter.created
+        counter = await self._run(use_cases.initialize_counter, self._uow, ledger, _caller())
+        response = ledger_pb2.InitializeCounterResponse(
+            ledger=counter.ledger,
+            value=counter.value,
+            created=counter.created,
+            initialized_by=counter.initialized_by,
         )
+        if counter.initialized_at is not None:
+            response.initialized_at.FromDatetime(counter.initialized_at)
+        return response
 
     async def PostEntry(
         self, request: ledger_pb2.PostEntryRequest, context: Context
     ) -> ledger_pb2.PostEntryResponse:
-        entry = new_entry_from_request(request)
+        entry = new_entry_from_request(request, _caller())
         timeout = _remaining(context)
         if self._committer is not None:
             result = await self._committer.post(entry, timeout)
@@ -102,7 +109,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def PostEntries(
         self, request: ledger_pb2.PostEntriesRequest, context: Context
     ) -> ledger_pb2.PostEntriesResponse:
-        batch = batch_from_request(request)
+        batch = batch_from_request(request, _caller())
         results = await self._writes.atomic(batch, _remaining(context))
         return wire.posted_entries_message(
             [
@@ -209,6 +216,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return asyncio.ensure_future(
             self._run(use_cases.read_rows, self._uow, ledger, after, limit)
         )
+
+
+def _caller() -> str:
+    """The name of the call's principal, "" when auth is off (auth.access)."""
+    principal = CALLER.get()
+    return "" if principal is None else principal.name
 
 
 def _remaining(context: Context) -> float | None:

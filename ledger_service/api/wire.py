@@ -27,6 +27,7 @@ _ENTRIES_TAG = b"\x0a"  # field 1, length-delimited (entries, results, entry)
 _REPLAYED_TRUE = b"\x10\x01"  # PostedEntry.replayed = true
 _SEQUENCE_TAG = b"\x10"  # Entry.sequence: field 2, varint
 _CREATED_AT_TAG = b"\x5a"  # Entry.created_at: field 11, length-delimited
+_POSTED_BY_TAG = b"\x62"  # Entry.posted_by: field 12, length-delimited
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -50,6 +51,14 @@ def _varint(value: int) -> bytes:
 _ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
+def posted_by_field(posted_by: str) -> bytes:
+    """Entry.posted_by encoded, to follow a request's own bytes (empty: none)."""
+    if not posted_by:
+        return b""
+    name = posted_by.encode()
+    return _POSTED_BY_TAG + _varint(len(name)) + name
+
+
 def payload(entry: NewEntry) -> bytes:
     """Encoding of every Entry field except sequence and created_at."""
     if entry.encoded is not None:  # the request's own bytes (see ledger.proto)
@@ -64,6 +73,7 @@ def payload(entry: NewEntry) -> bytes:
         entry_type=entry.entry_type,
         description=entry.description,
         metadata=entry.metadata,
+        posted_by=entry.posted_by,
     ).SerializeToString()
 
 

@@ -26,6 +26,9 @@ class NewEntry:
     # Its ledger.v1.Entry encoding (without sequence and created_at) when the
     # edge already has it (see wire.py); not part of the value.
     encoded: bytes | None = field(default=None, compare=False, repr=False)
+    # The principal that posts it (empty: auth is off). Not part of the
+    # payload a replay compares: the same key and payload replay whoever asks.
+    posted_by: str = ""
 
     def differing_fields(self, other: NewEntry) -> list[str]:
         """Payload fields (not ledger or key) whose values differ from `other`."""
@@ -66,6 +69,8 @@ class Counter:
     ledger: str
     value: int
     created: bool
+    initialized_by: str = ""  # who created it ("" when not recorded)
+    initialized_at: datetime | None = None
 
 
 # One entry of a batch, without `ledger`, in NewEntry's field order:

@@ -73,6 +73,7 @@ def validate_new_entry(
     description: str = "",
     metadata: Mapping[str, str] | None = None,
     encoded: bytes | None = None,
+    posted_by: str = "",
 ) -> NewEntry:
     """Checks every field and reports every violation at once."""
     out: list[FieldViolation] = []
@@ -89,6 +90,7 @@ def validate_new_entry(
         description,
         metadata,
         encoded,
+        posted_by,
     )
     _raise_if(out)
     return entry
@@ -106,6 +108,7 @@ def _checked_entry(
     description: str = "",
     metadata: Mapping[str, str] | None = None,
     encoded: bytes | None = None,
+    posted_by: str = "",
 ) -> NewEntry:
     """Appends the violations of every field but `ledger` (checked by the caller,
     once per batch) to `out`; returns the entry, meaningful only if none."""
@@ -133,6 +136,7 @@ def _checked_entry(
             description,
             {},
             encoded,
+            posted_by,
         )
     _check(out, "idempotency_key", idempotency_key, IDEMPOTENCY_KEY)
     _check(out, "debit_account", debit_account, ACCOUNT)
@@ -159,6 +163,7 @@ def _checked_entry(
         description=description,
         metadata=meta,
         encoded=encoded,
+        posted_by=posted_by,
     )
 
 
@@ -185,9 +190,9 @@ def _check_metadata(out: list[FieldViolation], meta: dict[str, str]) -> None:
         )
 
 
-def validate_batch(ledger: str, rows: Sequence[EntryFields]) -> list[NewEntry]:
-    """Validates an atomic batch of entries of `ledger`; violations are named
-    `entries[i].field`, all of them at once."""
+def validate_batch(ledger: str, rows: Sequence[EntryFields], posted_by: str = "") -> list[NewEntry]:
+    """Validates an atomic batch of entries of `ledger`, posted by
+    `posted_by`; violations are named `entries[i].field`, all at once."""
     out: list[FieldViolation] = []
     _check(out, "ledger", ledger, LEDGER)
     if not rows:
@@ -196,12 +201,15 @@ def validate_batch(ledger: str, rows: Sequence[EntryFields]) -> list[NewEntry]:
         out.append(FieldViolation("entries", f"must contain at most {BATCH_MAX_ENTRIES} entries"))
     _raise_if(out)
     if _plainly_valid(rows):
-        return list(map(NewEntry, repeat(ledger, len(rows)), *zip(*rows, strict=True)))
+        n = len(rows)
+        return list(
+            map(NewEntry, repeat(ledger, n), *zip(*rows, strict=True), repeat(posted_by, n))
+        )
     batch: list[NewEntry] = []
     first_index: dict[str, int] = {}
     for i, row in enumerate(rows):
         mine: list[FieldViolation] = []
-        batch.append(_checked_entry(mine, ledger, *row))
+        batch.append(_checked_entry(mine, ledger, *row, posted_by))
         if mine:
             out.extend(FieldViolation(f"entries[{i}].{v.field}", v.description) for v in mine)
             continue

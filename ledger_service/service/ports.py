@@ -10,7 +10,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from ..domain.accounts import AccountView
-from ..domain.entries import Entry, NewEntry
+from ..domain.entries import Counter, Entry, NewEntry
 
 
 class DuplicateIdempotencyKey(Exception):
@@ -49,8 +49,10 @@ class LedgerRepository(Protocol):
 
     def counter_value(self, ledger: str) -> int | None: ...
 
-    def create_counter(self, ledger: str) -> int | None:
-        """The new counter's value, or None when it already existed."""
+    def counter(self, ledger: str) -> Counter | None: ...
+
+    def create_counter(self, ledger: str, initialized_by: str = "") -> Counter | None:
+        """The new counter, or None when it already existed."""
 
     def find_by_keys(self, ledger: str, keys: Collection[str]) -> dict[str, Entry]: ...
 

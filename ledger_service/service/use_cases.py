@@ -44,16 +44,17 @@ class _SplitBatch(Exception):
     the transaction is rolled back and its entries are retried one by one."""
 
 
-def initialize_counter(uow_factory: UowFactory, ledger: str) -> Counter:
+def initialize_counter(uow_factory: UowFactory, ledger: str, initialized_by: str = "") -> Counter:
+    """The ledger's counter, created (by `initialized_by`) if it did not exist."""
     with uow_factory(write=True) as uow:
-        value = uow.ledger.create_counter(ledger)
-        if value is not None:
+        created = uow.ledger.create_counter(ledger, initialized_by)
+        if created is not None:
             uow.commit()
-            return Counter(ledger, value, created=True)
-        existing = uow.ledger.counter_value(ledger)
+            return created
+        existing = uow.ledger.counter(ledger)
     # ON CONFLICT DO NOTHING returned nothing, so the row exists and is committed.
     assert existing is not None
-    return Counter(ledger, existing, created=False)
+    return existing
 
 
 def post_entry(

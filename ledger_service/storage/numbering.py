@@ -68,11 +68,11 @@ TAKE_AND_INSERT_PG = f"""
     ), ins AS (
         INSERT INTO ledger_entries (
             ledger, sequence, idempotency_key, debit_account, credit_account,
-            amount, asset, entry_type, description, metadata, created_at, wire)
+            amount, asset, entry_type, description, metadata, created_at, wire, posted_by)
         SELECT %(ledger)s::TEXT, bump.value - %(n)s + t.ord, t.idempotency_key, t.debit_account,
                t.credit_account, t.amount, t.asset, COALESCE(t.entry_type, ''),
                COALESCE(t.description, ''), CAST(COALESCE(NULLIF(t.metadata, ''), '{{}}') AS JSONB),
-               bump.at, t.wire
+               bump.at, t.wire, COALESCE(t.posted_by, '')
         FROM bump, unnest(
             string_to_array(%(idempotency_keys)s::TEXT, chr(31)),
             string_to_array(%(debit_accounts)s::TEXT, chr(31)),
@@ -82,9 +82,11 @@ TAKE_AND_INSERT_PG = f"""
             string_to_array(%(entry_types)s::TEXT, chr(31)),
             %(descriptions)b::TEXT[],
             string_to_array(%(metadatas)s::TEXT, chr(31)),
-            %(wires)b::BYTEA[]
+            %(wires)b::BYTEA[],
+            string_to_array(%(posted_bys)s::TEXT, chr(31))
         ) WITH ORDINALITY AS t(idempotency_key, debit_account, credit_account, amount,
-                               asset, entry_type, description, metadata, wire, ord)
+                               asset, entry_type, description, metadata, wire, posted_by,
+                               ord)
     )
     SELECT bump.value, CAST(EXTRACT(EPOCH FROM bump.at) * 1000000 AS BIGINT)
     FROM bump CROSS JOIN (
@@ -175,6 +177,7 @@ def statement_params(
         "descriptions": _unless_all_empty([e.description for e in batch]),
         "metadatas": _joined([json.dumps(dict(e.metadata)) if e.metadata else "" for e in batch]),
         "wires": pg.ByteaArray(payloads),
+        "posted_bys": _joined([e.posted_by for e in batch]),
     }, payloads
 
 
@@ -235,6 +238,7 @@ def number_and_insert_sqlite(
                 "metadata": dict(e.metadata),
                 "created_at": now,
                 "wire": payload,
+                "posted_by": e.posted_by,
             }
             for i, (e, payload) in enumerate(zip(batch, payloads, strict=True), start=1)
         ],

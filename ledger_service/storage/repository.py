@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 
 from ..api import wire
 from ..domain.accounts import AccountView, AssetTotals
-from ..domain.entries import Entry, NewEntry
+from ..domain.entries import Counter, Entry, NewEntry
 from ..domain.limits import INT64_MAX
 from ..service.ports import DuplicateIdempotencyKey, EntryRows, TotalsOutOfRange
 from . import dialect, pg
@@ -54,6 +54,7 @@ def _entry_from_row(row: Any) -> Entry:
             entry_type=row.entry_type,
             description=row.description,
             metadata=dict(row.metadata or {}),
+            posted_by=row.posted_by,
         ),
     )
 
@@ -61,6 +62,7 @@ def _entry_from_row(row: Any) -> Entry:
 # Statements built once: constructing and compiling a statement per call cost
 # more than the database round trip it makes (profiled).
 _COUNTER_VALUE = sa.select(counters.c.value).where(counters.c.ledger == sa.bindparam("ledger"))
+_COUNTER = sa.select(counters).where(counters.c.ledger == sa.bindparam("ledger"))
 
 _FIND_BY_KEYS = sa.select(entries).where(
     entries.c.ledger == sa.bindparam("ledger"),
@@ -136,9 +138,15 @@ class SqlLedgerRepository:
     def counter_value(self, ledger: str) -> int | None:
         return self.conn.execute(_COUNTER_VALUE, {"ledger": ledger}).scalar()
 
-    def create_counter(self, ledger: str) -> int | None:
+    def counter(self, ledger: str) -> Counter | None:
+        row = self.conn.execute(_COUNTER, {"ledger": ledger}).one_or_none()
+        if row is None:
+            return None
+        return Counter(ledger, row.value, False, row.initialized_by, as_utc(row.created_at))
+
+    def create_counter(self, ledger: str, initialized_by: str = "") -> Counter | None:
         """Creates the counter, seeded with the highest existing entry number (0
-        if none); returns its value, or None when it already existed.
+        if none), recording who created it; None when it already existed.
 
         ON CONFLICT DO NOTHING makes concurrent creations safe: exactly one
         inserts, the others (after waiting for it) insert nothing.
@@ -147,15 +155,18 @@ class SqlLedgerRepository:
             sa.literal(ledger, sa.String),
             sa.func.coalesce(sa.func.max(entries.c.sequence), 0),
             dialect.now(self.dialect),
+            sa.literal(initialized_by, sa.String),
         ).where(entries.c.ledger == ledger)
         stmt = (
             dialect.insert(self.dialect, counters)
-            .from_select(["ledger", "value", "created_at"], seed)
+            .from_select(["ledger", "value", "created_at", "initialized_by"], seed)
             .on_conflict_do_nothing(index_elements=["ledger"])
-            .returning(counters.c.value)
+            .returning(counters.c.value, counters.c.created_at)
         )
-        value: int | None = self.conn.execute(stmt).scalar()
-        return value
+        row = self.conn.execute(stmt).one_or_none()
+        if row is None:
+            return None
+        return Counter(ledger, row.value, True, initialized_by, as_utc(row.created_at))
 
     # -- entries ----------------------------------------------------------
     def find_by_keys(self, ledger: str, keys: Collection[str]) -> dict[str, Entry]:

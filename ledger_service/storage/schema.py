@@ -18,6 +18,8 @@ counters = sa.Table(
     sa.Column("ledger", sa.String(64), primary_key=True),
     sa.Column("value", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # Who created it: a principal's name, "cli:<user>", or "" (not recorded).
+    sa.Column("initialized_by", sa.String(64), nullable=False, server_default=""),
     sa.CheckConstraint("value >= 0", name="ck_ledger_counters_value_nonnegative"),
 )
 
@@ -37,8 +39,10 @@ entries = sa.Table(
     sa.Column("description", sa.Text, nullable=False),
     sa.Column("metadata", JsonMap, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    # ledger.v1.Entry encoding without sequence and created_at (ledger_service/
-    # wire.py); NULL for rows written by other means, encoded when read.
+    # The principal that posted it; "" when auth was off.
+    sa.Column("posted_by", sa.String(64), nullable=False, server_default=""),
+    # ledger.v1.Entry encoding without sequence and created_at (api/wire.py);
+    # NULL for rows written by other means, encoded when read.
     sa.Column("wire", sa.LargeBinary, nullable=True),
     sa.UniqueConstraint("ledger", "idempotency_key", name="uq_ledger_entries_idempotency_key"),
     sa.CheckConstraint("sequence > 0", name="ck_ledger_entries_sequence_positive"),

@@ -20,8 +20,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ledger.v1 import ledger_pb2
 
 from ledger_service.auth.principals import token_digest
+from ledger_service.storage.uow import create_engine
 from ledger_service.testing import ServerProcess
 
+from ..conftest import hold_row_lock, lock_waiters_when
 from .conftest import FAST, batch_request, details, post_request
 from .traffic import stored_entries
 
@@ -275,3 +277,100 @@ def test_new_token_and_hash_token_agree(tmp_path: Path) -> None:
         check=True,
     ).stdout.strip()
     assert hashed == digest == token_digest(token)
+
+
+def test_entries_record_who_posted_them_and_a_replay_keeps_the_original(
+    secured: ServerProcess,
+) -> None:
+    one = call(secured, "PostEntry", TOKENS["writer-books"]).entry
+    batch = call(secured, "PostEntries", TOKENS["writer-all"]).results
+    assert one.posted_by == "writer-books"
+    assert [r.entry.posted_by for r in batch] == ["writer-all"]
+    again = secured.stub.PostEntry(
+        post_request(BOOKS, one.idempotency_key),
+        metadata=credentials(TOKENS["admin"]),
+        timeout=10,
+    )
+    assert (again.replayed, again.entry.posted_by) == (True, "writer-books")
+    streamed = {
+        e.sequence: e.posted_by
+        for m in call(secured, "StreamEntries", TOKENS["reader-books"])
+        for e in m.entries
+    }
+    assert streamed[one.sequence] == "writer-books"  # in the stored encoding too
+    assert streamed[batch[0].entry.sequence] == "writer-all"
+
+
+def test_a_request_cannot_say_who_posted_it(secured: ServerProcess) -> None:
+    """posted_by is reserved in the requests: sent anyway (as field 12, as a
+    client built from another contract would), it is dropped."""
+    forged = post_request(BOOKS, f"forged-{uuid.uuid4().hex}").SerializeToString()
+    forged += b"\x62\x07mallory"  # Entry.posted_by = "mallory"
+    post = secured.channel.unary_unary(
+        "/ledger.v1.LedgerService/PostEntry",
+        request_serializer=lambda raw: raw,
+        response_deserializer=ledger_pb2.PostEntryResponse.FromString,
+    )
+    response = post(forged, metadata=credentials(TOKENS["writer-books"]), timeout=10)
+    assert response.entry.posted_by == "writer-books"
+
+
+def test_one_group_commit_records_each_posters_own_name(
+    pg_url: str, secured: ServerProcess
+) -> None:
+    """Two principals' posts queued behind a locked counter go out as one
+    transaction (one created_at), each with its own posted_by."""
+    engine = create_engine(pg_url, pool_size=1)
+    grouped = False
+    try:
+        for _ in range(5):  # the two must both be queued when the lock goes
+            b, c = _two_posts_queued_behind_a_lock(engine, secured)
+            assert (b.posted_by, c.posted_by) == ("writer-books", "writer-all")
+            with engine.connect() as conn:  # the column, not only the stored encoding
+                stored: dict[int, str] = dict(
+                    conn.exec_driver_sql(
+                        "SELECT sequence, posted_by FROM ledger_entries"
+                        " WHERE ledger = %(l)s AND sequence IN (%(b)s, %(c)s)",
+                        {"l": BOOKS, "b": b.sequence, "c": c.sequence},
+                    ).all()
+                )
+            assert stored == {b.sequence: "writer-books", c.sequence: "writer-all"}
+            if b.created_at == c.created_at:
+                grouped = True
+                break
+    finally:
+        engine.dispose()
+    assert grouped, "the two posts never shared a transaction"
+
+
+def _two_posts_queued_behind_a_lock(engine: Any, server: ServerProcess) -> list[Any]:
+    with engine.connect() as conn:
+        hold_row_lock(conn, BOOKS)
+        first = server.stub.PostEntry.future(
+            post_request(BOOKS, f"first-{uuid.uuid4().hex}"),
+            metadata=credentials(TOKENS["admin"]),
+            timeout=30,
+        )
+        assert lock_waiters_when(engine, 1, timeout=10) == 1  # in flight: the rest queue
+        queued = [
+            server.stub.PostEntry.future(
+                post_request(BOOKS, f"{who}-{uuid.uuid4().hex}"),
+                metadata=credentials(TOKENS[who]),
+                timeout=30,
+            )
+            for who in ("writer-books", "writer-all")
+        ]
+        time.sleep(0.5)  # time to reach the server's queue
+        conn.rollback()
+    first.result()
+    return [f.result().entry for f in queued]
+
+
+def test_initialize_counter_records_who_created_it_and_when(secured: ServerProcess) -> None:
+    ledger = f"created-{uuid.uuid4().hex[:8]}"
+    created = call(secured, "InitializeCounter", TOKENS["admin"], ledger)
+    assert (created.created, created.initialized_by) == (True, "admin")
+    assert created.initialized_at.seconds > 0
+    again = call(secured, "InitializeCounter", TOKENS["admin"], ledger)
+    assert (again.created, again.initialized_by) == (False, "admin")
+    assert again.initialized_at == created.initialized_at

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from ledger.v1 import ledger_pb2
 from sqlalchemy.engine import Engine
 
 from ledger_service.api import wire
@@ -228,3 +229,31 @@ def test_pages_are_keyset_ordered_and_bounded(uow: Any, ledger: str) -> None:
     assert page.sequences == [3, 4, 5]
     assert page.head == 7
     assert use_cases.read_rows(uow, ledger, 7, 3).sequences == []
+
+
+def test_who_posted_each_entry_and_who_created_the_counter_are_stored(
+    uow: Any, engine: Engine, ledger: str
+) -> None:
+    created = use_cases.initialize_counter(uow, ledger, "admin")
+    assert (created.created, created.initialized_by) == (True, "admin")
+    assert created.initialized_at is not None
+    again = use_cases.initialize_counter(uow, ledger, "someone-else")
+    assert (again.created, again.initialized_by, again.initialized_at) == (
+        False,
+        "admin",
+        created.initialized_at,
+    )
+    use_cases.post_entry(uow, make_entry(ledger, "k1", posted_by="alice"))
+    use_cases.post_group(
+        uow, [make_entry(ledger, "k2", posted_by="bob"), make_entry(ledger, "k3", posted_by="")]
+    )
+    with uow() as u:
+        stored = u.ledger.find_by_keys(ledger, ["k1", "k2", "k3"])
+    assert {k: e.payload.posted_by for k, e in stored.items()} == {
+        "k1": "alice",
+        "k2": "bob",
+        "k3": "",
+    }
+    read = use_cases.read_rows(uow, ledger, 0, 10)
+    encoded = [ledger_pb2.Entry.FromString(payload).posted_by for _, _, payload in read.rows]
+    assert encoded == ["alice", "bob", ""]  # the stored encoding says the same

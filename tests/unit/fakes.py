@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from ledger_service.api import wire
 from ledger_service.domain.accounts import AccountView, AssetTotals
-from ledger_service.domain.entries import Entry, NewEntry
+from ledger_service.domain.entries import Counter, Entry, NewEntry
 from ledger_service.domain.limits import INT64_MAX
 from ledger_service.service.ports import (
     DuplicateIdempotencyKey,
@@ -96,14 +96,19 @@ class FakeRepository:
         self._log("counter_value")
         return self._counter(ledger)
 
-    def create_counter(self, ledger: str) -> int | None:
+    def counter(self, ledger: str) -> Counter | None:
+        self._log("counter")
+        value = self._counter(ledger)
+        return None if value is None else Counter(ledger, value, created=False)
+
+    def create_counter(self, ledger: str, initialized_by: str = "") -> Counter | None:
         self._log("create_counter")
         self._check_writable()
         if self._counter(ledger) is not None:
             return None
         seed = max((e.sequence for e in self._ledger_entries(ledger)), default=0)
         self._counters[ledger] = seed
-        return seed
+        return Counter(ledger, seed, created=True, initialized_by=initialized_by)
 
     def find_by_keys(self, ledger: str, keys: Collection[str]) -> dict[str, Entry]:
         self._log("find_by_keys", tuple(sorted(keys)))

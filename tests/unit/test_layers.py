@@ -17,7 +17,7 @@ ALLOWED = {
     "auth": {"domain", "auth"},
     "service": {"domain", "service"},
     "streaming": {"domain", "service", "streaming"},
-    "api": {"domain", "service", "streaming", "api"},
+    "api": {"domain", "auth", "service", "streaming", "api"},
     "storage": {"domain", "service", "streaming", "api", "storage"},
 }
 

@@ -214,6 +214,7 @@ class Entry(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    POSTED_BY_FIELD_NUMBER: _builtins.int
     ledger: _builtins.str
     """The ledger this entry belongs to."""
     sequence: _builtins.int
@@ -234,6 +235,12 @@ class Entry(_message.Message):
     """Free label chosen by the caller; may be empty."""
     description: _builtins.str
     """Free text; may be empty."""
+    posted_by: _builtins.str
+    """Who posted it: the `name` of the principal whose credentials the post
+    carried (the server's auth file); empty when the server runs without
+    auth. Set by the server, never taken from the request. A replay returns
+    the original entry, with its original `posted_by`.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller-defined key/value pairs; may be empty."""
@@ -256,10 +263,11 @@ class Entry(_message.Message):
         description: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        posted_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "created_at", b"created_at", "credit_account", b"credit_account", "debit_account", b"debit_account", "description", b"description", "entry_type", b"entry_type", "idempotency_key", b"idempotency_key", "ledger", b"ledger", "metadata", b"metadata", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "created_at", b"created_at", "credit_account", b"credit_account", "debit_account", b"debit_account", "description", b"description", "entry_type", b"entry_type", "idempotency_key", b"idempotency_key", "ledger", b"ledger", "metadata", b"metadata", "posted_by", b"posted_by", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -298,6 +306,8 @@ class InitializeCounterResponse(_message.Message):
     LEDGER_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    INITIALIZED_BY_FIELD_NUMBER: _builtins.int
+    INITIALIZED_AT_FIELD_NUMBER: _builtins.int
     ledger: _builtins.str
     """The ledger name, as requested."""
     value: _builtins.int
@@ -306,16 +316,27 @@ class InitializeCounterResponse(_message.Message):
     """
     created: _builtins.bool
     """True only for the call that created the counter."""
+    initialized_by: _builtins.str
+    """Who created the counter: a principal's name, "cli:<user>" for
+    `ledger-service init-counter`, or empty (auth off, or created before
+    this was recorded).
+    """
+    @_builtins.property
+    def initialized_at(self) -> _timestamp_pb2.Timestamp:
+        """When the counter was created (UTC)."""
+
     def __init__(
         self,
         *,
         ledger: _builtins.str = ...,
         value: _builtins.int = ...,
         created: _builtins.bool = ...,
+        initialized_by: _builtins.str = ...,
+        initialized_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["initialized_at", b"initialized_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "ledger", b"ledger", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "initialized_at", b"initialized_at", "initialized_by", b"initialized_by", "ledger", b"ledger", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -327,7 +348,8 @@ class PostEntryRequest(_message.Message):
 
     Field numbers mirror Entry's on purpose: the request's encoding is the
     stored entry's encoding (the server adds sequence and created_at), so
-    posting needs no re-encoding. Number 2 is Entry.sequence, set by the server.
+    posting needs no re-encoding. Numbers 2, 11 and 12 are Entry's sequence,
+    created_at and posted_by, which the server sets.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
