@@ -14,6 +14,7 @@ from .api.errors import Guard
 from .api.servicer import LedgerServicer, StreamSettings
 from .auth.access import Gate
 from .auth.principals import AuthFile
+from .auth.quotas import FollowQuota
 from .config import Settings
 from .domain.limits import STREAM_MESSAGE_MAX_ENTRIES
 from .service import use_cases
@@ -152,4 +153,5 @@ def build_servicer(
         heartbeat_interval=settings.heartbeat_interval,
         message_size=max(1, min(settings.stream_batch, STREAM_MESSAGE_MAX_ENTRIES)),
     )
-    return LedgerServicer(uow, run, writes, committer, tails, watcher, streams)
+    follows = FollowQuota(settings.max_follows_per_principal)
+    return LedgerServicer(uow, run, writes, committer, tails, watcher, streams, follows)

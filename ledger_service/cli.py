@@ -105,6 +105,42 @@ def _parser() -> argparse.ArgumentParser:
         "(env LEDGER_MAX_PENDING_POSTS)",
     )
     serve_p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        help="largest request accepted (env LEDGER_MAX_REQUEST_BYTES; default: the largest "
+        "valid PostEntries, 10 MiB)",
+    )
+    serve_p.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        help="concurrent calls on one connection (env LEDGER_MAX_STREAMS_PER_CONNECTION, "
+        "default 100)",
+    )
+    serve_p.add_argument(
+        "--max-follows-per-principal",
+        type=int,
+        help="following streams one principal may hold open; beyond it RESOURCE_EXHAUSTED "
+        "TOO_MANY_STREAMS (env LEDGER_MAX_FOLLOWS_PER_PRINCIPAL, default 100)",
+    )
+    serve_p.add_argument(
+        "--min-ping-interval",
+        type=float,
+        help="seconds a client must leave between keepalive pings, else GOAWAY "
+        "(env LEDGER_MIN_PING_INTERVAL, default 10)",
+    )
+    serve_p.add_argument(
+        "--max-connection-age",
+        type=float,
+        help="seconds a connection lives before GOAWAY, so rotated credentials reach it "
+        "(env LEDGER_MAX_CONNECTION_AGE, default 1800)",
+    )
+    serve_p.add_argument(
+        "--max-connection-age-grace",
+        type=float,
+        help="seconds an aged connection's calls may finish; followers then resume "
+        "elsewhere (env LEDGER_MAX_CONNECTION_AGE_GRACE, default 30)",
+    )
+    serve_p.add_argument(
         "--stream-batch",
         type=int,
         help="most entries per StreamEntries message, 1-256 (env LEDGER_STREAM_BATCH)",
@@ -142,6 +178,12 @@ def _settings(args: argparse.Namespace) -> Settings:
         "group_commit_max_wait",
         "stream_batch",
         "max_pending_posts",
+        "max_request_bytes",
+        "max_streams_per_connection",
+        "max_follows_per_principal",
+        "min_ping_interval",
+        "max_connection_age",
+        "max_connection_age_grace",
     ):
         value = getattr(args, name, None)
         if value is not None:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .domain.limits import max_request_bytes
 from .storage.timeouts import DbTimeouts
 from .tls import TlsFiles
 
@@ -73,6 +74,30 @@ class Settings:
     # Most entries per StreamEntries message (1-256).
     stream_batch: int = field(
         default_factory=lambda: int(os.environ.get("LEDGER_STREAM_BATCH") or 256)
+    )
+    # Abuse limits (docs/security.md): the largest request accepted (the
+    # largest valid PostEntries by default), concurrent calls on one
+    # connection, following streams per principal, how often a client may
+    # ping, and how long a connection lives (then a grace for its calls).
+    max_request_bytes: int = field(
+        default_factory=lambda: (
+            int(os.environ.get("LEDGER_MAX_REQUEST_BYTES") or 0) or max_request_bytes()
+        )
+    )
+    max_streams_per_connection: int = field(
+        default_factory=lambda: int(os.environ.get("LEDGER_MAX_STREAMS_PER_CONNECTION") or 100)
+    )
+    max_follows_per_principal: int = field(
+        default_factory=lambda: int(os.environ.get("LEDGER_MAX_FOLLOWS_PER_PRINCIPAL") or 100)
+    )
+    min_ping_interval: float = field(
+        default_factory=lambda: _env_float("LEDGER_MIN_PING_INTERVAL", 10.0)
+    )
+    max_connection_age: float = field(
+        default_factory=lambda: _env_float("LEDGER_MAX_CONNECTION_AGE", 1800.0)
+    )
+    max_connection_age_grace: float = field(
+        default_factory=lambda: _env_float("LEDGER_MAX_CONNECTION_AGE_GRACE", 30.0)
     )
     # An idle following stream gets a heartbeat message this often.
     heartbeat_interval: float = field(

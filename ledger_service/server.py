@@ -55,11 +55,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         app = bootstrap.build(settings, tls)
     except ValueError as exc:  # the settings, an auth or TLS file, the database URL
         raise StartupError(str(exc)) from exc
-    server = grpc.aio.server(
-        # gRPC enables SO_REUSEPORT by default: a second server on the same
-        # port would silently share it. Fail loudly instead.
-        options=[("grpc.so_reuseport", 0)],
-    )
+    server = grpc.aio.server(options=server_options(settings))
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
         map_errors(app.servicer, guard=app.guard), server
     )
@@ -135,6 +131,24 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     log.info("stopped")
     if fatal is not None:
         raise fatal
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC's channel arguments for the abuse limits (docs/security.md)."""
+    ms = 1000
+    return [
+        # gRPC enables SO_REUSEPORT by default: a second server on the same
+        # port would silently share it. Fail loudly instead.
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        # A client pinging more often than this gets GOAWAY (too_many_pings).
+        ("grpc.http2.min_ping_interval_without_data_ms", int(settings.min_ping_interval * ms)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age * ms)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * ms)),
+    ]
 
 
 class StartupError(Exception):

@@ -30,6 +30,7 @@ from ..domain.errors import (
     PermissionDenied,
     PositionAhead,
     StorageUnavailable,
+    TooManyStreams,
     Unauthenticated,
 )
 
@@ -90,6 +91,9 @@ ERRORS: dict[type[LedgerError], Row] = {
     Unauthenticated: Row(grpc.StatusCode.UNAUTHENTICATED, ledger_pb2.ERROR_REASON_UNAUTHENTICATED),
     PermissionDenied: Row(
         grpc.StatusCode.PERMISSION_DENIED, ledger_pb2.ERROR_REASON_PERMISSION_DENIED
+    ),
+    TooManyStreams: Row(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, ledger_pb2.ERROR_REASON_TOO_MANY_STREAMS
     ),
 }
 

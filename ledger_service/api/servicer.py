@@ -15,6 +15,7 @@ import grpc
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from ..auth.access import CALLER
+from ..auth.quotas import FollowQuota
 from ..domain.errors import DeadlineExceeded
 from ..domain.limits import STREAM_MESSAGE_MAX_ENTRIES
 from ..domain.validation import (
@@ -38,6 +39,7 @@ from .convert import (
 from .errors import ShuttingDown
 
 Context = grpc.aio.ServicerContext[Any, Any]
+_NO_QUOTA = contextlib.nullcontext()
 
 # Rows per database read of a catch-up, sent as messages of at most
 # message_size entries: one round trip per read however small the messages.
@@ -61,6 +63,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         tails: Tails,
         watcher: HeadWatcher,
         streams: StreamSettings,
+        follows: FollowQuota,
     ) -> None:
         self._uow = uow  # uow(write=..., timeout=...), for the blocking use cases
         self._run = run
@@ -70,6 +73,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self._tails = tails
         self._watcher = watcher
         self._streams = streams
+        self._follows = follows
         self._stopping = False
 
     def begin_shutdown(self) -> None:
@@ -132,6 +136,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     async def StreamEntries(
         self, request: ledger_pb2.StreamEntriesRequest, context: Context
+    ) -> AsyncIterator[ledger_pb2.StreamEntriesResponse]:
+        # A follower holds one of its principal's slots while it lives.
+        follows = self._follows.hold(_caller() or None) if request.follow else _NO_QUOTA
+        with follows:
+            async for message in self._stream(request):
+                yield message
+
+    async def _stream(
+        self, request: ledger_pb2.StreamEntriesRequest
     ) -> AsyncIterator[ledger_pb2.StreamEntriesResponse]:
         """Catch-up in keyset reads of ROWS_PER_READ rows, then (follow) live
         entries.

@@ -101,6 +101,17 @@ class PermissionDenied(LedgerError):
     """A known principal without the role the call needs."""
 
 
+class TooManyStreams(LedgerError):
+    """A principal already holds its quota of following streams."""
+
+    def __init__(self, principal: str, limit: int) -> None:
+        super().__init__(
+            f"{principal} already follows {limit} streams on this server, its limit: "
+            "close one, or follow from another server",
+            {"limit": str(limit)},
+        )
+
+
 def check_deadline(deadline: float | None) -> None:
     """Refuses to send a write once the callers' deadline (a time.monotonic()
     value, None for none) has passed."""

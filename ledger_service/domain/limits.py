@@ -101,6 +101,26 @@ BATCH_MAX_ENTRIES = 1000
 STREAM_MESSAGE_MAX_ENTRIES = 256
 
 
+def max_request_bytes() -> int:
+    """The largest request a valid call can need, rounded up to a MiB: a
+    PostEntries of BATCH_MAX_ENTRIES entries at every limit, each character
+    4 bytes of UTF-8, with every field's tag and length."""
+
+    def text(limit: Text) -> int:
+        size = limit.max_chars if limit.alphabet else 4 * limit.max_chars  # alphabets: ASCII
+        return 1 + 3 + size  # tag, length (up to 3 bytes), value
+
+    per_pair = 1 + 3 + 2 * (1 + 2)  # a map entry: its tag and length, key's and value's
+    entry = (
+        sum(text(limit) for limit in ENTRY_TEXT.values())
+        + 1 + 10  # amount: tag, varint
+        + METADATA_MAX_BYTES + METADATA_MAX_PAIRS * per_pair
+    )  # fmt: skip
+    request = text(LEDGER) + BATCH_MAX_ENTRIES * (1 + 3 + entry)
+    mib = 1 << 20
+    return -(-request // mib) * mib
+
+
 def describe() -> list[str]:
     """The README's input limits, one line a field, made from the table above."""
     return [

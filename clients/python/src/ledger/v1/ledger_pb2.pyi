@@ -91,6 +91,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     the message names the roles that would. Status PERMISSION_DENIED;
     nothing was written. Retry: no.
     """
+    ERROR_REASON_TOO_MANY_STREAMS: _ErrorReason.ValueType  # 13
+    """The caller already holds as many following streams on this server as a
+    principal may (`--max-follows-per-principal`). Status RESOURCE_EXHAUSTED;
+    metadata "limit". Retry: after closing one, or on another server.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reasons of the errors LedgerService returns.
@@ -172,6 +177,11 @@ ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 12
 """The caller is known but has no role that allows the call on its ledger;
 the message names the roles that would. Status PERMISSION_DENIED;
 nothing was written. Retry: no.
+"""
+ERROR_REASON_TOO_MANY_STREAMS: ErrorReason.ValueType  # 13
+"""The caller already holds as many following streams on this server as a
+principal may (`--max-follows-per-principal`). Status RESOURCE_EXHAUSTED;
+metadata "limit". Retry: after closing one, or on another server.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
