@@ -37,6 +37,16 @@ def _request(ledger: str, key: str, worker: str) -> ledger_pb2.PostEntryRequest:
     )
 
 
+def _channel(spec: dict[str, Any]) -> grpc.aio.Channel:
+    """TLS when the spec names a CA to trust (the server's certificate is for localhost)."""
+    if "root_ca" not in spec:
+        return grpc.aio.insecure_channel(spec["address"])
+    with open(spec["root_ca"], "rb") as ca:
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    return grpc.aio.secure_channel(spec["address"], credentials, options=options)
+
+
 async def _wait_until(t: float) -> None:
     await asyncio.sleep(max(0.0, t - time.time()))
 
@@ -51,7 +61,8 @@ async def post_load(spec: dict[str, Any]) -> dict[str, Any]:
     batch = spec.get("batch", 0)
     latencies: list[float] = []
     entries = 0
-    async with grpc.aio.insecure_channel(spec["address"]) as channel:
+    metadata = (("authorization", f"Bearer {spec['token']}"),) if "token" in spec else None
+    async with _channel(spec) as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
 
         async def caller(i: int) -> None:
@@ -78,10 +89,13 @@ async def post_load(spec: dict[str, Any]) -> dict[str, Any]:
                             ],
                         ),
                         timeout=60,
+                        metadata=metadata,
                     )
                 else:
                     await stub.PostEntry(
-                        _request(spec["ledger"], f"{worker}-{n}", worker), timeout=60
+                        _request(spec["ledger"], f"{worker}-{n}", worker),
+                        timeout=60,
+                        metadata=metadata,
                     )
                 t1 = time.time()
                 if start <= t1 <= end:

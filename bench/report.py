@@ -19,6 +19,7 @@ from ledger_service.storage.uow import create_engine
 # The chart's legend: the PostEntry servers by name.
 SERVER_NAMES = {
     "ledger": "this server (group commit)",
+    "secured": "the same with tokens and TLS",
     "unbatched": A_PRIME,
     "plain": A,
     "sequence": B,

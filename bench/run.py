@@ -20,6 +20,9 @@ against baselines measured in the same run (bench/targets.py, bench/report.py):
   (d) psycopg clients without gRPC: the server's own write statement (one
       round trip, autocommit), the database ceiling
 
+and this server with tokens and TLS against the same without: the cost of
+authentication, roles and encryption on every call.
+
 Full run: docs/BENCHMARKS.md, docs/benchmarks.png, bench/results/latest.json.
 --quick: one repetition of short runs into bench/results/quick/ (a smoke test).
 """

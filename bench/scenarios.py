@@ -7,9 +7,11 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from bench import ROOT
@@ -20,8 +22,8 @@ from ledger_service.storage.uow import create_engine
 from ledger_service.testing import ServerProcess
 
 # PostEntry servers, in the order of the tables and the chart.
-POST_MODES = ("ledger", "unbatched", "plain", "sequence", "noop")
-GAP_FREE = ("ledger", "unbatched", "plain")
+POST_MODES = ("ledger", "secured", "unbatched", "plain", "sequence", "noop")
+GAP_FREE = ("ledger", "secured", "unbatched", "plain")
 
 
 def load(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -112,6 +114,8 @@ def run(quick: bool) -> dict[str, Any]:
         }
         for mode in ("plain", "sequence", "noop"):
             servers[mode] = _baseline_server(url, mode)
+        secure_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        servers["secured"], secured_spec = _secured_server(url, pool, secure_dir)
         for s in servers.values():
             stack.enter_context(s)
         catchup_ledger = f"catchup-{uuid.uuid4().hex[:8]}"
@@ -124,8 +128,13 @@ def run(quick: bool) -> dict[str, Any]:
                 for mode in POST_MODES:
                     server = servers[mode]
                     ledger = new_ledger(servers["ledger"], "post")
+                    extra = secured_spec if mode == "secured" else {}
                     specs = timed(
-                        split(callers, procs), kind="post", address=server.address, ledger=ledger
+                        split(callers, procs),
+                        kind="post",
+                        address=server.address,
+                        ledger=ledger,
+                        **extra,
                     )
                     record(f"post_{mode}_{callers}", summarize(load(specs)))
                     if mode in GAP_FREE:
@@ -162,6 +171,32 @@ def run(quick: bool) -> dict[str, Any]:
         for name, values in samples.items()
     }
     return {"samples": samples, "medians": medians}
+
+
+def _secured_server(
+    url: str, pool: list[str], directory: Path
+) -> tuple[ServerProcess, dict[str, str]]:
+    """This server with an auth file and TLS, and what a load spec needs to
+    call it (the token, the CA): the cost of the checks, side by side."""
+    import trustme
+
+    from ledger_service.auth.principals import token_digest
+    from ledger_service.auth.tokens import new_token
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key, root = directory / "server.pem", directory / "server.key", directory / "ca.pem"
+    cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    root.write_bytes(ca.cert_pem.bytes())
+    token = new_token()
+    auth = directory / "auth.toml"
+    auth.write_text(
+        f'[[principal]]\nname = "bench"\ntoken_sha256 = ["{token_digest(token)}"]\n'
+        'roles = ["writer:*"]\n'
+    )
+    tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--auth-file", str(auth)]
+    return ServerProcess(url, extra_args=[*pool, *tls]), {"token": token, "root_ca": str(root)}
 
 
 def _baseline_server(url: str, mode: str) -> ServerProcess:

@@ -19,6 +19,13 @@ TARGETS = [
     (f"PostEntry @64 vs {B}", "post_ledger_64", "post_sequence_64", 1.0, "x"),
     (f"PostEntry @64 vs {C}, its ceiling", "post_ledger_64", "post_noop_64", 0.7, "x"),
     (
+        "PostEntry @64 with tokens and TLS vs without",
+        "post_secured_64",
+        "post_ledger_64",
+        0.85,
+        "x",
+    ),
+    (
         f"PostEntries 1000 vs {D}, 1000 per statement, its ceiling",
         "post_entries_1000",
         "db_batch_1000",
