@@ -4,6 +4,7 @@ identity as the principal, and a certificate rotated without a restart."""
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ledger_service.testing import ServerProcess
 from .conftest import FAST, details, post_request
 
 REFUSED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN}  # a failed handshake
+EXPIRED = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
 LEDGER = f"tls-{uuid.uuid4().hex[:8]}"
 ADMIN_TOKEN = f"admin-{uuid.uuid4().hex}"
 
@@ -126,6 +128,7 @@ def test_under_mtls_the_certificate_names_the_principal(sqlite_url: str, tmp_pat
         for refused in (
             channel(server, ca),  # no client certificate
             channel(server, ca, stranger.issue_cert("ops.example.internal")),  # a stranger's
+            channel(server, ca, ca.issue_cert("ops.example.internal", not_after=EXPIRED)),
             channel(server, None),  # plaintext
         ):
             with refused, pytest.raises(grpc.RpcError) as error:

@@ -11,7 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
+from ledger_service.auth.principals import token_digest
+from ledger_service.auth.tokens import new_token
 from ledger_service.testing import ServerProcess
 
 from ..conftest import migrated
@@ -42,10 +45,19 @@ EXPECTED = [
 ]
 
 
-def readme_examples() -> list[str]:
+SECURE_ADDRESS = "localhost:50051"
+SECURE_EXPECTED = [
+    ["ledger.v1.LedgerService", "grpc.health.v1.Health"],
+    ['"ledger": "demo"', '"created": true', '"initialized_by": "ops"'],
+    ['"sequence": "1"', '"idempotency_key": "order-2001"', '"posted_by": "ops"'],
+    ['"totalDebits": "500"', '"asOfSequence": "1"'],
+]
+
+
+def readme_examples(block: str = "examples") -> list[str]:
     text = (ROOT / "README.md").read_text()
-    block = text.split("<!-- examples:begin", 1)[1].split("<!-- examples:end -->", 1)[0]
-    return [line for line in block.splitlines() if line.startswith(("grpcurl ", "buf curl "))]
+    lines = text.split(f"<!-- {block}:begin", 1)[1].split(f"<!-- {block}:end -->", 1)[0]
+    return [line for line in lines.splitlines() if line.startswith(("grpcurl ", "buf curl "))]
 
 
 @pytest.fixture
@@ -68,6 +80,35 @@ def test_readme_grpcurl_and_buf_curl_examples_work_as_written(fresh_server: Serv
         assert result.returncode == 0, f"{command}\n{result.stderr}"
         for fragment in expected:
             assert fragment in result.stdout, f"{command}\n{result.stdout}"
+
+
+def test_readme_token_and_tls_examples_work_as_written(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    token = new_token()
+    auth = tmp_path / "auth.toml"
+    auth.write_text(
+        f'[[principal]]\nname = "ops"\ntoken_sha256 = ["{token_digest(token)}"]\n'
+        'roles = ["admin"]\n'
+    )
+    url = migrated(f"sqlite:///{tmp_path / 'tools.sqlite3'}")
+    args = ["--tls-cert", str(cert), "--tls-key", str(key), "--auth-file", str(auth)]
+    examples = readme_examples("secure-examples")
+    assert len(examples) == len(SECURE_EXPECTED), "update SECURE_EXPECTED along with the README"
+    with ServerProcess(url, extra_args=args) as server:
+        for command, expected in zip(examples, SECURE_EXPECTED, strict=True):
+            line = command.replace(SECURE_ADDRESS, f"localhost:{server.port}")
+            argv = shlex.split(line.replace("$LEDGER_TOKEN", token))
+            argv[0] = str(BIN / argv[0])
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+            assert result.returncode == 0, f"{command}\n{result.stderr}"
+            for fragment in expected:
+                assert fragment in result.stdout, f"{command}\n{result.stdout}"
+            assert token not in result.stderr
 
 
 def test_grpcurl_reads_the_error_info_of_a_post_before_initialize(
