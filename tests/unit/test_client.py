@@ -1,9 +1,11 @@
 """What ledger_client retries, against an in-process server that fails on
-cue: only UNAVAILABLE and DEADLINE_EXCEEDED, always with the same key, and
-within total_timeout."""
+cue: only UNAVAILABLE and DEADLINE_EXCEEDED, always with the same keys, within
+total_timeout; streams resume within reconnect_timeout after their last
+message; the token rides on every call. Blocking and asyncio alike."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -12,7 +14,7 @@ from typing import Any, cast
 import grpc
 import pytest
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from ledger_client import LedgerClient
+from ledger_client import AsyncLedgerClient, LedgerClient, channel_options
 
 from ledger_service.api.errors import ERRORS
 
@@ -39,7 +41,7 @@ class _Scripted:
 def serve() -> Iterator[Any]:
     servers: list[grpc.Server] = []
 
-    def start(servicer: _Scripted) -> str:
+    def start(servicer: object) -> str:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         servicer_ = cast(ledger_pb2_grpc.LedgerServiceServicer, servicer)
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer_, server)
@@ -96,3 +98,185 @@ def test_total_timeout_bounds_the_retries(serve: Any) -> None:
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # Each attempt takes its 0.1 s deadline, so 0.6 s allow a handful, not 1000.
     assert 1 <= len(servicer.keys) <= 10, len(servicer.keys)
+
+
+def test_the_async_client_retries_with_the_same_key_and_not_what_it_should_not(
+    serve: Any,
+) -> None:
+    def fail(attempt: int, context: Any) -> None:
+        if attempt == 1:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "scripted")
+
+    async def post(target: str, **settings: Any) -> ledger_pb2.PostEntryResponse:
+        async with AsyncLedgerClient(target, backoff=0.01, **settings) as client:
+            return await client.post_entry(
+                "l", debit_account="a", credit_account="b", amount=1, asset="USD"
+            )
+
+    servicer = _Scripted(fail)
+    assert asyncio.run(post(serve(servicer))).replayed
+    assert len(servicer.keys) == 2 and len(set(servicer.keys)) == 1
+
+    refused = _Scripted(
+        lambda attempt, context: context.abort(grpc.StatusCode.UNAUTHENTICATED, "no")
+    )
+    with pytest.raises(grpc.RpcError) as error:
+        asyncio.run(post(serve(refused)))
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len(refused.keys) == 1  # not retried
+
+
+class _Streams:
+    """StreamEntries as scripted: `script(call number, request, context)`
+    yields messages and then aborts or returns."""
+
+    _Base = ledger_pb2_grpc.LedgerServiceServicer
+    InitializeCounter, PostEntry = _Base.InitializeCounter, _Base.PostEntry
+    PostEntries, GetAccount = _Base.PostEntries, _Base.GetAccount
+
+    def __init__(self, script: Callable[[int, Any, Any], Iterator[Any]]) -> None:
+        self.positions: list[int] = []  # each call's after_sequence
+        self._script = script
+
+    def StreamEntries(self, request: Any, context: Any) -> Iterator[Any]:
+        self.positions.append(request.after_sequence)
+        yield from self._script(len(self.positions), request, context)
+
+
+def _entries(message: Any) -> list[int]:
+    return [e.sequence for e in message.entries]
+
+
+def _read(target: str, kind: str, **settings: Any) -> list[int]:
+    """Every entry a `kind` client's stream yields (it follows nothing)."""
+    if kind == "sync":
+        with LedgerClient(target, **settings) as client:
+            return [e.sequence for e in client.stream_entries("l")]
+
+    async def run() -> list[int]:
+        async with AsyncLedgerClient(target, **settings) as client:
+            return [e.sequence async for e in client.stream_entries("l")]
+
+    return asyncio.run(run())
+
+
+def _message(sequence: int) -> ledger_pb2.StreamEntriesResponse:
+    return ledger_pb2.StreamEntriesResponse(entries=[ledger_pb2.Entry(sequence=sequence)])
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_stream_resumes_within_reconnect_timeout_then_gives_up(serve: Any, kind: str) -> None:
+    def script(call: int, request: Any, context: Any) -> Iterator[Any]:
+        context.abort(grpc.StatusCode.UNAVAILABLE, "away")
+        yield  # a generator, never reached
+
+    servicer = _Streams(script)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as error:
+        _read(serve(servicer), kind, reconnect_timeout=0.5, backoff=0.01, max_backoff=0.05)
+    elapsed = time.monotonic() - started
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(servicer.positions) > 2 and 0.3 < elapsed < 10, (len(servicer.positions), elapsed)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_the_reconnect_budget_restarts_with_every_message(serve: Any, kind: str) -> None:
+    def script(call: int, request: Any, context: Any) -> Iterator[Any]:
+        if call == 6:
+            return  # the end of the history
+        time.sleep(0.3)
+        yield _message(call)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "dropped")
+
+    servicer = _Streams(script)
+    started = time.monotonic()
+    got = _read(serve(servicer), kind, reconnect_timeout=1.0, backoff=0.01, max_backoff=0.05)
+    assert got == [1, 2, 3, 4, 5]
+    assert servicer.positions == [0, 1, 2, 3, 4, 5]  # each resume from the last entry
+    assert time.monotonic() - started > 1.0  # longer than one budget, in all
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_stream_out_of_order_is_an_error_not_a_resume(serve: Any, kind: str) -> None:
+    def script(call: int, request: Any, context: Any) -> Iterator[Any]:
+        yield _message(2)
+
+    with pytest.raises(RuntimeError, match="expected 1, got 2"):
+        _read(serve(_Streams(script)), kind)
+
+
+class _Batches:
+    """PostEntries that loses its first answer (UNAVAILABLE), and records
+    what every attempt carried, metadata included."""
+
+    _Base = ledger_pb2_grpc.LedgerServiceServicer
+    InitializeCounter, PostEntry = _Base.InitializeCounter, _Base.PostEntry
+    StreamEntries, GetAccount = _Base.StreamEntries, _Base.GetAccount
+
+    def __init__(self, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        self.keys: list[list[str]] = []
+        self.metadata: list[dict[str, str]] = []
+        self._code = code
+
+    def PostEntries(self, request: Any, context: Any) -> ledger_pb2.PostEntriesResponse:
+        self.keys.append([e.idempotency_key for e in request.entries])
+        self.metadata.append(dict(context.invocation_metadata()))
+        if len(self.keys) == 1 or self._code != grpc.StatusCode.UNAVAILABLE:
+            context.abort(self._code, "scripted")
+        results = [
+            ledger_pb2.PostedEntry(entry=ledger_pb2.Entry(sequence=i + 1, idempotency_key=k))
+            for i, k in enumerate(self.keys[-1])
+        ]
+        return ledger_pb2.PostEntriesResponse(results=results)
+
+
+FIELDS: dict[str, Any] = {"debit_account": "a", "credit_account": "b", "amount": 1, "asset": "USD"}
+
+
+def test_post_entries_keys_each_entry_and_retries_with_the_same_keys(serve: Any) -> None:
+    servicer = _Batches()
+    given = ledger_pb2.EntryInput(**FIELDS)
+    with LedgerClient(serve(servicer), backoff=0.01, token="s3cret-token") as client:
+        response = client.post_entries("l", [given, {**FIELDS, "idempotency_key": "mine"}, FIELDS])
+    assert len(servicer.keys) == 2 and servicer.keys[0] == servicer.keys[1]
+    keys = servicer.keys[0]
+    assert keys[1] == "mine" and len(set(keys)) == 3 and all(keys)
+    assert [r.entry.idempotency_key for r in response.results] == keys
+    assert given.idempotency_key == ""  # the caller's message is left as it was
+    # The token rides on every attempt.
+    assert [m.get("authorization") for m in servicer.metadata] == ["Bearer s3cret-token"] * 2
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_refused_token_is_not_retried_nor_shown(serve: Any, kind: str) -> None:
+    servicer = _Batches(grpc.StatusCode.UNAUTHENTICATED)
+    target, token = serve(servicer), "s3cret-token"
+    with pytest.raises(grpc.RpcError) as error:
+        if kind == "sync":
+            with LedgerClient(target, token=token) as client:
+                client.post_entries("l", [FIELDS])
+        else:
+
+            async def run() -> None:
+                async with AsyncLedgerClient(target, token=token) as client:
+                    await client.post_entries("l", [FIELDS])
+
+            asyncio.run(run())
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len(servicer.keys) == 1
+    assert servicer.metadata[0]["authorization"] == f"Bearer {token}"
+    assert token not in f"{error.value} {error.value!r}"
+
+
+def test_settings_that_cannot_work_are_refused_without_showing_the_token() -> None:
+    with pytest.raises(ValueError, match="cannot both be None"):
+        LedgerClient("127.0.0.1:1", total_timeout=None, max_attempts=None)
+    with pytest.raises(ValueError, match="go together"):
+        LedgerClient("127.0.0.1:1", private_key=b"key")
+    with grpc.insecure_channel("127.0.0.1:1", channel_options()) as channel:
+        with pytest.raises(ValueError, match="used as is"):
+            LedgerClient("127.0.0.1:1", channel=channel, root_certificates=b"ca")
+        LedgerClient("127.0.0.1:1", channel=channel, token="fine").close()
+    with pytest.raises(ValueError) as error:
+        LedgerClient("127.0.0.1:1", token="bad token\n")
+    assert "bad token" not in str(error.value)

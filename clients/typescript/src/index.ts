@@ -1,20 +1,25 @@
 // A thin client for ledger.v1.LedgerService over gRPC (HTTP/2, connect-node).
-// It adds what every caller would otherwise write: an idempotency key per
-// post, retries of UNAVAILABLE and DEADLINE_EXCEEDED with that same key (so a
-// retry never posts twice) within a bound on the whole call, and streams that
-// resume after their last entry when the connection drops. int64 fields are
-// bigint, exact.
+// It adds what every caller would otherwise write: credentials (a bearer
+// token, TLS, mTLS) on every call, an idempotency key per post, retries of
+// UNAVAILABLE and DEADLINE_EXCEEDED with that same key (so a retry never posts
+// twice) within a time bound on the whole call, and streams that resume after
+// their last entry when the connection drops, for as long as
+// reconnectTimeoutMs allows. int64 fields are bigint, exact.
 import { randomUUID } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { BinaryReader } from "@bufbuild/protobuf/wire";
-import { Code, ConnectError, createClient, type Client } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import {
   type Entry,
+  type EntryInput,
+  EntryInputSchema,
   ErrorReason,
   type GetAccountResponse,
   type InitializeCounterResponse,
   LedgerService,
+  type PostEntriesResponse,
+  PostEntriesRequestSchema,
   type PostEntryResponse,
   PostEntryRequestSchema,
 } from "./gen/ledger/v1/ledger_pb.js";
@@ -35,7 +40,18 @@ export interface PostInput {
 }
 
 export interface ClientOptions {
-  /** Attempts per call after UNAVAILABLE or DEADLINE_EXCEEDED (default 6). */
+  /** Sent as `authorization: Bearer <token>` on every call; never logged. */
+  token?: string;
+  /**
+   * TLS (an "https://" baseUrl): PEM of the CAs to trust, instead of Node's
+   * defaults. `cert` and `key` (PEM) add a client certificate (mTLS).
+   */
+  ca?: string | Buffer;
+  cert?: string | Buffer;
+  key?: string | Buffer;
+  /** The name to verify the server's certificate against, when the URL's host is not it. */
+  serverName?: string;
+  /** Attempts per call (default: no limit, the time budgets bound them). */
   maxAttempts?: number;
   /** Deadline of each attempt in milliseconds (default 10000). */
   timeoutMs?: number;
@@ -45,6 +61,12 @@ export interface ClientOptions {
    * maxAttempts × timeoutMs plus backoff.
    */
   totalTimeoutMs?: number | null;
+  /**
+   * How long a stream keeps reconnecting after its last message, in
+   * milliseconds (default 60000: a restart or failover is ridden through);
+   * `null`: for ever, unless maxAttempts failures in a row.
+   */
+  reconnectTimeoutMs?: number | null;
 }
 
 // Codes after which a post (with its idempotency key) or InitializeCounter is
@@ -54,19 +76,50 @@ const RETRYABLE = new Set([Code.Unavailable, Code.DeadlineExceeded]);
 // deadline of ours, so a DEADLINE_EXCEEDED on one is the caller's signal.
 const RESUMABLE = new Set([Code.Unavailable]);
 
+// A failed call's code, a lost connection as UNAVAILABLE: connect-node reports a
+// call cut by a dying HTTP/2 session as CANCELED (stream reset) or ABORTED (with
+// the ECONNRESET as cause). Unless the caller cancelled: then CANCELED is theirs.
+function failureCode(error: unknown, signal?: AbortSignal): Code {
+  const { code, cause } = ConnectError.from(error);
+  if (signal?.aborted) return code;
+  if (code === Code.Canceled || (code === Code.Aborted && cause instanceof Error)) return Code.Unavailable;
+  return code;
+}
+
 export class LedgerClient {
   /** The generated client, for anything this wrapper does not cover. */
   readonly raw: Client<typeof LedgerService>;
   private readonly maxAttempts: number;
   private readonly timeoutMs: number;
   private readonly totalTimeoutMs: number | null;
+  private readonly reconnectTimeoutMs: number | null;
 
-  /** `baseUrl` like "http://127.0.0.1:50051". */
+  /** `baseUrl` like "http://127.0.0.1:50051", or "https://..." for TLS. */
   constructor(baseUrl: string, options: ClientOptions = {}) {
-    this.raw = createClient(LedgerService, createGrpcTransport({ baseUrl }));
-    this.maxAttempts = options.maxAttempts ?? 6;
+    this.maxAttempts = options.maxAttempts ?? Infinity;
     this.timeoutMs = options.timeoutMs ?? 10_000;
     this.totalTimeoutMs = options.totalTimeoutMs === undefined ? 30_000 : options.totalTimeoutMs;
+    this.reconnectTimeoutMs =
+      options.reconnectTimeoutMs === undefined ? 60_000 : options.reconnectTimeoutMs;
+    if (this.totalTimeoutMs === null && this.maxAttempts === Infinity) {
+      throw new Error("totalTimeoutMs null needs a finite maxAttempts");
+    }
+    const { token, ca, cert, key, serverName } = options;
+    const tls = ca !== undefined || cert !== undefined || key !== undefined || serverName !== undefined;
+    if (tls && !baseUrl.startsWith("https:")) throw new Error("TLS options need an https:// baseUrl");
+    if ((cert === undefined) !== (key === undefined)) throw new Error("cert and key go together (mTLS)");
+    const interceptors: Interceptor[] = [];
+    if (token !== undefined) {
+      // Checked here so a bad token fails at once, with a message that never shows it.
+      if (!/^[\x21-\x7e]+$/.test(token)) throw new Error("token must be printable ASCII without spaces");
+      const authorization = `Bearer ${token}`;
+      interceptors.push((next) => (request) => {
+        request.header.set("authorization", authorization);
+        return next(request);
+      });
+    }
+    const nodeOptions = tls ? { ca, cert, key, servername: serverName } : undefined;
+    this.raw = createClient(LedgerService, createGrpcTransport({ baseUrl, interceptors, nodeOptions }));
   }
 
   /**
@@ -77,11 +130,10 @@ export class LedgerClient {
     const deadline = this.totalTimeoutMs === null ? Infinity : Date.now() + this.totalTimeoutMs;
     for (let attempt = 0; ; attempt++) {
       try {
-        return await call(Math.min(this.timeoutMs, deadline - Date.now()));
+        return await call(Math.max(1, Math.min(this.timeoutMs, deadline - Date.now())));
       } catch (error) {
-        const code = ConnectError.from(error).code;
-        if (!RETRYABLE.has(code) || attempt + 1 >= this.maxAttempts) throw error;
-        const delay = Math.random() * Math.min(3000, 100 * 2 ** attempt);
+        if (!RETRYABLE.has(failureCode(error)) || attempt + 1 >= this.maxAttempts) throw error;
+        const delay = backoff(attempt);
         if (Date.now() + delay >= deadline) throw error; // no time left for another attempt
         await sleep(delay);
       }
@@ -99,28 +151,30 @@ export class LedgerClient {
    * `replayed` true.
    */
   postEntry(ledger: string, input: PostInput): Promise<PostEntryResponse> {
-    const request = create(PostEntryRequestSchema, {
-      ledger,
-      idempotencyKey: input.idempotencyKey ?? randomUUID(),
-      debitAccount: input.debitAccount,
-      creditAccount: input.creditAccount,
-      amount: input.amount,
-      asset: input.asset,
-      entryType: input.entryType ?? "",
-      description: input.description ?? "",
-      metadata: input.metadata ?? {},
-    });
+    const request = create(PostEntryRequestSchema, { ledger, ...entryInput(input) });
     return this.retrying((timeoutMs) => this.raw.postEntry(request, { timeoutMs }));
   }
 
+  /**
+   * Posts entries atomically (all or none), retrying with the same keys: an
+   * entry without `idempotencyKey` gets a random UUID, reused by every retry.
+   */
+  postEntries(ledger: string, inputs: readonly PostInput[]): Promise<PostEntriesResponse> {
+    const entries = inputs.map((input) => create(EntryInputSchema, entryInput(input)));
+    const request = create(PostEntriesRequestSchema, { ledger, entries });
+    return this.retrying((timeoutMs) => this.raw.postEntries(request, { timeoutMs }));
+  }
+
   getAccount(ledger: string, account: string): Promise<GetAccountResponse> {
-    return this.raw.getAccount({ ledger, account }, { timeoutMs: this.timeoutMs });
+    // A read: safe to retry.
+    return this.retrying((timeoutMs) => this.raw.getAccount({ ledger, account }, { timeoutMs }));
   }
 
   /**
    * Entries after `afterSequence`, in order. With `follow`, keeps going as
    * entries commit; after UNAVAILABLE it reconnects from the last entry it
-   * yielded, so no entry is yielded twice or skipped.
+   * yielded, so no entry is yielded twice or skipped, for reconnectTimeoutMs
+   * after the last message received.
    */
   async *streamEntries(
     ledger: string,
@@ -128,6 +182,7 @@ export class LedgerClient {
   ): AsyncGenerator<Entry> {
     let position = options.afterSequence ?? 0n;
     let failures = 0;
+    let since = Date.now(); // the budget restarts with every message
     for (;;) {
       try {
         const stream = this.raw.streamEntries(
@@ -136,6 +191,7 @@ export class LedgerClient {
         );
         for await (const message of stream) {
           failures = 0;
+          since = Date.now();
           for (const entry of message.entries) {
             if (entry.sequence !== position + 1n) {
               throw new Error(`stream out of order: expected ${position + 1n}, got ${entry.sequence}`);
@@ -146,9 +202,12 @@ export class LedgerClient {
         }
         return;
       } catch (error) {
-        const code = ConnectError.from(error).code;
+        const code = failureCode(error, options.signal);
         if (!RESUMABLE.has(code) || ++failures >= this.maxAttempts) throw error;
-        await sleep(Math.random() * Math.min(3000, 100 * 2 ** failures));
+        const delay = backoff(failures);
+        const budget = this.reconnectTimeoutMs ?? Infinity;
+        if (Date.now() + delay >= since + budget) throw error; // away longer than the budget
+        await sleep(delay);
       }
     }
   }
@@ -177,6 +236,24 @@ export function errorReason(error: unknown): string | undefined {
     }
   }
   return undefined;
+}
+
+function entryInput(input: PostInput): Omit<EntryInput, "$typeName"> {
+  return {
+    idempotencyKey: input.idempotencyKey ?? randomUUID(),
+    debitAccount: input.debitAccount,
+    creditAccount: input.creditAccount,
+    amount: input.amount,
+    asset: input.asset,
+    entryType: input.entryType ?? "",
+    description: input.description ?? "",
+    metadata: input.metadata ?? {},
+  };
+}
+
+// Full jitter, up to 3 s: many clients retrying after one outage do not stampede.
+function backoff(attempt: number): number {
+  return Math.random() * Math.min(3000, 100 * 2 ** attempt);
 }
 
 function sleep(ms: number): Promise<void> {

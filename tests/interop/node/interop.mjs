@@ -1,10 +1,12 @@
 // Interop scenario for a client this project did not write: @grpc/grpc-js with
 // the .proto loaded at run time (longs as strings, so int64 stays exact).
 //
-//   node interop.mjs 127.0.0.1:50051 <ledger>
+//   LEDGER_TOKEN=<token> node interop.mjs 127.0.0.1:50051 <ledger>
 //
-// Prints one JSON line with what it observed; exits 1 with a message on the
-// first expectation that does not hold. tests/e2e/test_interop.py runs it.
+// The token (of an admin: it initializes the counter) comes from the
+// environment, never the command line. Prints one JSON line with what it
+// observed; exits 1 with a message on the first expectation that does not
+// hold. tests/e2e/test_interop.py runs it against a server with an auth file.
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import grpc from "@grpc/grpc-js";
@@ -26,6 +28,13 @@ const definition = protoLoader.loadSync("ledger/v1/ledger.proto", {
 const { LedgerService } = grpc.loadPackageDefinition(definition).ledger.v1;
 const client = new LedgerService(address, grpc.credentials.createInsecure());
 
+// The bearer token rides as metadata on every call: grpc-js refuses call
+// credentials on an insecure channel. Over TLS, combine them instead:
+//   grpc.credentials.combineChannelCredentials(grpc.credentials.createSsl(ca),
+//     grpc.credentials.createFromMetadataGenerator((_, cb) => cb(null, auth)))
+const auth = new grpc.Metadata();
+if (process.env.LEDGER_TOKEN) auth.set("authorization", `Bearer ${process.env.LEDGER_TOKEN}`);
+
 // google.rpc.Status and ErrorInfo, to read the grpc-status-details-bin trailer.
 const rpc = protobuf.parse(`
   syntax = "proto3";
@@ -46,17 +55,17 @@ function expect(condition, message) {
   if (!condition) fail(message);
 }
 
-function call(method, request) {
+function call(method, request, metadata = auth) {
   return new Promise((resolve, reject) => {
-    client[method](request, { deadline: Date.now() + 10_000 }, (error, response) =>
+    client[method](request, metadata, { deadline: Date.now() + 10_000 }, (error, response) =>
       error ? reject(error) : resolve(response),
     );
   });
 }
 
-async function rejected(method, request) {
+async function rejected(method, request, metadata = auth) {
   try {
-    await call(method, request);
+    await call(method, request, metadata);
   } catch (error) {
     return error;
   }
@@ -85,6 +94,11 @@ const post = (key, amount = BIG) => ({
 
 const observed = {};
 
+// Without the token: UNAUTHENTICATED, before anything else is looked at.
+const anonymous = await rejected("PostEntry", post("anonymous"), new grpc.Metadata());
+expect(anonymous.code === grpc.status.UNAUTHENTICATED, `expected UNAUTHENTICATED, got ${anonymous.code}`);
+observed.unauthenticated_reason = errorInfo(anonymous).reason;
+
 // Post before the counter exists: FAILED_PRECONDITION with its ErrorInfo reason.
 const early = await rejected("PostEntry", post("too-early"));
 expect(early.code === grpc.status.FAILED_PRECONDITION, `expected FAILED_PRECONDITION, got ${early.code}`);
@@ -98,7 +112,7 @@ expect(init.created === true && init.value === "0", `unexpected InitializeCounte
 // A follower first, so it sees the entries arrive live.
 const seen = [];
 const followed = new Promise((resolve, reject) => {
-  const stream = client.StreamEntries({ ledger, after_sequence: "0", follow: true });
+  const stream = client.StreamEntries({ ledger, after_sequence: "0", follow: true }, auth);
   stream.on("data", (message) => {
     for (const entry of message.entries) seen.push(entry);
     if (seen.length >= 3) {

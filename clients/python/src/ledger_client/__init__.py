@@ -1,26 +1,40 @@
-"""A small client for ledger.v1.LedgerService.
+"""A small client for ledger.v1.LedgerService, blocking (`LedgerClient`) or
+asyncio (`AsyncLedgerClient`).
 
-It adds what every caller would otherwise write: an idempotency key per post,
-retries of UNAVAILABLE and DEADLINE_EXCEEDED with that same key (so a retry
-never posts twice) within a bound on the whole call, and streams that resume
-from the last entry they yielded after a disconnect.
+It adds what every caller would otherwise write: credentials (a bearer token,
+TLS, mTLS) on every call, an idempotency key per post, retries of UNAVAILABLE
+and DEADLINE_EXCEEDED with that same key (so a retry never posts twice) within
+a time bound on the whole call, and streams that resume from the last entry
+they yielded after a disconnect, for as long as `reconnect_timeout` allows.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+)
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
-__all__ = ["LedgerClient", "error_info"]
+__all__ = ["AsyncLedgerClient", "EntryLike", "LedgerClient", "Pem", "channel_options", "error_info"]
 
 # Codes after which the same request may be sent again. A post carries its
 # idempotency key, so a retry after an unknown outcome replays, never doubles.
@@ -28,6 +42,11 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 # Codes after which a stream reconnects from its position. A stream has no
 # deadline of ours, so a DEADLINE_EXCEEDED on one is not a stall to retry.
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+# PEM contents (bytes), or the path of a PEM file (str or path-like).
+Pem = bytes | str | os.PathLike[str]
+# A PostEntries item: an EntryInput, or a mapping of its fields.
+EntryLike = ledger_pb2.EntryInput | Mapping[str, Any]
 
 R = TypeVar("R")
 
@@ -45,39 +64,240 @@ def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     return None
 
 
-class LedgerClient:
-    """Blocking client. `with LedgerClient("127.0.0.1:50051") as c: ...`"""
+def channel_options(*, backoff: float = 0.1, max_backoff: float = 3.0) -> list[tuple[str, Any]]:
+    """The reconnect settings the clients give the channels they build; add
+    them to a channel you build yourself (`channel=` is used as is)."""
+    # gRPC backs off reconnecting up to 120 s by default and fails calls fast
+    # meanwhile; cap it near our own backoff so a restarted server is found
+    # again within a retry or two.
+    return [
+        ("grpc.initial_reconnect_backoff_ms", int(backoff * 1000)),
+        ("grpc.min_reconnect_backoff_ms", int(backoff * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(max_backoff * 1000)),
+    ]
+
+
+def _pem(source: Pem | None) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    return Path(source).read_bytes()
+
+
+def _check_token(token: str) -> None:
+    # Never echo the token: the message must be safe to log.
+    if not token or not token.isascii() or not token.isprintable() or " " in token:
+        raise ValueError("token must be non-empty printable ASCII without spaces")
+
+
+def _entry_input(entry: EntryLike) -> ledger_pb2.EntryInput:
+    item = ledger_pb2.EntryInput()
+    if isinstance(entry, ledger_pb2.EntryInput):
+        item.CopyFrom(entry)  # a copy: the caller's message is left as it was
+    else:
+        item = ledger_pb2.EntryInput(**entry)
+    if not item.idempotency_key:
+        item.idempotency_key = str(uuid.uuid4())
+    return item
+
+
+class _Attempts:
+    """One retried unary call: each attempt's deadline, and after a failure
+    the delay before the next attempt, or None to give up."""
+
+    def __init__(self, client: _ClientBase) -> None:
+        self._client = client
+        total = client.total_timeout
+        self._deadline = None if total is None else time.monotonic() + total
+        self._failures = 0
+
+    def timeout(self) -> float:
+        timeout = self._client.timeout
+        if self._deadline is not None:
+            timeout = max(0.001, min(timeout, self._deadline - time.monotonic()))
+        return timeout
+
+    def after(self, error: grpc.RpcError) -> float | None:
+        self._failures += 1
+        limit = self._client.max_attempts
+        if error.code() not in RETRYABLE or (limit is not None and self._failures >= limit):
+            return None
+        delay = self._client._backoff_delay(self._failures - 1)
+        if self._deadline is not None and time.monotonic() + delay >= self._deadline:
+            return None  # no time left for another attempt
+        return delay
+
+
+class _Resume:
+    """One resuming stream: its position, checked on every message, and after
+    a failure the delay before reconnecting, or None to give up. The time
+    budget restarts with every message received."""
+
+    def __init__(self, client: _ClientBase, ledger: str, after: int, follow: bool) -> None:
+        self._client = client
+        self._ledger, self._follow = ledger, follow
+        self.position = after
+        self._failures = 0
+        self._since = time.monotonic()
+
+    def request(self) -> ledger_pb2.StreamEntriesRequest:
+        return ledger_pb2.StreamEntriesRequest(
+            ledger=self._ledger, after_sequence=self.position, follow=self._follow
+        )
+
+    def received(self, message: ledger_pb2.StreamEntriesResponse) -> None:
+        self._failures, self._since = 0, time.monotonic()
+        if message.entries:
+            # A resumed stream starts right after `position`; this check
+            # guards the guarantee rather than trusting it.
+            first = message.entries[0].sequence
+            if first != self.position + 1:
+                raise RuntimeError(
+                    f"stream out of order: expected {self.position + 1}, got {first}"
+                )
+            self.position = message.entries[-1].sequence
+
+    def after(self, error: grpc.RpcError) -> float | None:
+        self._failures += 1
+        limit, budget = self._client.max_attempts, self._client.reconnect_timeout
+        if error.code() not in RESUMABLE or (limit is not None and self._failures >= limit):
+            return None
+        delay = self._client._backoff_delay(self._failures)
+        if budget is not None and time.monotonic() + delay >= self._since + budget:
+            return None  # the server has been away longer than the budget
+        return delay
+
+
+class _ClientBase:
+    """What both clients share: credentials, channel options, requests, and
+    the retry and resume policy. Subclasses open the channel and wait."""
 
     def __init__(
         self,
         target: str,
         *,
+        token: str | None = None,
+        root_certificates: Pem | None = None,
+        private_key: Pem | None = None,
+        certificate_chain: Pem | None = None,
+        tls: bool = False,
+        server_name: str | None = None,
+        options: Iterable[tuple[str, Any]] = (),
         timeout: float = 10.0,
         total_timeout: float | None = 30.0,
-        max_attempts: int = 6,
+        max_attempts: int | None = None,
         backoff: float = 0.1,
         max_backoff: float = 3.0,
-        channel: grpc.Channel | None = None,
+        reconnect_timeout: float | None = 60.0,
+        channel: Any = None,
     ) -> None:
-        # gRPC backs off reconnecting up to 120 s by default and fails calls
-        # fast meanwhile; cap it near our own backoff so a restarted server is
-        # found again within a retry or two.
-        self._channel = channel or grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.initial_reconnect_backoff_ms", int(backoff * 1000)),
-                ("grpc.min_reconnect_backoff_ms", int(backoff * 1000)),
-                ("grpc.max_reconnect_backoff_ms", int(max_backoff * 1000)),
-            ],
-        )
-        self._stub = ledger_pb2_grpc.LedgerServiceStub(self._channel)
+        if total_timeout is None and max_attempts is None:
+            raise ValueError("total_timeout and max_attempts cannot both be None")
+        if (private_key is None) != (certificate_chain is None):
+            raise ValueError("private_key and certificate_chain go together (mTLS)")
+        tls = tls or any(x is not None for x in (root_certificates, private_key, server_name))
+        extra = list(options)
+        if channel is not None and (tls or extra):
+            raise ValueError("channel= is used as is: build TLS and options into it, or omit it")
+        if token is not None:
+            _check_token(token)
         self.timeout = timeout  # each attempt's deadline (s)
         # The whole retried call's deadline (s), backoff included; None: only
         # max_attempts bounds it, at up to max_attempts * timeout plus backoff.
         self.total_timeout = total_timeout
-        self.max_attempts = max_attempts
+        self.max_attempts = max_attempts  # None: only the time budgets bound retries
+        # How long a stream keeps reconnecting after its last message (s).
+        self.reconnect_timeout = reconnect_timeout
         self._backoff = backoff
         self._max_backoff = max_backoff
+        # With TLS the token rides as call credentials, which gRPC never sends
+        # in plaintext; without TLS (or on a caller's channel), as metadata.
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        if token is not None and not (tls and channel is None):
+            self._metadata = (("authorization", f"Bearer {token}"),)
+        if channel is None:
+            credentials = None
+            if tls:
+                credentials = grpc.ssl_channel_credentials(
+                    _pem(root_certificates), _pem(private_key), _pem(certificate_chain)
+                )
+                if token is not None:
+                    credentials = grpc.composite_channel_credentials(
+                        credentials, grpc.access_token_call_credentials(token)
+                    )
+            opts = channel_options(backoff=backoff, max_backoff=max_backoff)
+            if server_name is not None:
+                opts.append(("grpc.ssl_target_name_override", server_name))
+            channel = self._open(target, credentials, opts + extra)
+        self._channel = channel
+        self._stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+
+    def _open(
+        self, target: str, credentials: grpc.ChannelCredentials | None, options: list[Any]
+    ) -> Any:
+        raise NotImplementedError
+
+    def _backoff_delay(self, attempt: int) -> float:
+        # Full jitter: many clients retrying after one outage do not stampede.
+        ceiling = self._backoff * 2 ** min(attempt, 30)
+        return random.uniform(0, min(self._max_backoff, ceiling))
+
+    @staticmethod
+    def _post_request(  # in post_entry's order: both clients pass them positionally
+        ledger: str,
+        debit_account: str,
+        credit_account: str,
+        amount: int,
+        asset: str,
+        idempotency_key: str | None,
+        entry_type: str,
+        description: str,
+        metadata: Mapping[str, str] | None,
+    ) -> ledger_pb2.PostEntryRequest:
+        return ledger_pb2.PostEntryRequest(
+            ledger=ledger,
+            idempotency_key=idempotency_key or str(uuid.uuid4()),
+            debit_account=debit_account,
+            credit_account=credit_account,
+            amount=amount,
+            asset=asset,
+            entry_type=entry_type,
+            description=description,
+            metadata=dict(metadata or {}),
+        )
+
+    @staticmethod
+    def _batch_request(ledger: str, entries: Iterable[EntryLike]) -> ledger_pb2.PostEntriesRequest:
+        return ledger_pb2.PostEntriesRequest(
+            ledger=ledger, entries=[_entry_input(e) for e in entries]
+        )
+
+
+class LedgerClient(_ClientBase):
+    """Blocking client: `with LedgerClient("127.0.0.1:50051", token=...) as c: ...`.
+
+    Credentials: `token` is sent as `authorization: Bearer <token>` on every
+    call. `root_certificates` (PEM bytes or a path) turns TLS on, `tls=True`
+    with the system's CAs; `private_key` and `certificate_chain` add a client
+    certificate (mTLS); `server_name` is the name to verify the server's
+    certificate against when the target's host is not it. `options` are more
+    channel options. A `channel` you pass is used as is (no TLS options then,
+    and add `channel_options()` to it to keep the reconnect settings).
+
+    Retries: each attempt may take `timeout`; a retried call ends within
+    `total_timeout`, and with `max_attempts` (None: no limit) after that many
+    attempts. A stream keeps reconnecting for `reconnect_timeout` after its
+    last message (None: for ever, unless `max_attempts` failures in a row).
+    """
+
+    _channel: grpc.Channel
+    _stub: ledger_pb2_grpc.LedgerServiceStub
+
+    def _open(
+        self, target: str, credentials: grpc.ChannelCredentials | None, options: list[Any]
+    ) -> grpc.Channel:
+        if credentials is None:
+            return grpc.insecure_channel(target, options)
+        return grpc.secure_channel(target, credentials, options)
 
     def __enter__(self) -> LedgerClient:
         return self
@@ -93,32 +313,19 @@ class LedgerClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _backoff_delay(self, attempt: int) -> float:
-        # Full jitter: many clients retrying after one outage do not stampede.
-        return random.uniform(0, min(self._max_backoff, self._backoff * 2**attempt))
-
-    def _sleep(self, attempt: int) -> None:
-        time.sleep(self._backoff_delay(attempt))
-
     def _unary_with_retries(self, method: Callable[..., R], request: Any) -> R:
-        """Sends the same request again after a retryable failure, within
-        max_attempts and total_timeout; only for calls that are idempotent
-        (InitializeCounter, PostEntry with its key)."""
-        deadline = None if self.total_timeout is None else time.monotonic() + self.total_timeout
-        for attempt in range(self.max_attempts):
-            timeout = self.timeout
-            if deadline is not None:
-                timeout = min(timeout, deadline - time.monotonic())
+        """Sends the same request again after a retryable failure, within the
+        budgets; only for calls that are idempotent (InitializeCounter, posts
+        with their keys, reads)."""
+        attempts = _Attempts(self)
+        while True:
             try:
-                return method(request, timeout=timeout)
+                return method(request, timeout=attempts.timeout(), metadata=self._metadata)
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or attempt + 1 == self.max_attempts:
+                delay = attempts.after(exc)
+                if delay is None:
                     raise
-                delay = self._backoff_delay(attempt)
-                if deadline is not None and time.monotonic() + delay >= deadline:
-                    raise  # no time left for another attempt
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+            time.sleep(delay)
 
     def initialize_counter(self, ledger: str) -> ledger_pb2.InitializeCounterResponse:
         request = ledger_pb2.InitializeCounterRequest(ledger=ledger)
@@ -142,66 +349,158 @@ class LedgerClient:
         retry of this call reuses it, so the entry is posted at most once. If an
         attempt committed but its answer was lost, the next one returns that
         entry with `replayed` true."""
-        request = ledger_pb2.PostEntryRequest(
-            ledger=ledger,
-            idempotency_key=idempotency_key or str(uuid.uuid4()),
-            debit_account=debit_account,
-            credit_account=credit_account,
-            amount=amount,
-            asset=asset,
-            entry_type=entry_type,
-            description=description,
-            metadata=dict(metadata or {}),
-        )
+        request = self._post_request(
+            ledger, debit_account, credit_account, amount, asset,
+            idempotency_key, entry_type, description, metadata,
+        )  # fmt: skip
         return self._unary_with_retries(self._stub.PostEntry, request)
 
+    def post_entries(
+        self, ledger: str, entries: Iterable[EntryLike]
+    ) -> ledger_pb2.PostEntriesResponse:
+        """Posts entries (EntryInput messages or mappings of their fields)
+        atomically: all or none. An entry without `idempotency_key` gets a
+        fresh UUID, reused by every retry, so none is posted twice."""
+        request = self._batch_request(ledger, entries)
+        return self._unary_with_retries(self._stub.PostEntries, request)
+
     def get_account(self, ledger: str, account: str) -> ledger_pb2.GetAccountResponse:
-        response: ledger_pb2.GetAccountResponse = self._stub.GetAccount(
-            ledger_pb2.GetAccountRequest(ledger=ledger, account=account), timeout=self.timeout
-        )
-        return response
+        request = ledger_pb2.GetAccountRequest(ledger=ledger, account=account)
+        return self._unary_with_retries(self._stub.GetAccount, request)  # a read: safe to retry
 
     def stream_messages(
         self, ledger: str, *, after_sequence: int = 0, follow: bool = False
-    ) -> Iterator[ledger_pb2.StreamEntriesResponse]:
+    ) -> Generator[ledger_pb2.StreamEntriesResponse, None, None]:
         """StreamEntries messages (entries, caught-up markers, heartbeats). After
-        a retryable failure it reconnects from the last entry it yielded, so
-        no entry is yielded twice or skipped."""
-        position = after_sequence
-        failures = 0
+        UNAVAILABLE it reconnects from the last entry it yielded, so no entry
+        is yielded twice or skipped, for `reconnect_timeout` after the last
+        message received."""
+        resume = _Resume(self, ledger, after_sequence, follow)
         while True:
-            call = self._stub.StreamEntries(
-                ledger_pb2.StreamEntriesRequest(
-                    ledger=ledger, after_sequence=position, follow=follow
-                )
-            )
+            call = self._stub.StreamEntries(resume.request(), metadata=self._metadata)
             try:
                 for message in call:
-                    failures = 0
-                    if message.entries:
-                        # A resumed stream starts right after `position`; this
-                        # check guards the guarantee rather than trusting it.
-                        first = message.entries[0].sequence
-                        if first != position + 1:
-                            raise RuntimeError(
-                                f"stream out of order: expected {position + 1}, got {first}"
-                            )
-                        position = message.entries[-1].sequence
+                    resume.received(message)
                     yield message
                 return
             except grpc.RpcError as exc:
-                if exc.code() not in RESUMABLE:
+                delay = resume.after(exc)
+                if delay is None:
                     raise
-                failures += 1
-                if failures >= self.max_attempts:
-                    raise
-                self._sleep(failures)
             finally:
                 call.cancel()  # type: ignore[no-untyped-call]
+            time.sleep(delay)
 
     def stream_entries(
         self, ledger: str, *, after_sequence: int = 0, follow: bool = False
-    ) -> Iterator[ledger_pb2.Entry]:
+    ) -> Generator[ledger_pb2.Entry, None, None]:
         """Entries in order from after_sequence + 1, resuming after disconnects."""
         for message in self.stream_messages(ledger, after_sequence=after_sequence, follow=follow):
             yield from message.entries
+
+
+class AsyncLedgerClient(_ClientBase):
+    """The asyncio twin of LedgerClient (grpc.aio), with the same arguments,
+    methods (awaitable; streams are async iterators) and behaviour. Make it
+    inside the running loop: `async with AsyncLedgerClient(target) as c: ...`.
+    Close a stream you leave early (`contextlib.aclosing`) to end its call."""
+
+    _channel: grpc.aio.Channel
+    _stub: ledger_pb2_grpc.LedgerServiceAsyncStub
+
+    def _open(
+        self, target: str, credentials: grpc.ChannelCredentials | None, options: list[Any]
+    ) -> grpc.aio.Channel:
+        if credentials is None:
+            return grpc.aio.insecure_channel(target, options)
+        return grpc.aio.secure_channel(target, credentials, options)
+
+    async def __aenter__(self) -> AsyncLedgerClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def _unary_with_retries(self, method: Callable[..., Awaitable[R]], request: Any) -> R:
+        attempts = _Attempts(self)
+        while True:
+            try:
+                return await method(request, timeout=attempts.timeout(), metadata=self._metadata)
+            except grpc.RpcError as exc:
+                delay = attempts.after(exc)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+
+    async def initialize_counter(self, ledger: str) -> ledger_pb2.InitializeCounterResponse:
+        request = ledger_pb2.InitializeCounterRequest(ledger=ledger)
+        return await self._unary_with_retries(self._stub.InitializeCounter, request)
+
+    async def post_entry(
+        self,
+        ledger: str,
+        *,
+        debit_account: str,
+        credit_account: str,
+        amount: int,
+        asset: str,
+        idempotency_key: str | None = None,
+        entry_type: str = "",
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> ledger_pb2.PostEntryResponse:
+        """As LedgerClient.post_entry."""
+        request = self._post_request(
+            ledger, debit_account, credit_account, amount, asset,
+            idempotency_key, entry_type, description, metadata,
+        )  # fmt: skip
+        return await self._unary_with_retries(self._stub.PostEntry, request)
+
+    async def post_entries(
+        self, ledger: str, entries: Iterable[EntryLike]
+    ) -> ledger_pb2.PostEntriesResponse:
+        """As LedgerClient.post_entries."""
+        request = self._batch_request(ledger, entries)
+        return await self._unary_with_retries(self._stub.PostEntries, request)
+
+    async def get_account(self, ledger: str, account: str) -> ledger_pb2.GetAccountResponse:
+        request = ledger_pb2.GetAccountRequest(ledger=ledger, account=account)
+        return await self._unary_with_retries(self._stub.GetAccount, request)
+
+    async def stream_messages(
+        self, ledger: str, *, after_sequence: int = 0, follow: bool = False
+    ) -> AsyncGenerator[ledger_pb2.StreamEntriesResponse, None]:
+        """As LedgerClient.stream_messages."""
+        resume = _Resume(self, ledger, after_sequence, follow)
+        while True:
+            call = self._stub.StreamEntries(resume.request(), metadata=self._metadata)
+            try:
+                async for message in call:
+                    resume.received(message)
+                    yield message
+                return
+            except grpc.RpcError as exc:
+                delay = resume.after(exc)
+                if delay is None:
+                    raise
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+
+    async def stream_entries(
+        self, ledger: str, *, after_sequence: int = 0, follow: bool = False
+    ) -> AsyncGenerator[ledger_pb2.Entry, None]:
+        """As LedgerClient.stream_entries."""
+        messages = self.stream_messages(ledger, after_sequence=after_sequence, follow=follow)
+        async with contextlib.aclosing(messages):
+            async for message in messages:
+                for entry in message.entries:
+                    yield entry

@@ -1,5 +1,6 @@
-// Runs against a real server: LEDGER_ADDRESS=127.0.0.1:50051 npm test
-// (tests/e2e/test_interop.py starts one and runs this).
+// Runs against a real server: LEDGER_ADDRESS=127.0.0.1:50051 npm test, with
+// LEDGER_TOKEN=<an admin's token> if the server has an auth file
+// (tests/e2e/test_interop.py starts one with an auth file and runs this).
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { test } from "node:test";
@@ -15,7 +16,8 @@ import {
 
 const address = process.env.LEDGER_ADDRESS;
 if (!address) throw new Error("set LEDGER_ADDRESS to a running ledger server (host:port)");
-const client = new LedgerClient(`http://${address}`);
+const token = process.env.LEDGER_TOKEN;
+const client = new LedgerClient(`http://${address}`, { token });
 const BIG = 2n ** 53n + 1n; // not representable as a JavaScript number
 
 test("posts, replays, conflicts, follows a stream and reads balances exactly", async () => {
@@ -72,7 +74,7 @@ test("posts, replays, conflicts, follows a stream and reads balances exactly", a
   // One test only (tests/e2e/test_interop.py counts them), so the retries too.
   // DEADLINE_EXCEEDED after a commit whose answer was lost: the retry with the
   // same key replays it, and the entry is posted once.
-  const flaky = new LedgerClient(`http://${address}`, { maxAttempts: 3 });
+  const flaky = new LedgerClient(`http://${address}`, { token, maxAttempts: 3 });
   const post = flaky.raw.postEntry.bind(flaky.raw);
   const keys: string[] = [];
   flaky.raw.postEntry = async (request, options) => {
@@ -90,7 +92,7 @@ test("posts, replays, conflicts, follows a stream and reads balances exactly", a
 
   // Retries end within totalTimeoutMs, however many attempts are left.
   const stalled = new LedgerClient(`http://${address}`, {
-    maxAttempts: 1000, timeoutMs: 50, totalTimeoutMs: 400,
+    token, maxAttempts: 1000, timeoutMs: 50, totalTimeoutMs: 400,
   });
   let attempts = 0;
   stalled.raw.postEntry = async (_request, options) => {
@@ -105,4 +107,54 @@ test("posts, replays, conflicts, follows a stream and reads balances exactly", a
   );
   const elapsed = Date.now() - started;
   assert.ok(attempts > 1 && elapsed < 1000, `${attempts} attempts in ${elapsed} ms`);
+
+  // A batch, atomic, each entry with a key of its own; posted again, replayed.
+  const batch = [{ ...input, idempotencyKey: "b1" }, { ...input, idempotencyKey: undefined }];
+  const posted = await client.postEntries(ledger, batch);
+  assert.deepEqual(posted.results.map((r) => [r.entry?.sequence, r.replayed]), [[5n, false], [6n, false]]);
+  const batchKeys = posted.results.map((r) => r.entry?.idempotencyKey ?? "");
+  assert.ok(batchKeys[0] === "b1" && batchKeys[1] !== "" && batchKeys[1] !== "b1");
+  const again = await client.postEntries(ledger, batchKeys.map((idempotencyKey) => ({ ...input, idempotencyKey })));
+  assert.deepEqual(again.results.map((r) => r.replayed), [true, true]);
+
+  // The token: without it, UNAUTHENTICATED, and not retried.
+  if (token !== undefined) {
+    const anonymous = new LedgerClient(`http://${address}`);
+    const send = anonymous.raw.postEntry.bind(anonymous.raw);
+    let sent = 0;
+    anonymous.raw.postEntry = (request, options) => {
+      sent++;
+      return send(request, options);
+    };
+    await assert.rejects(
+      anonymous.postEntry(ledger, input),
+      (error: unknown) =>
+        ConnectError.from(error).code === Code.Unauthenticated && errorReason(error) === "UNAUTHENTICATED",
+    );
+    assert.equal(sent, 1);
+  }
+  assert.throws(
+    () => new LedgerClient(`http://${address}`, { token: "two words" }),
+    (error: unknown) => error instanceof Error && !error.message.includes("two words"),
+  );
+  assert.throws(() => new LedgerClient(`http://${address}`, { ca: "pem" }), /https:\/\//);
+
+  // A stream gives up once the server has been away for reconnectTimeoutMs,
+  // after reconnecting meanwhile (nothing listens on port 1).
+  const away = new LedgerClient("http://127.0.0.1:1", { reconnectTimeoutMs: 500 });
+  const open = away.raw.streamEntries.bind(away.raw);
+  let opened = 0;
+  away.raw.streamEntries = (request, options) => {
+    opened++;
+    return open(request, options);
+  };
+  const since = Date.now();
+  await assert.rejects(
+    (async () => {
+      for await (const _ of away.streamEntries(ledger, { follow: true })) assert.fail("no entry expected");
+    })(),
+    (error: unknown) => ConnectError.from(error).code === Code.Unavailable,
+  );
+  const waited = Date.now() - since;
+  assert.ok(opened > 1 && waited < 5000, `${opened} attempts in ${waited} ms`);
 });
