@@ -256,6 +256,9 @@ def test_serve_refuses_a_non_loopback_address_without_auth_unless_insecure(
         ServerProcess(sqlite_url, extra_args=["--listen", "0.0.0.0:0"]).start()
     with ServerProcess(sqlite_url, extra_args=["--listen", "0.0.0.0:0", "--insecure"]) as server:
         assert "auth is off (--insecure)" in "".join(server.lines)
+    with ServerProcess(sqlite_url) as server:  # loopback, as make run: open, and says so
+        warnings = [line for line in server.lines if "auth is off" in line]
+        assert len(warnings) == 1 and "loopback only" in warnings[0]
 
 
 def test_new_token_and_hash_token_agree(tmp_path: Path) -> None:
