@@ -1,4 +1,4 @@
-"""`ledger-service serve | migrate | init-counter` (also `python -m ledger_service`)."""
+"""`ledger-service serve | migrate | init-counter | verify` (also `python -m ledger_service`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from .auth.tokens import new_token, token_digest
 from .config import Settings
 from .domain.errors import LedgerError
 from .domain.validation import validate_ledger
+from .integrity import verify
 from .server import StartupError, serve
 from .service import use_cases
 from .storage import migrate
@@ -154,6 +155,22 @@ def _parser() -> argparse.ArgumentParser:
         "init-counter", parents=[common], help="create a ledger's counter (idempotent)"
     )
     init_p.add_argument("--ledger", required=True)
+    verify_p = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="check the books: numbers 1..N, the hash chain, account totals (docs/integrity.md)",
+    )
+    which = verify_p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ledger", help="the ledger to check")
+    which.add_argument("--all", action="store_true", help="every ledger")
+    verify_p.add_argument(
+        "--from",
+        dest="from_sequence",
+        type=int,
+        default=1,
+        metavar="N",
+        help="check the chain from entry N on (trusting entry N-1's hash); totals need 1",
+    )
     return parser
 
 
@@ -233,6 +250,16 @@ def main(argv: list[str] | None = None) -> int:
             engine.dispose()
             state = "created" if counter.created else "already existed"
             print(f"ledger {counter.ledger}: counter {state}, value {counter.value}")
+        elif args.command == "verify":
+            # One connection for the ledger list and totals, one per range.
+            engine = create_engine(
+                settings.database_url, pool_size=verify.WORKERS + 1, timeouts=timeouts
+            )
+            ledgers = None if args.all else [validate_ledger(args.ledger)]
+            try:
+                return verify.run(engine, ledgers, from_sequence=args.from_sequence)
+            finally:
+                engine.dispose()
     except (LedgerError, SchemaNotCurrent) as exc:
         print(f"ledger-service: {exc}", file=sys.stderr)
         return 1

@@ -54,8 +54,8 @@ def migrated(url: str) -> str:
 
 
 @contextlib.contextmanager
-def throwaway_pg_database(prefix: str) -> Iterator[str]:
-    """A new, migrated Postgres database, dropped afterwards."""
+def throwaway_pg_database(prefix: str, *, migrate_it: bool = True) -> Iterator[str]:
+    """A new Postgres database, migrated unless told not to, dropped afterwards."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(ADMIN_URL, pool_size=1).execution_options(isolation_level="AUTOCOMMIT")
     try:
@@ -65,7 +65,8 @@ def throwaway_pg_database(prefix: str) -> Iterator[str]:
         admin.dispose()
         _postgres_unreachable(str(exc.orig).strip().splitlines()[0])
     try:
-        yield migrated(sa.make_url(ADMIN_URL).set(database=name).render_as_string(False))
+        url = sa.make_url(ADMIN_URL).set(database=name).render_as_string(False)
+        yield migrated(url) if migrate_it else url
     finally:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -5,7 +5,8 @@ from __future__ import annotations
 from ledger.v1 import ledger_pb2
 
 from ..domain.accounts import AccountView
-from ..domain.entries import Entry, NewEntry
+from ..domain.chain import GENESIS
+from ..domain.entries import Counter, Entry, NewEntry
 from ..domain.validation import validate_batch, validate_new_entry
 from . import wire
 
@@ -80,3 +81,15 @@ def account_to_proto(view: AccountView) -> ledger_pb2.GetAccountResponse:
             for b in view.balances
         ],
     )
+
+
+def ledger_to_proto(counter: Counter) -> ledger_pb2.GetLedgerResponse:
+    response = ledger_pb2.GetLedgerResponse(
+        ledger=counter.ledger,
+        head_sequence=counter.value,
+        head_hash=counter.head_hash or GENESIS,
+        initialized_by=counter.initialized_by,
+    )
+    if counter.initialized_at is not None:
+        response.initialized_at.FromDatetime(counter.initialized_at)
+    return response

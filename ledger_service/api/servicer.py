@@ -34,6 +34,7 @@ from .convert import (
     account_to_proto,
     batch_from_request,
     entry_to_proto,
+    ledger_to_proto,
     new_entry_from_request,
 )
 from .errors import ShuttingDown
@@ -133,6 +134,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         validate_account_query(request.ledger, request.account)
         view = await self._run(use_cases.get_account, self._uow, request.ledger, request.account)
         return account_to_proto(view)
+
+    async def GetLedger(
+        self, request: ledger_pb2.GetLedgerRequest, context: Context
+    ) -> ledger_pb2.GetLedgerResponse:
+        ledger = validate_ledger(request.ledger)
+        counter = await self._run(use_cases.get_ledger, self._uow, ledger)
+        return ledger_to_proto(counter)
 
     async def StreamEntries(
         self, request: ledger_pb2.StreamEntriesRequest, context: Context

@@ -2,7 +2,8 @@
 
 Entries never change, so each entry's `ledger.v1.Entry` encoding, minus the two
 fields only the database knows (sequence, created_at), is computed once when
-it is written and stored beside the columns (`ledger_entries.wire`). Messages
+it is written and stored beside the columns (`ledger_entries.wire`), its
+`hash` (field 13) appended by the write statement that chains it. Messages
 of many entries are then made by one parse of the concatenated payloads (with
 their field tags) plus two fields set per entry, instead of a Python message
 built field by field per entry, which is what limited catch-up streams and
@@ -21,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.timestamp_pb2 import Timestamp
 from ledger.v1 import ledger_pb2
 
+from ..domain.chain import hash_field
 from ..domain.entries import Entry, NewEntry
 
 _ENTRIES_TAG = b"\x0a"  # field 1, length-delimited (entries, results, entry)
@@ -78,9 +80,11 @@ def payload(entry: NewEntry) -> bytes:
 
 
 def stored_payload(entry: Entry) -> bytes:
-    """A committed entry's payload encoding: the stored one when storage had it
-    (restored rows may lack it), else built from its fields."""
-    return entry.payload_wire if entry.payload_wire is not None else payload(entry.payload)
+    """A committed entry's payload encoding, its hash included: the stored one
+    when storage had it (restored rows may lack it), else built from its fields."""
+    if entry.payload_wire is not None:
+        return entry.payload_wire
+    return payload(entry.payload) + hash_field(entry.hash)
 
 
 def _set_timestamp(stamp: Timestamp, micros: int) -> None:

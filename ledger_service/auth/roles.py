@@ -31,6 +31,7 @@ NEEDS: dict[str, Access] = {
     "PostEntries": Access.WRITE,
     "StreamEntries": Access.READ,
     "GetAccount": Access.READ,
+    "GetLedger": Access.READ,
 }
 
 

@@ -56,6 +56,9 @@ class Entry:
     # The payload's ledger.v1.Entry encoding when storage has it at hand (a
     # cache for the gRPC edge, see wire.py; not part of the value).
     payload_wire: bytes | None = field(default=None, compare=False, repr=False)
+    # Its link in the ledger's hash chain (domain/chain.py); b"" for a row
+    # restored without one.
+    hash: bytes = b""
 
 
 @dataclass(slots=True)
@@ -71,6 +74,7 @@ class Counter:
     created: bool
     initialized_by: str = ""  # who created it ("" when not recorded)
     initialized_at: datetime | None = None
+    head_hash: bytes = b""  # the hash of entry `value` (b"": none yet)
 
 
 # One entry of a batch, without `ledger`, in NewEntry's field order:

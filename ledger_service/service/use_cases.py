@@ -249,3 +249,12 @@ def get_account(uow_factory: UowFactory, ledger: str, account: str) -> AccountVi
     if view is None:
         raise CounterNotInitialized(ledger)
     return view
+
+
+def get_ledger(uow_factory: UowFactory, ledger: str) -> Counter:
+    """The ledger's counter: its head number and head hash, read together."""
+    with uow_factory() as uow:
+        counter = uow.ledger.counter(ledger)
+    if counter is None:
+        raise CounterNotInitialized(ledger)
+    return counter

@@ -105,8 +105,8 @@ class LoopWriter:
         rows = await asyncio.shield(write)
         if not rows:
             return None  # no counter, a key already stored, an overflowing total
-        ((last, at),) = rows
-        return Numbered(batch, payloads, last, at)
+        ((last, at, hashes),) = rows
+        return Numbered(batch, payloads, last, at, hashes)
 
     def _written(self, write: asyncio.Task[Rows | None]) -> None:
         self._writes.discard(write)

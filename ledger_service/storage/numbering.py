@@ -37,14 +37,17 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..api import wire
+from ..domain.chain import GENESIS, HASH_SIZE, body_of, chain_hash, hash_field
 from ..domain.entries import Entry, NewEntry
 from . import dialect, pg
 from .schema import counters, entries
 
 # The whole write, one statement (how and why: docs/guarantees.md, sections 1
 # to 3 and 6): lock_timeout, then the account totals in (account, asset)
-# order, then the counter bump and the insert, then one NOTIFY. Text columns
-# go joined by U+001F (one C call to build), the others as binary arrays.
+# order, then the counter row locked, the batch chained from its head hash
+# (ledger_chain, migration 0003), the counter bumped and the entries inserted,
+# then one NOTIFY. Text columns go joined by U+001F (one C call to build),
+# the others as binary arrays. created_at is read once the lock is held.
 TAKE_AND_INSERT_PG = f"""
     WITH deadline AS (
         SELECT set_config('lock_timeout', %(lock_timeout)s::TEXT, true) AS lock_timeout
@@ -61,18 +64,29 @@ TAKE_AND_INSERT_PG = f"""
         SET debits = ledger_account_totals.debits + excluded.debits,
             credits = ledger_account_totals.credits + excluded.credits
         RETURNING 1
-    ), bump AS (
-        UPDATE ledger_counters SET value = value + %(n)s
+    ), head AS (
+        SELECT value, head_hash FROM ledger_counters
         WHERE ledger = %(ledger)s::TEXT AND (SELECT count(*) FROM totals) = %(n_totals)s
-        RETURNING value, clock_timestamp() AS at
+        FOR NO KEY UPDATE
+    ), chain AS (
+        SELECT h.value + %(n)s AS value, h.at,
+               ledger_chain(h.head_hash, h.value + 1,
+                            CAST(EXTRACT(EPOCH FROM h.at) * 1000000 AS BIGINT),
+                            %(bodies)b::BYTEA[]) AS hashes
+        FROM (SELECT value, head_hash, clock_timestamp() AS at FROM head OFFSET 0) AS h
+    ), bump AS (
+        UPDATE ledger_counters SET value = chain.value, head_hash = chain.hashes[%(n)s]
+        FROM chain WHERE ledger = %(ledger)s::TEXT
+        RETURNING chain.value, chain.at, chain.hashes
     ), ins AS (
         INSERT INTO ledger_entries (
             ledger, sequence, idempotency_key, debit_account, credit_account,
-            amount, asset, entry_type, description, metadata, created_at, wire, posted_by)
+            amount, asset, entry_type, description, metadata, created_at, wire, posted_by,
+            hash)
         SELECT %(ledger)s::TEXT, bump.value - %(n)s + t.ord, t.idempotency_key, t.debit_account,
                t.credit_account, t.amount, t.asset, COALESCE(t.entry_type, ''),
                COALESCE(t.description, ''), CAST(COALESCE(NULLIF(t.metadata, ''), '{{}}') AS JSONB),
-               bump.at, t.wire, COALESCE(t.posted_by, '')
+               bump.at, t.wire || '\\x6a20'::BYTEA || t.hash, COALESCE(t.posted_by, ''), t.hash
         FROM bump, unnest(
             string_to_array(%(idempotency_keys)s::TEXT, chr(31)),
             string_to_array(%(debit_accounts)s::TEXT, chr(31)),
@@ -83,12 +97,15 @@ TAKE_AND_INSERT_PG = f"""
             %(descriptions)b::TEXT[],
             string_to_array(%(metadatas)s::TEXT, chr(31)),
             %(wires)b::BYTEA[],
-            string_to_array(%(posted_bys)s::TEXT, chr(31))
+            string_to_array(%(posted_bys)s::TEXT, chr(31)),
+            bump.hashes
         ) WITH ORDINALITY AS t(idempotency_key, debit_account, credit_account, amount,
                                asset, entry_type, description, metadata, wire, posted_by,
-                               ord)
+                               hash, ord)
     )
-    SELECT bump.value, CAST(EXTRACT(EPOCH FROM bump.at) * 1000000 AS BIGINT)
+    SELECT bump.value, CAST(EXTRACT(EPOCH FROM bump.at) * 1000000 AS BIGINT),
+           (SELECT string_agg(h, ''::BYTEA ORDER BY o)
+            FROM unnest(bump.hashes) WITH ORDINALITY AS u(h, o))
     FROM bump CROSS JOIN (
         SELECT pg_notify('{dialect.NOTIFY_CHANNEL}', %(ledger)s::TEXT || ':' || value) FROM bump
     ) AS notified
@@ -96,12 +113,18 @@ TAKE_AND_INSERT_PG = f"""
 
 
 class Numbered:
-    """What the database gave a batch: the last of its contiguous numbers and
-    its commit time. `entries()` builds the domain objects from them, after
-    COMMIT, so that no lock is held while Python works."""
+    """What the database gave a batch: the last of its contiguous numbers, its
+    commit time and its hashes (concatenated, in order). `entries()` builds
+    the domain objects from them, after COMMIT, so that no lock is held while
+    Python works."""
 
     def __init__(
-        self, batch: Sequence[NewEntry], payloads: list[bytes], last: int, at: int | datetime
+        self,
+        batch: Sequence[NewEntry],
+        payloads: list[bytes],
+        last: int,
+        at: int | datetime,
+        hashes: bytes,
     ) -> None:
         self._batch = batch
         self._payloads = payloads
@@ -109,16 +132,20 @@ class Numbered:
         # Postgres hands created_at over as epoch microseconds (cheaper than
         # parsing text), SQLite as a datetime.
         self._at = wire.from_epoch_micros(at) if isinstance(at, int) else at
+        self._hashes = hashes
 
     def entries(self) -> list[Entry]:
-        first = self._last - len(self._batch) + 1
+        n = len(self._batch)
+        first = self._last - n + 1
+        hashes = [self._hashes[i : i + HASH_SIZE] for i in range(0, n * HASH_SIZE, HASH_SIZE)]
         return list(
             map(
                 Entry,
                 range(first, self._last + 1),
-                repeat(self._at, len(self._batch)),
+                repeat(self._at, n),
                 self._batch,
-                self._payloads,
+                [p + hash_field(h) for p, h in zip(self._payloads, hashes, strict=True)],
+                hashes,
             )
         )
 
@@ -142,8 +169,8 @@ def number_and_insert_pg(
     rows = tx.commit_with(TAKE_AND_INSERT_PG, params)
     if not rows:
         return None
-    ((last, at),) = rows
-    return Numbered(batch, payloads, last, at)
+    ((last, at, hashes),) = rows
+    return Numbered(batch, payloads, last, at, hashes)
 
 
 def statement_params(
@@ -178,6 +205,7 @@ def statement_params(
         "metadatas": _joined([json.dumps(dict(e.metadata)) if e.metadata else "" for e in batch]),
         "wires": pg.ByteaArray(payloads),
         "posted_bys": _joined([e.posted_by for e in batch]),
+        "bodies": pg.ByteaArray([body_of(e) for e in batch]),
     }, payloads
 
 
@@ -199,29 +227,36 @@ _SEPARATOR = "\x1f"
 def number_and_insert_sqlite(
     conn: Connection, ledger: str, batch: Sequence[NewEntry]
 ) -> Numbered | None:
-    """Numbers and inserts `batch` in the open transaction (the totals were
-    added before); None when the ledger has no counter.
+    """Numbers, chains and inserts `batch` in the open transaction (the totals
+    were added before); None when the ledger has no counter.
 
     SQLite holds its database write lock from BEGIN IMMEDIATE to commit, so
-    separate statements are just as serialized; no NOTIFY (streams in this
-    process are woken after commit, other processes poll). Raises
-    sqlalchemy's IntegrityError when an idempotency key is already stored.
+    separate statements are just as serialized, and the chain is computed
+    here, under that lock; no NOTIFY (streams in this process are woken after
+    commit, other processes poll). Raises sqlalchemy's IntegrityError when an
+    idempotency key is already stored.
     """
     n = len(batch)
     payloads = [wire.payload(e) for e in batch]
-    last = conn.execute(
+    counter = conn.execute(
         sa.update(counters)
         .where(counters.c.ledger == ledger)
         .values(value=counters.c.value + n)
-        .returning(counters.c.value)
-    ).scalar()
-    if last is None:
+        .returning(counters.c.value, counters.c.head_hash)
+    ).one_or_none()
+    if counter is None:
         return None
+    last, previous = counter.value, counter.head_hash or GENESIS
     now = as_utc(
         conn.execute(
             sa.select(sa.type_coerce(dialect.now(dialect.SQLITE), sa.DateTime()))
         ).scalar_one()
     )
+    micros = wire.epoch_micros(now)
+    hashes = []
+    for i, e in enumerate(batch, start=last - n + 1):
+        previous = chain_hash(previous, i, micros, body_of(e))
+        hashes.append(previous)
     conn.execute(
         sa.insert(entries),
         [
@@ -237,13 +272,17 @@ def number_and_insert_sqlite(
                 "description": e.description,
                 "metadata": dict(e.metadata),
                 "created_at": now,
-                "wire": payload,
+                "wire": payload + hash_field(entry_hash),
                 "posted_by": e.posted_by,
+                "hash": entry_hash,
             }
-            for i, (e, payload) in enumerate(zip(batch, payloads, strict=True), start=1)
+            for i, (e, payload, entry_hash) in enumerate(
+                zip(batch, payloads, hashes, strict=True), start=1
+            )
         ],
     )
-    return Numbered(batch, payloads, last, now)
+    conn.execute(sa.update(counters).where(counters.c.ledger == ledger).values(head_hash=previous))
+    return Numbered(batch, payloads, last, now, b"".join(hashes))
 
 
 def _unless_all_empty(values: list[str]) -> pg.TextArray:

@@ -56,6 +56,7 @@ def _entry_from_row(row: Any) -> Entry:
             metadata=dict(row.metadata or {}),
             posted_by=row.posted_by,
         ),
+        hash=row.hash or b"",
     )
 
 
@@ -142,31 +143,49 @@ class SqlLedgerRepository:
         row = self.conn.execute(_COUNTER, {"ledger": ledger}).one_or_none()
         if row is None:
             return None
-        return Counter(ledger, row.value, False, row.initialized_by, as_utc(row.created_at))
+        return Counter(
+            ledger,
+            row.value,
+            False,
+            row.initialized_by,
+            as_utc(row.created_at),
+            row.head_hash or b"",
+        )
 
     def create_counter(self, ledger: str, initialized_by: str = "") -> Counter | None:
         """Creates the counter, seeded with the highest existing entry number (0
-        if none), recording who created it; None when it already existed.
+        if none) and that entry's hash, recording who created it; None when it
+        already existed.
 
         ON CONFLICT DO NOTHING makes concurrent creations safe: exactly one
         inserts, the others (after waiting for it) insert nothing.
         """
+        last_hash = (
+            sa.select(entries.c.hash)
+            .where(entries.c.ledger == ledger)
+            .order_by(entries.c.sequence.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
         seed = sa.select(
             sa.literal(ledger, sa.String),
             sa.func.coalesce(sa.func.max(entries.c.sequence), 0),
             dialect.now(self.dialect),
             sa.literal(initialized_by, sa.String),
+            last_hash,
         ).where(entries.c.ledger == ledger)
         stmt = (
             dialect.insert(self.dialect, counters)
-            .from_select(["ledger", "value", "created_at", "initialized_by"], seed)
+            .from_select(["ledger", "value", "created_at", "initialized_by", "head_hash"], seed)
             .on_conflict_do_nothing(index_elements=["ledger"])
-            .returning(counters.c.value, counters.c.created_at)
+            .returning(counters.c.value, counters.c.created_at, counters.c.head_hash)
         )
         row = self.conn.execute(stmt).one_or_none()
         if row is None:
             return None
-        return Counter(ledger, row.value, True, initialized_by, as_utc(row.created_at))
+        return Counter(
+            ledger, row.value, True, initialized_by, as_utc(row.created_at), row.head_hash or b""
+        )
 
     # -- entries ----------------------------------------------------------
     def find_by_keys(self, ledger: str, keys: Collection[str]) -> dict[str, Entry]:
@@ -227,7 +246,7 @@ class SqlLedgerRepository:
                     entries.c.ledger == ledger, entries.c.sequence.in_(missing)
                 )
             ).all()
-            restored = {r.sequence: wire.payload(_entry_from_row(r).payload) for r in full}
+            restored = {r.sequence: wire.stored_payload(_entry_from_row(r)) for r in full}
         read = [
             (seq, micros, payload if payload is not None else restored[seq])
             for seq, micros, payload, _ in rows

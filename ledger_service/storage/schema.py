@@ -20,6 +20,8 @@ counters = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     # Who created it: a principal's name, "cli:<user>", or "" (not recorded).
     sa.Column("initialized_by", sa.String(64), nullable=False, server_default=""),
+    # The hash of entry `value` (docs/integrity.md); NULL: no entry yet.
+    sa.Column("head_hash", sa.LargeBinary, nullable=True),
     sa.CheckConstraint("value >= 0", name="ck_ledger_counters_value_nonnegative"),
 )
 
@@ -41,8 +43,11 @@ entries = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     # The principal that posted it; "" when auth was off.
     sa.Column("posted_by", sa.String(64), nullable=False, server_default=""),
-    # ledger.v1.Entry encoding without sequence and created_at (api/wire.py);
-    # NULL for rows written by other means, encoded when read.
+    # SHA-256 over the previous entry's hash and this one's canonical bytes
+    # (docs/integrity.md); NULL only for rows restored without one.
+    sa.Column("hash", sa.LargeBinary, nullable=True),
+    # ledger.v1.Entry encoding without sequence and created_at, hash included
+    # (api/wire.py); NULL for rows written by other means, encoded when read.
     sa.Column("wire", sa.LargeBinary, nullable=True),
     sa.UniqueConstraint("ledger", "idempotency_key", name="uq_ledger_entries_idempotency_key"),
     sa.CheckConstraint("sequence > 0", name="ck_ledger_entries_sequence_positive"),

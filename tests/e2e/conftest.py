@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -131,3 +133,18 @@ def run_threads(n: int, fn: Callable[[int], Any]) -> list[Any]:
     for t in threads:
         t.join()
     return results
+
+
+def verify_books(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`ledger-service verify` as an operator runs it, against `url`."""
+    return subprocess.run(
+        [sys.executable, "-m", "ledger_service", "verify", "--database-url", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def assert_books_hold(url: str, ledger: str) -> None:
+    result = verify_books(url, "--ledger", ledger)
+    assert (result.returncode, result.stdout) == (0, ""), result.stderr

@@ -16,7 +16,15 @@ from ledger_service.storage.uow import create_engine
 from ledger_service.testing import ServerProcess
 
 from ..conftest import hold_row_lock, lock_waiters_when
-from .conftest import FAST, collect_stream, details, init, post_request, run_threads
+from .conftest import (
+    FAST,
+    assert_books_hold,
+    collect_stream,
+    details,
+    init,
+    post_request,
+    run_threads,
+)
 
 
 def test_every_rpc_answers_through_a_real_server(stub: Any, ledger: str) -> None:
@@ -184,6 +192,8 @@ def test_32_callers_over_two_server_processes_get_exactly_one_to_n(
         assert sorted(s for r in results for s in r) == list(range(1, n + 1))
         streamed = [e.sequence for m in collect_stream(b.stub, ledger) for e in m.entries]
         assert streamed == list(range(1, n + 1))
+    # Two processes chained one ledger: every hash links, every total adds up.
+    assert_books_hold(url, ledger)
 
 
 def test_sixteen_posts_of_one_key_over_two_processes_store_one_entry(
@@ -330,6 +340,8 @@ def test_killed_servers_leave_no_gap_and_retries_post_each_key_once(
     finally:
         a.kill()
         b.kill()
+    # What the killed process had in flight left no broken link behind.
+    assert_books_hold(fresh_pg_url, ledger)
 
 
 def test_sigterm_lets_an_in_flight_post_finish(pg_url: str, ledger: str) -> None:

@@ -14,9 +14,11 @@ from typing import Any, cast
 import grpc
 import pytest
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from ledger_client import AsyncLedgerClient, LedgerClient, channel_options
+from ledger_client import AsyncLedgerClient, LedgerClient, channel_options, integrity
 
 from ledger_service.api.errors import ERRORS
+
+from ..vectors import VECTORS, entry_of
 
 
 class _Scripted:
@@ -24,7 +26,7 @@ class _Scripted:
 
     _Base = ledger_pb2_grpc.LedgerServiceServicer
     InitializeCounter, PostEntries = _Base.InitializeCounter, _Base.PostEntries
-    StreamEntries, GetAccount = _Base.StreamEntries, _Base.GetAccount
+    StreamEntries, GetAccount, GetLedger = _Base.StreamEntries, _Base.GetAccount, _Base.GetLedger
 
     def __init__(self, fail: Callable[[int, Any], None]) -> None:
         self.keys: list[str] = []
@@ -132,7 +134,7 @@ class _Streams:
 
     _Base = ledger_pb2_grpc.LedgerServiceServicer
     InitializeCounter, PostEntry = _Base.InitializeCounter, _Base.PostEntry
-    PostEntries, GetAccount = _Base.PostEntries, _Base.GetAccount
+    PostEntries, GetAccount, GetLedger = _Base.PostEntries, _Base.GetAccount, _Base.GetLedger
 
     def __init__(self, script: Callable[[int, Any, Any], Iterator[Any]]) -> None:
         self.positions: list[int] = []  # each call's after_sequence
@@ -211,7 +213,7 @@ class _Batches:
 
     _Base = ledger_pb2_grpc.LedgerServiceServicer
     InitializeCounter, PostEntry = _Base.InitializeCounter, _Base.PostEntry
-    StreamEntries, GetAccount = _Base.StreamEntries, _Base.GetAccount
+    StreamEntries, GetAccount, GetLedger = _Base.StreamEntries, _Base.GetAccount, _Base.GetLedger
 
     def __init__(self, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         self.keys: list[list[str]] = []
@@ -280,3 +282,49 @@ def test_settings_that_cannot_work_are_refused_without_showing_the_token() -> No
     with pytest.raises(ValueError) as error:
         LedgerClient("127.0.0.1:1", token="bad token\n")
     assert "bad token" not in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("served", ["as is", "skipping", "edited"])
+def test_a_verifying_stream_checks_the_chain_across_a_reconnect(
+    serve: Any, kind: str, served: str
+) -> None:
+    chain = [entry_of(v) for v in VECTORS["entries"]]
+
+    def script(call: int, request: Any, context: Any) -> Iterator[Any]:
+        after = request.after_sequence
+        if served == "skipping":  # a message that leaves entry 2 out
+            yield ledger_pb2.StreamEntriesResponse(entries=[chain[0], chain[2]], caught_up=True)
+            return
+        if call == 1:  # entry 1, then the connection drops
+            yield ledger_pb2.StreamEntriesResponse(entries=chain[after:1])
+            context.abort(grpc.StatusCode.UNAVAILABLE, "dropped")
+        rest = chain[after:]
+        if served == "edited":
+            rest[-1].description = "edited after it was chained"
+        yield ledger_pb2.StreamEntriesResponse(entries=rest, caught_up=True)
+
+    target = serve(_Streams(script))
+
+    def read() -> list[int]:
+        settings: dict[str, Any] = {"backoff": 0.01, "max_backoff": 0.05}
+        if kind == "sync":
+            with LedgerClient(target, **settings) as client:
+                return [e.sequence for e in client.stream_entries("books", verify=True)]
+
+        async def run() -> list[int]:
+            async with AsyncLedgerClient(target, **settings) as client:
+                stream = client.stream_entries("books", verify=True)
+                return [e.sequence async for e in stream]
+
+        return asyncio.run(run())
+
+    if served == "as is":
+        assert read() == [1, 2, 3]
+        return
+    with pytest.raises(integrity.ChainBroken) as broken:
+        read()
+    if served == "skipping":
+        assert (broken.value.sequence, broken.value.problem) == (3, "expected entry 2 next")
+    else:
+        assert (broken.value.sequence, broken.value.problem) == (3, "hash mismatch")

@@ -78,6 +78,7 @@ class _Failing:
 
     InitializeCounter = ledger_pb2_grpc.LedgerServiceServicer.InitializeCounter
     PostEntries = ledger_pb2_grpc.LedgerServiceServicer.PostEntries
+    GetLedger = ledger_pb2_grpc.LedgerServiceServicer.GetLedger
 
     async def PostEntry(self, request: Any, context: Any) -> Any:
         raise RuntimeError("secret connection string")

@@ -19,6 +19,7 @@ ALLOWED = {
     "streaming": {"domain", "service", "streaming"},
     "api": {"domain", "auth", "service", "streaming", "api"},
     "storage": {"domain", "service", "streaming", "api", "storage"},
+    "integrity": {"domain", "storage", "integrity"},
 }
 
 

@@ -34,6 +34,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
+from . import integrity
+
 __all__ = ["AsyncLedgerClient", "EntryLike", "LedgerClient", "Pem", "channel_options", "error_info"]
 
 # Codes after which the same request may be sent again. A post carries its
@@ -392,11 +394,31 @@ class LedgerClient(_ClientBase):
             time.sleep(delay)
 
     def stream_entries(
-        self, ledger: str, *, after_sequence: int = 0, follow: bool = False
+        self,
+        ledger: str,
+        *,
+        after_sequence: int = 0,
+        follow: bool = False,
+        verify: bool = False,
+        previous_hash: bytes | None = None,
     ) -> Generator[ledger_pb2.Entry, None, None]:
-        """Entries in order from after_sequence + 1, resuming after disconnects."""
-        for message in self.stream_messages(ledger, after_sequence=after_sequence, follow=follow):
-            yield from message.entries
+        """Entries in order from after_sequence + 1, resuming after disconnects.
+
+        `verify`: check each entry's number and hash chain as it arrives
+        (docs/integrity.md), raising integrity.ChainBroken, which names the
+        entry. After entry N, pass N's hash as `previous_hash`; without it
+        entry N is read too and its hash trusted."""
+        check = integrity.StreamCheck(after_sequence, previous_hash) if verify else None
+        start = after_sequence if check is None else check.request_after
+        for message in self.stream_messages(ledger, after_sequence=start, follow=follow):
+            for entry in message.entries:
+                if check is None or check.accept(entry):
+                    yield entry
+
+    def get_ledger(self, ledger: str) -> ledger_pb2.GetLedgerResponse:
+        """The ledger's head number and head hash, to anchor the chain."""
+        request = ledger_pb2.GetLedgerRequest(ledger=ledger)
+        return self._unary_with_retries(self._stub.GetLedger, request)
 
 
 class AsyncLedgerClient(_ClientBase):
@@ -496,11 +518,25 @@ class AsyncLedgerClient(_ClientBase):
             await asyncio.sleep(delay)
 
     async def stream_entries(
-        self, ledger: str, *, after_sequence: int = 0, follow: bool = False
+        self,
+        ledger: str,
+        *,
+        after_sequence: int = 0,
+        follow: bool = False,
+        verify: bool = False,
+        previous_hash: bytes | None = None,
     ) -> AsyncGenerator[ledger_pb2.Entry, None]:
         """As LedgerClient.stream_entries."""
-        messages = self.stream_messages(ledger, after_sequence=after_sequence, follow=follow)
+        check = integrity.StreamCheck(after_sequence, previous_hash) if verify else None
+        start = after_sequence if check is None else check.request_after
+        messages = self.stream_messages(ledger, after_sequence=start, follow=follow)
         async with contextlib.aclosing(messages):
             async for message in messages:
                 for entry in message.entries:
-                    yield entry
+                    if check is None or check.accept(entry):
+                        yield entry
+
+    async def get_ledger(self, ledger: str) -> ledger_pb2.GetLedgerResponse:
+        """As LedgerClient.get_ledger."""
+        request = ledger_pb2.GetLedgerRequest(ledger=ledger)
+        return await self._unary_with_retries(self._stub.GetLedger, request)

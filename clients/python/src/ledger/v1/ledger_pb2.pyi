@@ -225,6 +225,7 @@ class Entry(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     POSTED_BY_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
     ledger: _builtins.str
     """The ledger this entry belongs to."""
     sequence: _builtins.int
@@ -251,6 +252,12 @@ class Entry(_message.Message):
     auth. Set by the server, never taken from the request. A replay returns
     the original entry, with its original `posted_by`.
     """
+    hash: _builtins.bytes
+    """The hash chain (docs/integrity.md): SHA-256 over the previous entry's
+    `hash` (32 zero bytes before entry 1) followed by this entry's canonical
+    bytes. 32 bytes. Set by the server in the transaction that numbers the
+    entry, so chain order is number order.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller-defined key/value pairs; may be empty."""
@@ -274,10 +281,11 @@ class Entry(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         posted_by: _builtins.str = ...,
+        hash: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "created_at", b"created_at", "credit_account", b"credit_account", "debit_account", b"debit_account", "description", b"description", "entry_type", b"entry_type", "idempotency_key", b"idempotency_key", "ledger", b"ledger", "metadata", b"metadata", "posted_by", b"posted_by", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "created_at", b"created_at", "credit_account", b"credit_account", "debit_account", b"debit_account", "description", b"description", "entry_type", b"entry_type", "hash", b"hash", "idempotency_key", b"idempotency_key", "ledger", b"ledger", "metadata", b"metadata", "posted_by", b"posted_by", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -825,3 +833,70 @@ class GetAccountResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetAccountResponse: _TypeAlias = GetAccountResponse  # noqa: Y015
+
+@_typing.final
+class GetLedgerRequest(_message.Message):
+    """Request for GetLedger."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEDGER_FIELD_NUMBER: _builtins.int
+    ledger: _builtins.str
+    """Ledger name (see InitializeCounterRequest.ledger). Its counter must have
+    been initialized.
+    """
+    def __init__(
+        self,
+        *,
+        ledger: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ledger", b"ledger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLedgerRequest: _TypeAlias = GetLedgerRequest  # noqa: Y015
+
+@_typing.final
+class GetLedgerResponse(_message.Message):
+    """Response of GetLedger: the ledger's head, read in one snapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEDGER_FIELD_NUMBER: _builtins.int
+    HEAD_SEQUENCE_FIELD_NUMBER: _builtins.int
+    HEAD_HASH_FIELD_NUMBER: _builtins.int
+    INITIALIZED_BY_FIELD_NUMBER: _builtins.int
+    INITIALIZED_AT_FIELD_NUMBER: _builtins.int
+    ledger: _builtins.str
+    """The ledger name, as requested."""
+    head_sequence: _builtins.int
+    """The ledger's last committed number (0: no entry yet)."""
+    head_hash: _builtins.bytes
+    """The `hash` of entry `head_sequence` (32 zero bytes when there is none):
+    it commits to every entry 1..head_sequence. Publish it (say, daily) and
+    any later change to those entries is evident (docs/integrity.md).
+    """
+    initialized_by: _builtins.str
+    """Who created the counter (see InitializeCounterResponse.initialized_by)."""
+    @_builtins.property
+    def initialized_at(self) -> _timestamp_pb2.Timestamp:
+        """When the counter was created (UTC)."""
+
+    def __init__(
+        self,
+        *,
+        ledger: _builtins.str = ...,
+        head_sequence: _builtins.int = ...,
+        head_hash: _builtins.bytes = ...,
+        initialized_by: _builtins.str = ...,
+        initialized_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["initialized_at", b"initialized_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_hash", b"head_hash", "head_sequence", b"head_sequence", "initialized_at", b"initialized_at", "initialized_by", b"initialized_by", "ledger", b"ledger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLedgerResponse: _TypeAlias = GetLedgerResponse  # noqa: Y015

@@ -70,6 +70,11 @@ class LedgerServiceStub:
                 request_serializer=ledger_dot_v1_dot_ledger__pb2.GetAccountRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_ledger__pb2.GetAccountResponse.FromString,
                 _registered_method=True)
+        self.GetLedger = channel.unary_unary(
+                '/ledger.v1.LedgerService/GetLedger',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.GetLedgerRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.GetLedgerResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -132,6 +137,14 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLedger(self, request, context):
+        """Returns a ledger's head: its last number and that entry's chain hash,
+        read together, to anchor the hash chain elsewhere (docs/integrity.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +172,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetAccount,
                     request_deserializer=ledger_dot_v1_dot_ledger__pb2.GetAccountRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_ledger__pb2.GetAccountResponse.SerializeToString,
+            ),
+            'GetLedger': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLedger,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.GetLedgerRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.GetLedgerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +325,33 @@ class LedgerService:
             '/ledger.v1.LedgerService/GetAccount',
             ledger_dot_v1_dot_ledger__pb2.GetAccountRequest.SerializeToString,
             ledger_dot_v1_dot_ledger__pb2.GetAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLedger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/GetLedger',
+            ledger_dot_v1_dot_ledger__pb2.GetLedgerRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.GetLedgerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,10 @@ class LedgerServiceStub:
     """
     GetAccount: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetAccountRequest, _ledger_pb2.GetAccountResponse]
     """Returns an account's total debits, total credits and balance per asset."""
+    GetLedger: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetLedgerRequest, _ledger_pb2.GetLedgerResponse]
+    """Returns a ledger's head: its last number and that entry's chain hash,
+    read together, to anchor the hash chain elsewhere (docs/integrity.md).
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -111,6 +115,10 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """
     GetAccount: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetAccountRequest, _ledger_pb2.GetAccountResponse]  # type: ignore[assignment]
     """Returns an account's total debits, total credits and balance per asset."""
+    GetLedger: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetLedgerRequest, _ledger_pb2.GetLedgerResponse]  # type: ignore[assignment]
+    """Returns a ledger's head: its last number and that entry's chain hash,
+    read together, to anchor the hash chain elsewhere (docs/integrity.md).
+    """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """LedgerService numbers journal entries gap-free, per ledger.
@@ -180,5 +188,15 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.GetAccountResponse, _abc.Awaitable[_ledger_pb2.GetAccountResponse]]:
         """Returns an account's total debits, total credits and balance per asset."""
+
+    @_abc_1.abstractmethod
+    def GetLedger(
+        self,
+        request: _ledger_pb2.GetLedgerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetLedgerResponse, _abc.Awaitable[_ledger_pb2.GetLedgerResponse]]:
+        """Returns a ledger's head: its last number and that entry's chain hash,
+        read together, to anchor the hash chain elsewhere (docs/integrity.md).
+        """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

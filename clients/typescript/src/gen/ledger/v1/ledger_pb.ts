@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file ledger/v1/ledger.proto.
  */
 export const file_ledger_v1_ledger: GenFile = /*@__PURE__*/
-  fileDesc("ChZsZWRnZXIvdjEvbGVkZ2VyLnByb3RvEglsZWRnZXIudjEi3wIKBUVudHJ5Eg4KBmxlZGdlchgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoAxIXCg9pZGVtcG90ZW5jeV9rZXkYAyABKAkSFQoNZGViaXRfYWNjb3VudBgEIAEoCRIWCg5jcmVkaXRfYWNjb3VudBgFIAEoCRIOCgZhbW91bnQYBiABKAMSDQoFYXNzZXQYByABKAkSEgoKZW50cnlfdHlwZRgIIAEoCRITCgtkZXNjcmlwdGlvbhgJIAEoCRIwCghtZXRhZGF0YRgKIAMoCzIeLmxlZGdlci52MS5FbnRyeS5NZXRhZGF0YUVudHJ5Ei4KCmNyZWF0ZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBvc3RlZF9ieRgMIAEoCRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiKgoYSW5pdGlhbGl6ZUNvdW50ZXJSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCSKXAQoZSW5pdGlhbGl6ZUNvdW50ZXJSZXNwb25zZRIOCgZsZWRnZXIYASABKAkSDQoFdmFsdWUYAiABKAMSDwoHY3JlYXRlZBgDIAEoCBIWCg5pbml0aWFsaXplZF9ieRgEIAEoCRIyCg5pbml0aWFsaXplZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAivQIKEFBvc3RFbnRyeVJlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRIVCg1kZWJpdF9hY2NvdW50GAQgASgJEhYKDmNyZWRpdF9hY2NvdW50GAUgASgJEg4KBmFtb3VudBgGIAEoAxINCgVhc3NldBgHIAEoCRISCgplbnRyeV90eXBlGAggASgJEhMKC2Rlc2NyaXB0aW9uGAkgASgJEjsKCG1ldGFkYXRhGAogAygLMikubGVkZ2VyLnYxLlBvc3RFbnRyeVJlcXVlc3QuTWV0YWRhdGFFbnRyeRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFKBAgCEANKBAgLEAxKBAgMEA1SCXBvc3RlZF9ieSJGChFQb3N0RW50cnlSZXNwb25zZRIfCgVlbnRyeRgBIAEoCzIQLmxlZGdlci52MS5FbnRyeRIQCghyZXBsYXllZBgCIAEoCCKnAgoKRW50cnlJbnB1dBIXCg9pZGVtcG90ZW5jeV9rZXkYAyABKAkSFQoNZGViaXRfYWNjb3VudBgEIAEoCRIWCg5jcmVkaXRfYWNjb3VudBgFIAEoCRIOCgZhbW91bnQYBiABKAMSDQoFYXNzZXQYByABKAkSEgoKZW50cnlfdHlwZRgIIAEoCRITCgtkZXNjcmlwdGlvbhgJIAEoCRI1CghtZXRhZGF0YRgKIAMoCzIjLmxlZGdlci52MS5FbnRyeUlucHV0Lk1ldGFkYXRhRW50cnkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBSgQIARACSgQIAhADSgQICxAMSgQIDBANUglwb3N0ZWRfYnkiTAoSUG9zdEVudHJpZXNSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCRImCgdlbnRyaWVzGAIgAygLMhUubGVkZ2VyLnYxLkVudHJ5SW5wdXQiQAoLUG9zdGVkRW50cnkSHwoFZW50cnkYASABKAsyEC5sZWRnZXIudjEuRW50cnkSEAoIcmVwbGF5ZWQYAiABKAgiPgoTUG9zdEVudHJpZXNSZXNwb25zZRInCgdyZXN1bHRzGAEgAygLMhYubGVkZ2VyLnYxLlBvc3RlZEVudHJ5Ik4KFFN0cmVhbUVudHJpZXNSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCRIWCg5hZnRlcl9zZXF1ZW5jZRgCIAEoAxIOCgZmb2xsb3cYAyABKAgidwoVU3RyZWFtRW50cmllc1Jlc3BvbnNlEiEKB2VudHJpZXMYASADKAsyEC5sZWRnZXIudjEuRW50cnkSEQoJY2F1Z2h0X3VwGAIgASgIEhUKDWhlYWRfc2VxdWVuY2UYAyABKAMSEQoJaGVhcnRiZWF0GAQgASgIIjQKEUdldEFjY291bnRSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCRIPCgdhY2NvdW50GAIgASgJIlsKDEFzc2V0QmFsYW5jZRINCgVhc3NldBgBIAEoCRIUCgx0b3RhbF9kZWJpdHMYAiABKAMSFQoNdG90YWxfY3JlZGl0cxgDIAEoAxIPCgdiYWxhbmNlGAQgASgDIngKEkdldEFjY291bnRSZXNwb25zZRIOCgZsZWRnZXIYASABKAkSDwoHYWNjb3VudBgCIAEoCRIpCghiYWxhbmNlcxgDIAMoCzIXLmxlZGdlci52MS5Bc3NldEJhbGFuY2USFgoOYXNfb2Zfc2VxdWVuY2UYBCABKAMqkAQKC0Vycm9yUmVhc29uEhwKGEVSUk9SX1JFQVNPTl9VTlNQRUNJRklFRBAAEh4KGkVSUk9SX1JFQVNPTl9JTlZBTElEX0ZJRUxEEAESKAokRVJST1JfUkVBU09OX0NPVU5URVJfTk9UX0lOSVRJQUxJWkVEEAISJwojRVJST1JfUkVBU09OX0lERU1QT1RFTkNZX0tFWV9SRVVTRUQQAxInCiNFUlJPUl9SRUFTT05fQUNDT1VOVF9UT1RBTF9PVkVSRkxPVxAEEikKJUVSUk9SX1JFQVNPTl9QT1NJVElPTl9BSEVBRF9PRl9MRURHRVIQBRIkCiBFUlJPUl9SRUFTT05fU1RPUkFHRV9VTkFWQUlMQUJMRRAGEiUKIUVSUk9SX1JFQVNPTl9TRVJWRVJfU0hVVFRJTkdfRE9XThAHEicKI0VSUk9SX1JFQVNPTl9UT09fTUFOWV9QRU5ESU5HX1BPU1RTEAgSIgoeRVJST1JfUkVBU09OX0RFQURMSU5FX0VYQ0VFREVEEAkSGQoVRVJST1JfUkVBU09OX0lOVEVSTkFMEAoSIAocRVJST1JfUkVBU09OX1VOQVVUSEVOVElDQVRFRBALEiIKHkVSUk9SX1JFQVNPTl9QRVJNSVNTSU9OX0RFTklFRBAMEiEKHUVSUk9SX1JFQVNPTl9UT09fTUFOWV9TVFJFQU1TEA0ypgMKDUxlZGdlclNlcnZpY2USXgoRSW5pdGlhbGl6ZUNvdW50ZXISIy5sZWRnZXIudjEuSW5pdGlhbGl6ZUNvdW50ZXJSZXF1ZXN0GiQubGVkZ2VyLnYxLkluaXRpYWxpemVDb3VudGVyUmVzcG9uc2USRgoJUG9zdEVudHJ5EhsubGVkZ2VyLnYxLlBvc3RFbnRyeVJlcXVlc3QaHC5sZWRnZXIudjEuUG9zdEVudHJ5UmVzcG9uc2USTAoLUG9zdEVudHJpZXMSHS5sZWRnZXIudjEuUG9zdEVudHJpZXNSZXF1ZXN0Gh4ubGVkZ2VyLnYxLlBvc3RFbnRyaWVzUmVzcG9uc2USVAoNU3RyZWFtRW50cmllcxIfLmxlZGdlci52MS5TdHJlYW1FbnRyaWVzUmVxdWVzdBogLmxlZGdlci52MS5TdHJlYW1FbnRyaWVzUmVzcG9uc2UwARJJCgpHZXRBY2NvdW50EhwubGVkZ2VyLnYxLkdldEFjY291bnRSZXF1ZXN0Gh0ubGVkZ2VyLnYxLkdldEFjY291bnRSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChZsZWRnZXIvdjEvbGVkZ2VyLnByb3RvEglsZWRnZXIudjEi7QIKBUVudHJ5Eg4KBmxlZGdlchgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoAxIXCg9pZGVtcG90ZW5jeV9rZXkYAyABKAkSFQoNZGViaXRfYWNjb3VudBgEIAEoCRIWCg5jcmVkaXRfYWNjb3VudBgFIAEoCRIOCgZhbW91bnQYBiABKAMSDQoFYXNzZXQYByABKAkSEgoKZW50cnlfdHlwZRgIIAEoCRITCgtkZXNjcmlwdGlvbhgJIAEoCRIwCghtZXRhZGF0YRgKIAMoCzIeLmxlZGdlci52MS5FbnRyeS5NZXRhZGF0YUVudHJ5Ei4KCmNyZWF0ZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBvc3RlZF9ieRgMIAEoCRIMCgRoYXNoGA0gASgMGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIqChhJbml0aWFsaXplQ291bnRlclJlcXVlc3QSDgoGbGVkZ2VyGAEgASgJIpcBChlJbml0aWFsaXplQ291bnRlclJlc3BvbnNlEg4KBmxlZGdlchgBIAEoCRINCgV2YWx1ZRgCIAEoAxIPCgdjcmVhdGVkGAMgASgIEhYKDmluaXRpYWxpemVkX2J5GAQgASgJEjIKDmluaXRpYWxpemVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLJAgoQUG9zdEVudHJ5UmVxdWVzdBIOCgZsZWRnZXIYASABKAkSFwoPaWRlbXBvdGVuY3lfa2V5GAMgASgJEhUKDWRlYml0X2FjY291bnQYBCABKAkSFgoOY3JlZGl0X2FjY291bnQYBSABKAkSDgoGYW1vdW50GAYgASgDEg0KBWFzc2V0GAcgASgJEhIKCmVudHJ5X3R5cGUYCCABKAkSEwoLZGVzY3JpcHRpb24YCSABKAkSOwoIbWV0YWRhdGEYCiADKAsyKS5sZWRnZXIudjEuUG9zdEVudHJ5UmVxdWVzdC5NZXRhZGF0YUVudHJ5Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUoECAIQA0oECAsQDEoECAwQDUoECA0QDlIJcG9zdGVkX2J5UgRoYXNoIkYKEVBvc3RFbnRyeVJlc3BvbnNlEh8KBWVudHJ5GAEgASgLMhAubGVkZ2VyLnYxLkVudHJ5EhAKCHJlcGxheWVkGAIgASgIIrMCCgpFbnRyeUlucHV0EhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRIVCg1kZWJpdF9hY2NvdW50GAQgASgJEhYKDmNyZWRpdF9hY2NvdW50GAUgASgJEg4KBmFtb3VudBgGIAEoAxINCgVhc3NldBgHIAEoCRISCgplbnRyeV90eXBlGAggASgJEhMKC2Rlc2NyaXB0aW9uGAkgASgJEjUKCG1ldGFkYXRhGAogAygLMiMubGVkZ2VyLnYxLkVudHJ5SW5wdXQuTWV0YWRhdGFFbnRyeRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFKBAgBEAJKBAgCEANKBAgLEAxKBAgMEA1KBAgNEA5SCXBvc3RlZF9ieVIEaGFzaCJMChJQb3N0RW50cmllc1JlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEiYKB2VudHJpZXMYAiADKAsyFS5sZWRnZXIudjEuRW50cnlJbnB1dCJACgtQb3N0ZWRFbnRyeRIfCgVlbnRyeRgBIAEoCzIQLmxlZGdlci52MS5FbnRyeRIQCghyZXBsYXllZBgCIAEoCCI+ChNQb3N0RW50cmllc1Jlc3BvbnNlEicKB3Jlc3VsdHMYASADKAsyFi5sZWRnZXIudjEuUG9zdGVkRW50cnkiTgoUU3RyZWFtRW50cmllc1JlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEhYKDmFmdGVyX3NlcXVlbmNlGAIgASgDEg4KBmZvbGxvdxgDIAEoCCJ3ChVTdHJlYW1FbnRyaWVzUmVzcG9uc2USIQoHZW50cmllcxgBIAMoCzIQLmxlZGdlci52MS5FbnRyeRIRCgljYXVnaHRfdXAYAiABKAgSFQoNaGVhZF9zZXF1ZW5jZRgDIAEoAxIRCgloZWFydGJlYXQYBCABKAgiNAoRR2V0QWNjb3VudFJlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEg8KB2FjY291bnQYAiABKAkiWwoMQXNzZXRCYWxhbmNlEg0KBWFzc2V0GAEgASgJEhQKDHRvdGFsX2RlYml0cxgCIAEoAxIVCg10b3RhbF9jcmVkaXRzGAMgASgDEg8KB2JhbGFuY2UYBCABKAMieAoSR2V0QWNjb3VudFJlc3BvbnNlEg4KBmxlZGdlchgBIAEoCRIPCgdhY2NvdW50GAIgASgJEikKCGJhbGFuY2VzGAMgAygLMhcubGVkZ2VyLnYxLkFzc2V0QmFsYW5jZRIWCg5hc19vZl9zZXF1ZW5jZRgEIAEoAyIiChBHZXRMZWRnZXJSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCSKZAQoRR2V0TGVkZ2VyUmVzcG9uc2USDgoGbGVkZ2VyGAEgASgJEhUKDWhlYWRfc2VxdWVuY2UYAiABKAMSEQoJaGVhZF9oYXNoGAMgASgMEhYKDmluaXRpYWxpemVkX2J5GAQgASgJEjIKDmluaXRpYWxpemVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCqQBAoLRXJyb3JSZWFzb24SHAoYRVJST1JfUkVBU09OX1VOU1BFQ0lGSUVEEAASHgoaRVJST1JfUkVBU09OX0lOVkFMSURfRklFTEQQARIoCiRFUlJPUl9SRUFTT05fQ09VTlRFUl9OT1RfSU5JVElBTElaRUQQAhInCiNFUlJPUl9SRUFTT05fSURFTVBPVEVOQ1lfS0VZX1JFVVNFRBADEicKI0VSUk9SX1JFQVNPTl9BQ0NPVU5UX1RPVEFMX09WRVJGTE9XEAQSKQolRVJST1JfUkVBU09OX1BPU0lUSU9OX0FIRUFEX09GX0xFREdFUhAFEiQKIEVSUk9SX1JFQVNPTl9TVE9SQUdFX1VOQVZBSUxBQkxFEAYSJQohRVJST1JfUkVBU09OX1NFUlZFUl9TSFVUVElOR19ET1dOEAcSJwojRVJST1JfUkVBU09OX1RPT19NQU5ZX1BFTkRJTkdfUE9TVFMQCBIiCh5FUlJPUl9SRUFTT05fREVBRExJTkVfRVhDRUVERUQQCRIZChVFUlJPUl9SRUFTT05fSU5URVJOQUwQChIgChxFUlJPUl9SRUFTT05fVU5BVVRIRU5USUNBVEVEEAsSIgoeRVJST1JfUkVBU09OX1BFUk1JU1NJT05fREVOSUVEEAwSIQodRVJST1JfUkVBU09OX1RPT19NQU5ZX1NUUkVBTVMQDTLuAwoNTGVkZ2VyU2VydmljZRJeChFJbml0aWFsaXplQ291bnRlchIjLmxlZGdlci52MS5Jbml0aWFsaXplQ291bnRlclJlcXVlc3QaJC5sZWRnZXIudjEuSW5pdGlhbGl6ZUNvdW50ZXJSZXNwb25zZRJGCglQb3N0RW50cnkSGy5sZWRnZXIudjEuUG9zdEVudHJ5UmVxdWVzdBocLmxlZGdlci52MS5Qb3N0RW50cnlSZXNwb25zZRJMCgtQb3N0RW50cmllcxIdLmxlZGdlci52MS5Qb3N0RW50cmllc1JlcXVlc3QaHi5sZWRnZXIudjEuUG9zdEVudHJpZXNSZXNwb25zZRJUCg1TdHJlYW1FbnRyaWVzEh8ubGVkZ2VyLnYxLlN0cmVhbUVudHJpZXNSZXF1ZXN0GiAubGVkZ2VyLnYxLlN0cmVhbUVudHJpZXNSZXNwb25zZTABEkkKCkdldEFjY291bnQSHC5sZWRnZXIudjEuR2V0QWNjb3VudFJlcXVlc3QaHS5sZWRnZXIudjEuR2V0QWNjb3VudFJlc3BvbnNlEkYKCUdldExlZGdlchIbLmxlZGdlci52MS5HZXRMZWRnZXJSZXF1ZXN0GhwubGVkZ2VyLnYxLkdldExlZGdlclJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * A posted journal entry: `amount` of `asset` moves from `credit_account` to
@@ -108,6 +108,16 @@ export type Entry = Message<"ledger.v1.Entry"> & {
    * @generated from field: string posted_by = 12;
    */
   postedBy: string;
+
+  /**
+   * The hash chain (docs/integrity.md): SHA-256 over the previous entry's
+   * `hash` (32 zero bytes before entry 1) followed by this entry's canonical
+   * bytes. 32 bytes. Set by the server in the transaction that numbers the
+   * entry, so chain order is number order.
+   *
+   * @generated from field: bytes hash = 13;
+   */
+  hash: Uint8Array;
 };
 
 /**
@@ -668,6 +678,79 @@ export const GetAccountResponseSchema: GenMessage<GetAccountResponse> = /*@__PUR
   messageDesc(file_ledger_v1_ledger, 13);
 
 /**
+ * Request for GetLedger.
+ *
+ * @generated from message ledger.v1.GetLedgerRequest
+ */
+export type GetLedgerRequest = Message<"ledger.v1.GetLedgerRequest"> & {
+  /**
+   * Ledger name (see InitializeCounterRequest.ledger). Its counter must have
+   * been initialized.
+   *
+   * @generated from field: string ledger = 1;
+   */
+  ledger: string;
+};
+
+/**
+ * Describes the message ledger.v1.GetLedgerRequest.
+ * Use `create(GetLedgerRequestSchema)` to create a new message.
+ */
+export const GetLedgerRequestSchema: GenMessage<GetLedgerRequest> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 14);
+
+/**
+ * Response of GetLedger: the ledger's head, read in one snapshot.
+ *
+ * @generated from message ledger.v1.GetLedgerResponse
+ */
+export type GetLedgerResponse = Message<"ledger.v1.GetLedgerResponse"> & {
+  /**
+   * The ledger name, as requested.
+   *
+   * @generated from field: string ledger = 1;
+   */
+  ledger: string;
+
+  /**
+   * The ledger's last committed number (0: no entry yet).
+   *
+   * @generated from field: int64 head_sequence = 2;
+   */
+  headSequence: bigint;
+
+  /**
+   * The `hash` of entry `head_sequence` (32 zero bytes when there is none):
+   * it commits to every entry 1..head_sequence. Publish it (say, daily) and
+   * any later change to those entries is evident (docs/integrity.md).
+   *
+   * @generated from field: bytes head_hash = 3;
+   */
+  headHash: Uint8Array;
+
+  /**
+   * Who created the counter (see InitializeCounterResponse.initialized_by).
+   *
+   * @generated from field: string initialized_by = 4;
+   */
+  initializedBy: string;
+
+  /**
+   * When the counter was created (UTC).
+   *
+   * @generated from field: google.protobuf.Timestamp initialized_at = 5;
+   */
+  initializedAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message ledger.v1.GetLedgerResponse.
+ * Use `create(GetLedgerResponseSchema)` to create a new message.
+ */
+export const GetLedgerResponseSchema: GenMessage<GetLedgerResponse> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 15);
+
+/**
  * The reasons of the errors LedgerService returns.
  *
  * Every error carries a `google.rpc.ErrorInfo` whose `domain` is "ledger.v1"
@@ -895,6 +978,17 @@ export const LedgerService: GenService<{
     methodKind: "unary";
     input: typeof GetAccountRequestSchema;
     output: typeof GetAccountResponseSchema;
+  },
+  /**
+   * Returns a ledger's head: its last number and that entry's chain hash,
+   * read together, to anchor the hash chain elsewhere (docs/integrity.md).
+   *
+   * @generated from rpc ledger.v1.LedgerService.GetLedger
+   */
+  getLedger: {
+    methodKind: "unary";
+    input: typeof GetLedgerRequestSchema;
+    output: typeof GetLedgerResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_ledger_v1_ledger, 0);

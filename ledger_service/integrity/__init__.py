@@ -1,0 +1,1 @@
+"""The hash chain over each ledger's sequence, and `ledger-service verify`."""
