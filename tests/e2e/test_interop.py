@@ -112,3 +112,23 @@ def test_the_typescript_client_package_passes_its_tests_against_a_real_server(
         )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "# pass 1" in result.stdout and "# fail 0" in result.stdout
+
+
+def test_the_typescript_client_recomputes_the_shared_chain_vectors() -> None:
+    """clients/typescript's integrity.ts against docs/integrity-vectors.json,
+    and its verifying stream over a scripted transport (no server)."""
+    npm = shutil.which("npm")
+    if npm is None or not (TS_DIR / "node_modules" / "typescript").is_dir():
+        missing_requirement(
+            "npm or clients/typescript/node_modules missing (make test runs npm ci)"
+        )
+    assert npm is not None
+    result = subprocess.run(
+        [npm, "run", "--silent", "test:unit"],
+        cwd=TS_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "# fail 0" in result.stdout and "# pass 0" not in result.stdout

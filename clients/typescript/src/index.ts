@@ -4,7 +4,8 @@
 // UNAVAILABLE and DEADLINE_EXCEEDED with that same key (so a retry never posts
 // twice) within a time bound on the whole call, and streams that resume after
 // their last entry when the connection drops, for as long as
-// reconnectTimeoutMs allows. int64 fields are bigint, exact.
+// reconnectTimeoutMs allows, checking the hash chain if asked
+// (docs/integrity.md). int64 fields are bigint, exact.
 import { randomUUID } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { BinaryReader } from "@bufbuild/protobuf/wire";
@@ -16,6 +17,7 @@ import {
   EntryInputSchema,
   ErrorReason,
   type GetAccountResponse,
+  type GetLedgerResponse,
   type InitializeCounterResponse,
   LedgerService,
   type PostEntriesResponse,
@@ -23,8 +25,18 @@ import {
   type PostEntryResponse,
   PostEntryRequestSchema,
 } from "./gen/ledger/v1/ledger_pb.js";
+import { ChainBroken, ChainVerifier, HASH_SIZE, orderProblem } from "./integrity.js";
 
 export * from "./gen/ledger/v1/ledger_pb.js";
+export {
+  ChainBroken,
+  ChainVerifier,
+  FORMAT_VERSION,
+  GENESIS,
+  HASH_SIZE,
+  canonicalBytes,
+  chainHash,
+} from "./integrity.js";
 
 export interface PostInput {
   debitAccount: string;
@@ -67,6 +79,18 @@ export interface ClientOptions {
    * `null`: for ever, unless maxAttempts failures in a row.
    */
   reconnectTimeoutMs?: number | null;
+}
+
+export interface StreamOptions {
+  /** Entries after this number are yielded (default 0: from the first). */
+  afterSequence?: bigint;
+  /** Keep going as entries commit, instead of ending at the ledger's end. */
+  follow?: boolean;
+  signal?: AbortSignal;
+  /** Check the hash chain; a break throws ChainBroken out of the iterator. */
+  verify?: boolean;
+  /** With `verify`, the hash of entry `afterSequence`, from your own records. */
+  previousHash?: Uint8Array;
 }
 
 // Codes after which a post (with its idempotency key) or InitializeCounter is
@@ -170,34 +194,77 @@ export class LedgerClient {
     return this.retrying((timeoutMs) => this.raw.getAccount({ ledger, account }, { timeoutMs }));
   }
 
+  /** The ledger's head: its last number and that entry's hash, read together. */
+  getLedger(ledger: string): Promise<GetLedgerResponse> {
+    // A read: safe to retry.
+    return this.retrying((timeoutMs) => this.raw.getLedger({ ledger }, { timeoutMs }));
+  }
+
   /**
    * Entries after `afterSequence`, in order. With `follow`, keeps going as
    * entries commit; after UNAVAILABLE it reconnects from the last entry it
    * yielded, so no entry is yielded twice or skipped, for reconnectTimeoutMs
    * after the last message received.
+   *
+   * With `verify`, every entry is checked against the hash chain before it
+   * is yielded, across reconnects too: a changed, skipped or repeated entry
+   * throws ChainBroken, naming it (docs/integrity.md). From afterSequence 0
+   * the chain starts at the 32 zero bytes. After entry N > 0 it starts at
+   * `previousHash`, N's hash from your own records (keep it with your
+   * position). Without previousHash the client reads entry N too, does not
+   * yield it, and trusts its hash as the starting point: the entries after N
+   * are proven to extend N, not N itself. If the ledger has no entry N yet
+   * that fails OUT_OF_RANGE, as the server does for a position beyond its end.
    */
-  async *streamEntries(
-    ledger: string,
-    options: { afterSequence?: bigint; follow?: boolean; signal?: AbortSignal } = {},
-  ): AsyncGenerator<Entry> {
+  async *streamEntries(ledger: string, options: StreamOptions = {}): AsyncGenerator<Entry> {
+    const verify = options.verify ?? false;
     let position = options.afterSequence ?? 0n;
+    let verifier: ChainVerifier | undefined;
+    if (verify && (position === 0n || options.previousHash !== undefined)) {
+      verifier = new ChainVerifier(position, options.previousHash);
+    } else if (verify) {
+      position -= 1n; // to read entry N, for its hash
+    }
     let failures = 0;
     let since = Date.now(); // the budget restarts with every message
     for (;;) {
+      // Leaving the loop over a call (an error, ChainBroken, the caller's break)
+      // does not end it: a following call would stay open. Aborted in finally.
+      const call = new AbortController();
+      const signal = options.signal ? AbortSignal.any([options.signal, call.signal]) : call.signal;
       try {
         const stream = this.raw.streamEntries(
           { ledger, afterSequence: position, follow: options.follow ?? false },
-          { signal: options.signal },
+          { signal },
         );
         for await (const message of stream) {
           failures = 0;
           since = Date.now();
           for (const entry of message.entries) {
-            if (entry.sequence !== position + 1n) {
+            if (verifier !== undefined) {
+              verifier.check(entry);
+            } else if (verify) {
+              // Entry N, read only to take its hash on trust as the starting point.
+              const problem = orderProblem(position, entry.sequence);
+              if (problem !== undefined) throw new ChainBroken(ledger, entry.sequence, problem);
+              if (entry.hash.length !== HASH_SIZE) {
+                throw new ChainBroken(ledger, entry.sequence, `no hash to start from (${entry.hash.length} bytes)`);
+              }
+              verifier = new ChainVerifier(entry.sequence, entry.hash);
+              position = entry.sequence;
+              continue;
+            } else if (entry.sequence !== position + 1n) {
               throw new Error(`stream out of order: expected ${position + 1n}, got ${entry.sequence}`);
             }
             position = entry.sequence;
             yield entry;
+          }
+          if (verifier === undefined && verify && message.caughtUp) {
+            // Streaming from N-1 made the server accept a position one beyond its end.
+            throw new ConnectError(
+              `${ledger}: after_sequence ${position + 1n} is beyond the last entry ${message.headSequence}`,
+              Code.OutOfRange,
+            );
           }
         }
         return;
@@ -208,6 +275,8 @@ export class LedgerClient {
         const budget = this.reconnectTimeoutMs ?? Infinity;
         if (Date.now() + delay >= since + budget) throw error; // away longer than the budget
         await sleep(delay);
+      } finally {
+        call.abort();
       }
     }
   }

@@ -7,6 +7,8 @@ import { test } from "node:test";
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import {
+  ChainBroken,
+  type Entry,
   ErrorReason,
   LedgerClient,
   PostEntryRequestSchema,
@@ -38,7 +40,7 @@ test("posts, replays, conflicts, follows a stream and reads balances exactly", a
   const abort = new AbortController();
   const follower = (async () => {
     try {
-      for await (const entry of client.streamEntries(ledger, { follow: true, signal: abort.signal })) {
+      for await (const entry of client.streamEntries(ledger, { follow: true, signal: abort.signal, verify: true })) {
         seen.push(entry.sequence);
         assert.equal(entry.amount, BIG);
         if (seen.length === 3) abort.abort();
@@ -116,6 +118,30 @@ test("posts, replays, conflicts, follows a stream and reads balances exactly", a
   assert.ok(batchKeys[0] === "b1" && batchKeys[1] !== "" && batchKeys[1] !== "b1");
   const again = await client.postEntries(ledger, batchKeys.map((idempotencyKey) => ({ ...input, idempotencyKey })));
   assert.deepEqual(again.results.map((r) => r.replayed), [true, true]);
+
+  // The hash chain (docs/integrity.md): every entry verified, from the start or
+  // resumed after entry 2 with its hash or without, and the head to anchor.
+  const all: Entry[] = [];
+  for await (const entry of client.streamEntries(ledger, { verify: true })) all.push(entry);
+  assert.deepEqual(all.map((e) => e.sequence), [1n, 2n, 3n, 4n, 5n, 6n]);
+  const head = await client.getLedger(ledger);
+  assert.equal(head.headSequence, 6n);
+  assert.equal(Buffer.from(head.headHash).toString("hex"), Buffer.from(all[5]!.hash).toString("hex"));
+  const sequences = async (options: { afterSequence: bigint; previousHash?: Uint8Array }) => {
+    const seen: bigint[] = [];
+    for await (const entry of client.streamEntries(ledger, { ...options, verify: true })) seen.push(entry.sequence);
+    return seen;
+  };
+  assert.deepEqual(await sequences({ afterSequence: 2n, previousHash: all[1]!.hash }), [3n, 4n, 5n, 6n]);
+  assert.deepEqual(await sequences({ afterSequence: 2n }), [3n, 4n, 5n, 6n]);
+  await assert.rejects(
+    sequences({ afterSequence: 2n, previousHash: all[0]!.hash }),
+    (error: unknown) => error instanceof ChainBroken && error.sequence === 3n && error.problem === "hash mismatch",
+  );
+  await assert.rejects(
+    sequences({ afterSequence: 7n }),
+    (error: unknown) => ConnectError.from(error).code === Code.OutOfRange,
+  );
 
   // The token: without it, UNAUTHENTICATED, and not retried.
   if (token !== undefined) {
