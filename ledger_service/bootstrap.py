@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
 from .api.errors import Guard
 from .api.servicer import LedgerServicer, StreamSettings
 from .auth.access import Gate
@@ -17,6 +21,9 @@ from .auth.principals import AuthFile
 from .auth.quotas import FollowQuota
 from .config import Settings
 from .domain.limits import STREAM_MESSAGE_MAX_ENTRIES
+from .observability.calls import Observability
+from .observability.logs import CallLog
+from .observability.metrics import NO_METRICS, Metrics, PrometheusMetrics
 from .service import use_cases
 from .service.group_commit import GroupCommitter
 from .service.ports import Blocking, StoredRow, UowFactory
@@ -47,6 +54,7 @@ class App:
     executor: ThreadPoolExecutor
     writer: LoopWriter | None
     dispose: Callable[[], None]  # the engine's pool
+    observability: Observability  # metrics (NO_METRICS: off) and the call log
 
     async def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -76,11 +84,14 @@ def build(settings: Settings, tls: TlsFiles | None = None) -> App:
     timeouts = settings.db_timeouts()
     engine = create_engine(settings.database_url, pool_size=settings.pool_size, timeouts=timeouts)
     readiness = Readiness(engine)
+    missing = _fail_if_missing(engine, url)
     try:
         readiness.check_schema()
     except BaseException:
         engine.dispose()
         raise
+    finally:
+        event.remove(engine, "handle_error", missing)
     postgres = url.get_backend_name() == dialect.POSTGRES
     uow: UowFactory = functools.partial(SqlUnitOfWork, engine, timeouts=timeouts)
     executor = ThreadPoolExecutor(settings.pool_size, thread_name_prefix="ledger-db")
@@ -91,8 +102,9 @@ def build(settings: Settings, tls: TlsFiles | None = None) -> App:
         else None
     )
     watcher = HeadWatcher()
+    metrics: Metrics = PrometheusMetrics() if settings.metrics_listen else NO_METRICS
     return App(
-        servicer=build_servicer(settings, uow, run, writer, watcher),
+        servicer=build_servicer(settings, uow, run, writer, watcher, metrics),
         guard=guard(_gate(auth_file, tls), readiness),
         auth_file=auth_file,
         readiness=readiness,
@@ -101,7 +113,35 @@ def build(settings: Settings, tls: TlsFiles | None = None) -> App:
         executor=executor,
         writer=writer,
         dispose=engine.dispose,
+        observability=Observability(metrics, CallLog(settings.slow_call_ms / 1000)),
     )
+
+
+class DatabaseMissing(ValueError):
+    """The database named in the URL cannot exist as configured (not a
+    passing outage): a start fails on it rather than serving refusals."""
+
+
+def _fail_if_missing(engine: Engine, url: sa.URL) -> Callable[[Any], None]:
+    """Makes a failed connect raise DatabaseMissing when the Postgres server
+    answered that the database does not exist (3D000), or SQLite could not
+    open its file; removed after the start's schema check, so that later
+    failures stay outages. libpq gives no SQLSTATE for a failed connect,
+    hence its (English) message: a localized server gets the outage path."""
+    sqlite = url.get_backend_name() == dialect.SQLITE
+    missing_text = f'database "{url.database}" does not exist'
+
+    def check(context: Any) -> None:
+        if context.connection is not None:  # a statement failed, not the connect
+            return
+        text = str(context.original_exception).strip()
+        if sqlite or missing_text in text:
+            where = url.render_as_string()  # hides a password
+            first = text.splitlines()[0] if text else type(context.original_exception).__name__
+            raise DatabaseMissing(f"cannot open database {where}: {first}")
+
+    event.listen(engine, "handle_error", check)
+    return check
 
 
 def _gate(auth_file: AuthFile | None, tls: TlsFiles | None) -> Gate | None:
@@ -129,15 +169,17 @@ def build_servicer(
     run: Blocking,
     writer: LoopWriter | None,
     watcher: HeadWatcher,
+    metrics: Metrics = NO_METRICS,
 ) -> LedgerServicer:
     """The servicer and what it uses, over a unit-of-work factory, the thread
     pool and (Postgres) the event-loop writer."""
-    writes = Writes(uow, run, writer, published=watcher.publish)
+    writes = Writes(uow, run, writer, published=watcher.publish, observe=metrics.written)
     committer = (
         GroupCommitter(
             writes.group,
             max_pending=settings.max_pending_posts,
             max_wait=settings.group_commit_max_wait,
+            on_batch=metrics.batch,
         )
         if settings.group_commit
         else None
@@ -147,7 +189,7 @@ def build_servicer(
         read = await run(use_cases.read_rows, uow, ledger, after, limit)
         return read.rows, read.head
 
-    tails = Tails(read_tail, watcher, poll_interval=settings.poll_interval)
+    tails = Tails(read_tail, watcher, poll_interval=settings.poll_interval, metrics=metrics)
     streams = StreamSettings(
         poll_interval=settings.poll_interval,
         heartbeat_interval=settings.heartbeat_interval,

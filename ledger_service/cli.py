@@ -9,16 +9,19 @@ import getpass
 import logging
 import sys
 
+import sqlalchemy as sa
+
 from .auth.tokens import new_token, token_digest
 from .config import Settings
 from .domain.errors import LedgerError
 from .domain.validation import validate_ledger
 from .integrity import verify
+from .observability import logs
 from .server import StartupError, serve
 from .service import use_cases
 from .storage import migrate
 from .storage.readiness import SchemaNotCurrent
-from .storage.uow import SqlUnitOfWork, create_engine
+from .storage.uow import SqlUnitOfWork, create_engine, normalize_url
 
 log = logging.getLogger("ledger_service")
 
@@ -32,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         "default: the embedded SQLite file ./ledger.sqlite3)",
     )
     common.add_argument("--log-level", help="DEBUG, INFO, WARNING... (env LEDGER_LOG_LEVEL)")
+    common.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        help="text, or json: one object per line (env LEDGER_LOG_FORMAT, default text)",
+    )
     common.add_argument(
         "--db-timeout",
         type=float,
@@ -146,6 +154,17 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="most entries per StreamEntries message, 1-256 (env LEDGER_STREAM_BATCH)",
     )
+    serve_p.add_argument(
+        "--metrics-listen",
+        help="host:port to serve Prometheus metrics on, at /metrics over HTTP "
+        "(env LEDGER_METRICS_LISTEN; default: no metrics)",
+    )
+    serve_p.add_argument(
+        "--slow-call-ms",
+        type=float,
+        help="log a call that takes longer than this many milliseconds, as a failed one is; "
+        "0: none (env LEDGER_SLOW_CALL_MS, default 1000)",
+    )
     sub.add_parser("migrate", parents=[common], help="apply the schema migrations")
     sub.add_parser(
         "new-token", help="print a new 256-bit bearer token and the digest the auth file holds"
@@ -201,6 +220,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         "min_ping_interval",
         "max_connection_age",
         "max_connection_age_grace",
+        "log_format",
+        "metrics_listen",
+        "slow_call_ms",
     ):
         value = getattr(args, name, None)
         if value is not None:
@@ -210,12 +232,16 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = _settings(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        settings = _settings(args)
+        settings.validate(
+            serving=args.command == "serve",
+            database=args.command not in ("new-token", "hash-token"),
+        )
+    except ValueError as exc:  # before logging is set up: plain
+        print(f"ledger-service: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
     if args.command == "new-token":
         token = new_token()
         # The token goes to whoever runs this, once; the file keeps the digest.
@@ -231,8 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         timeouts = settings.db_timeouts()
     except ValueError as exc:
-        print(f"ledger-service: {exc}", file=sys.stderr)
-        return 2
+        return _failed(settings, exc, 2)
     try:
         if args.command == "serve":
             asyncio.run(serve(settings))
@@ -244,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "init-counter":
             ledger = validate_ledger(args.ledger)
             engine = create_engine(settings.database_url, pool_size=1, timeouts=timeouts)
+            _reach(engine)
             uow = functools.partial(SqlUnitOfWork, engine, timeouts=timeouts)
             # Whoever holds the database credentials is an admin already.
             counter = use_cases.initialize_counter(uow, ledger, f"cli:{getpass.getuser()}")
@@ -261,9 +287,32 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 engine.dispose()
     except (LedgerError, SchemaNotCurrent) as exc:
-        print(f"ledger-service: {exc}", file=sys.stderr)
-        return 1
+        return _failed(settings, exc, 1)
     except StartupError as exc:
-        print(f"ledger-service: {exc}", file=sys.stderr)
-        return 2
+        return _failed(settings, exc, 2)
+    except sa.exc.SQLAlchemyError as exc:  # the database refused, or could not be reached
+        where = normalize_url(settings.database_url).render_as_string()  # hides a password
+        return _failed(settings, f"database {where}: {_first_line(exc)}", 1)
     return 0
+
+
+def _failed(settings: Settings, problem: object, code: int) -> int:
+    """One line on stderr, not a traceback: a log line of JSON with
+    --log-format json, else plain."""
+    if settings.log_format == "json":
+        log.error("%s", problem)
+    else:
+        print(f"ledger-service: {problem}", file=sys.stderr)
+    return code
+
+
+def _reach(engine: sa.Engine) -> None:
+    """Connects once first: an unreachable database is then one line, where
+    the unit of work would log a warning before the error."""
+    with engine.connect():
+        pass
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

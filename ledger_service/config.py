@@ -6,8 +6,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from .domain.limits import max_request_bytes
+from .observability.logs import check_format, check_level
+from .storage import dialect
 from .storage.timeouts import DbTimeouts
+from .storage.uow import normalize_url
 from .tls import TlsFiles
 
 DEFAULT_DATABASE_URL = "sqlite:///ledger.sqlite3"
@@ -16,7 +21,27 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
-    return float(raw) if raw else default
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}: not a number: {raw!r}") from None
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}: not a whole number: {raw!r}") from None
+
+
+def split_host_port(address: str, what: str) -> tuple[str, int]:
+    """("host", port) of "host:port" ("[::1]:port" for IPv6; port 0: any
+    free one); ValueError naming `what` (the flag) otherwise."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{what}: expected host:port, got {address!r}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 @dataclass
@@ -49,7 +74,7 @@ class Settings:
     # whose peer stops acknowledging for this many seconds (0: its defaults).
     db_tcp_timeout: float = field(default_factory=lambda: _env_float("LEDGER_DB_TCP_TIMEOUT", 10.0))
     # Database connections (and threads running statements) per process.
-    pool_size: int = field(default_factory=lambda: int(os.environ.get("LEDGER_POOL_SIZE") or 16))
+    pool_size: int = field(default_factory=lambda: _env_int("LEDGER_POOL_SIZE", 16))
     # Seconds SIGTERM waits for in-flight calls before cancelling them.
     shutdown_grace: float = field(default_factory=lambda: _env_float("LEDGER_SHUTDOWN_GRACE", 10.0))
     # Following streams re-read this often even without a notification.
@@ -69,26 +94,22 @@ class Settings:
     # Posts waiting for their group's transaction, per process; beyond it
     # PostEntry answers RESOURCE_EXHAUSTED (retry later with the same key).
     max_pending_posts: int = field(
-        default_factory=lambda: int(os.environ.get("LEDGER_MAX_PENDING_POSTS") or 10_000)
+        default_factory=lambda: _env_int("LEDGER_MAX_PENDING_POSTS", 10_000)
     )
     # Most entries per StreamEntries message (1-256).
-    stream_batch: int = field(
-        default_factory=lambda: int(os.environ.get("LEDGER_STREAM_BATCH") or 256)
-    )
+    stream_batch: int = field(default_factory=lambda: _env_int("LEDGER_STREAM_BATCH", 256))
     # Abuse limits (docs/security.md): the largest request accepted (the
     # largest valid PostEntries by default), concurrent calls on one
     # connection, following streams per principal, how often a client may
     # ping, and how long a connection lives (then a grace for its calls).
     max_request_bytes: int = field(
-        default_factory=lambda: (
-            int(os.environ.get("LEDGER_MAX_REQUEST_BYTES") or 0) or max_request_bytes()
-        )
+        default_factory=lambda: _env_int("LEDGER_MAX_REQUEST_BYTES", 0) or max_request_bytes()
     )
     max_streams_per_connection: int = field(
-        default_factory=lambda: int(os.environ.get("LEDGER_MAX_STREAMS_PER_CONNECTION") or 100)
+        default_factory=lambda: _env_int("LEDGER_MAX_STREAMS_PER_CONNECTION", 100)
     )
     max_follows_per_principal: int = field(
-        default_factory=lambda: int(os.environ.get("LEDGER_MAX_FOLLOWS_PER_PRINCIPAL") or 100)
+        default_factory=lambda: _env_int("LEDGER_MAX_FOLLOWS_PER_PRINCIPAL", 100)
     )
     min_ping_interval: float = field(
         default_factory=lambda: _env_float("LEDGER_MIN_PING_INTERVAL", 10.0)
@@ -103,6 +124,42 @@ class Settings:
     heartbeat_interval: float = field(
         default_factory=lambda: _env_float("LEDGER_HEARTBEAT_INTERVAL", 15.0)
     )
+    # host:port of the Prometheus endpoint (/metrics over HTTP); unset: none.
+    metrics_listen: str = field(
+        default_factory=lambda: os.environ.get("LEDGER_METRICS_LISTEN") or ""
+    )
+    # text, or json: one object per line (time, level, logger, message, fields).
+    log_format: str = field(default_factory=lambda: os.environ.get("LEDGER_LOG_FORMAT") or "text")
+    # A call that takes longer than this (ms) is logged, as a failed one is; 0: none.
+    slow_call_ms: float = field(default_factory=lambda: _env_float("LEDGER_SLOW_CALL_MS", 1000.0))
+
+    def validate(self, *, serving: bool, database: bool = True) -> None:
+        """ValueError naming the first setting that cannot work, so that a
+        start fails in one line instead of a traceback or a wrong server.
+        `serving`: also the settings only `serve` reads; `database`: the URL."""
+        check_level(self.log_level)
+        check_format(self.log_format)
+        if not database:
+            return
+        try:
+            url = normalize_url(self.database_url)
+        except (ValueError, sa.exc.ArgumentError):
+            # Not echoed: a URL may hold a password.
+            raise ValueError(
+                "--database-url (LEDGER_DATABASE_URL) is not a database URL; expected e.g. "
+                "postgresql://user@host/db or sqlite:///path"
+            ) from None
+        if url.get_backend_name() not in (dialect.POSTGRES, dialect.SQLITE):
+            raise ValueError(
+                f"unsupported database {url.get_backend_name()!r}: use postgresql or sqlite"
+            )
+        if not serving:
+            return
+        split_host_port(self.listen, "--listen")
+        if self.metrics_listen:
+            split_host_port(self.metrics_listen, "--metrics-listen")
+        if self.slow_call_ms < 0:
+            raise ValueError("--slow-call-ms: must be >= 0 (0: no slow-call log)")
 
     def tls_files(self) -> TlsFiles | None:
         """The TLS files, None without TLS; ValueError if they do not go together."""

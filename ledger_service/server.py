@@ -9,18 +9,20 @@ import gc
 import ipaddress
 import logging
 import signal
+import socket
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from . import bootstrap
 from . import tls as tls_module
 from .api.errors import map_errors
 from .auth.principals import AuthFile
-from .config import Settings
+from .config import Settings, split_host_port
+from .contract import reflection
+from .observability.metrics import MetricsServer
 from .storage.probe import DatabaseProbe
 from .storage.readiness import Readiness, SchemaNotCurrent
 from .storage.uow import normalize_url
@@ -51,24 +53,35 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         tls = settings.tls_files()
         if tls is not None:
             tls_module.validate(tls)  # a bad file stops the start, named
+        _check_free(settings.listen, "--listen")
+        if settings.metrics_listen:
+            _check_free(settings.metrics_listen, "--metrics-listen")
         _check_exposure(settings, tls)
         app = bootstrap.build(settings, tls)
     except ValueError as exc:  # the settings, an auth or TLS file, the database URL
         raise StartupError(str(exc)) from exc
     server = grpc.aio.server(options=server_options(settings))
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
-        map_errors(app.servicer, guard=app.guard), server
+        map_errors(app.servicer, guard=app.guard, observe=app.observability), server
     )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
-    port = (
-        server.add_insecure_port(settings.listen)
-        if tls is None
-        else server.add_secure_port(settings.listen, tls_module.server_credentials(tls))
-    )
+    reflection.enable(server, [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME])
+    metrics_server = None
+    try:
+        port = (
+            server.add_insecure_port(settings.listen)
+            if tls is None
+            else server.add_secure_port(settings.listen, tls_module.server_credentials(tls))
+        )
+        registry = app.observability.metrics.registry
+        if settings.metrics_listen and registry is not None:
+            metrics_host, metrics_port = split_host_port(settings.metrics_listen, "")
+            metrics_server = MetricsServer(metrics_host, metrics_port, registry)
+            log.info("metrics at http://%s/metrics", _join(metrics_host, metrics_server.port))
+    except (RuntimeError, OSError) as exc:  # taken after _check_free looked, or refused
+        await app.close()
+        raise StartupError(f"cannot listen: {exc}") from exc
     host = settings.listen.rsplit(":", 1)[0]
 
     stop = stop or asyncio.Event()
@@ -128,6 +141,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     await app.close()
+    if metrics_server is not None:
+        await asyncio.to_thread(metrics_server.close)
     log.info("stopped")
     if fatal is not None:
         raise fatal
@@ -189,6 +204,37 @@ def _check_exposure(settings: Settings, tls: TlsFiles | None) -> None:
         "to and read every ledger. Give an auth file (--auth-file or LEDGER_AUTH_FILE; see "
         "docs/security.md), or pass --insecure to serve it open anyway"
     )
+
+
+def _check_free(address: str, flag: str) -> None:
+    """StartupError if `address` (host:port) cannot be listened on. gRPC
+    would say so in a log line of its own and a generic error; binding
+    first here names the cause in one line. One address of the host that
+    binds is enough, as it is for gRPC."""
+    host, port = split_host_port(address, flag)
+    if port == 0:
+        return
+    try:
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {address} ({flag}): {exc.strerror}") from None
+    problem: OSError | None = None
+    for family, kind, proto, _, sockaddr in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+            try:
+                probe.bind(sockaddr)
+                return
+            except OSError as exc:
+                problem = problem or exc
+    reason = problem.strerror if problem is not None else "no address"
+    raise StartupError(f"cannot listen on {address} ({flag}): {reason}")
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _is_loopback_address(host: str) -> bool:

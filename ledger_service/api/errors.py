@@ -8,10 +8,12 @@ also carries google.rpc.BadRequest field violations.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from time import perf_counter
 from types import SimpleNamespace
-from typing import Any, NamedTuple, NoReturn, TypeAlias, cast
+from typing import Any, NamedTuple, NoReturn, Protocol, TypeAlias, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -19,6 +21,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
+from ..auth.access import CALLER
 from ..domain.errors import (
     AccountTotalOverflow,
     CounterNotInitialized,
@@ -143,14 +146,99 @@ def to_rpc_status(exc: LedgerError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-async def _abort(context: Context, exc: BaseException) -> NoReturn:
+class CallReport(Protocol):
+    """Where one method's calls report how they ended (observability/calls.py)."""
+
+    def ok(self, request: Any, principal: str, seconds: float) -> None: ...
+
+    def failed(
+        self,
+        request: Any,
+        principal: str,
+        peer: str,
+        status: str,
+        reason: str,
+        seconds: float,
+        error: BaseException,
+        *,
+        logged: bool = False,
+        unexpected: bool = False,
+    ) -> None:
+        """`logged`: logged already (auth refusals); `unexpected`: a bug."""
+
+    def ended(self, request: Any, principal: str, status: str, seconds: float) -> None:
+        """Ended without an answer of ours: cancelled by the caller, or aborted."""
+
+
+class Observe(Protocol):
+    def call(self, method: str, *, streaming: bool) -> CallReport: ...
+
+
+class _Unobserved:
+    """Without an observer: only a bug is logged, with its traceback."""
+
+    def ok(self, request: Any, principal: str, seconds: float) -> None:
+        pass
+
+    def failed(
+        self,
+        request: Any,
+        principal: str,
+        peer: str,
+        status: str,
+        reason: str,
+        seconds: float,
+        error: BaseException,
+        *,
+        logged: bool = False,
+        unexpected: bool = False,
+    ) -> None:
+        if unexpected:
+            log.error("unexpected error", exc_info=error)
+
+    def ended(self, request: Any, principal: str, status: str, seconds: float) -> None:
+        pass
+
+
+# Refusals auth.access logs itself, with the principal and the peer.
+_LOGGED_BY_GATE = (Unauthenticated, PermissionDenied)
+
+
+async def _abort(
+    context: Context, exc: BaseException, call: CallReport, request: Any, seconds: float
+) -> NoReturn:
     if isinstance(exc, LedgerError):
-        status = to_rpc_status(exc)
+        unexpected, (code, reason) = False, _WIRE.get(type(exc), _UNMAPPED)
     else:
-        log.exception("unexpected error", exc_info=exc)
-        status = to_rpc_status(InternalError())
+        unexpected, (code, reason) = True, _UNMAPPED
+    call.failed(
+        request,
+        _principal(),
+        context.peer(),
+        code.name,
+        reason,
+        seconds,
+        exc,
+        logged=isinstance(exc, _LOGGED_BY_GATE),
+        unexpected=unexpected,
+    )
+    status = to_rpc_status(exc if isinstance(exc, LedgerError) else InternalError())
     await context.abort(status.code, status.details, status.trailing_metadata)
     raise AssertionError("unreachable: abort raises")
+
+
+def _principal() -> str:
+    principal = CALLER.get()  # set by the guard (auth.access), in this call's context
+    return "" if principal is None else principal.name
+
+
+def _aborted_code(context: Context) -> str:
+    """The code of a call a method ended itself with context.abort."""
+    try:
+        code = context.code()
+    except (AttributeError, NotImplementedError):
+        code = None
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
 # guard(method name, request, context) runs before each call and may refuse
@@ -163,12 +251,16 @@ def _open(method: str, request: Any, context: Context) -> None:
 
 
 def map_errors(
-    servicer: ledger_pb2_grpc.LedgerServiceServicer, guard: Guard = _open
+    servicer: ledger_pb2_grpc.LedgerServiceServicer,
+    guard: Guard = _open,
+    observe: Observe | None = None,
 ) -> ledger_pb2_grpc.LedgerServiceServicer:
     """The LedgerService methods of `servicer`, each wrapped once so that the
-    guard runs first and an exception escaping it becomes a rich status,
-    ready for add_LedgerServiceServicer_to_server. A stream refused by the
-    guard ends before its first message.
+    guard runs first, an exception escaping it becomes a rich status, and
+    its end is reported to `observe` (metrics, the call log; without it
+    only unexpected errors are logged). Ready for
+    add_LedgerServiceServicer_to_server. A stream refused by the guard ends
+    before its first message.
 
     Why not a server interceptor: grpc.aio runs interceptors on every call
     (a pipeline of coroutines, and ours then built a new handler for the
@@ -177,37 +269,58 @@ def map_errors(
     mapped = SimpleNamespace()  # what add_LedgerServiceServicer_to_server reads
     for method in ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].methods:
         inner = getattr(servicer, method.name)
-        wrap = _stream if method.server_streaming else _unary
-        setattr(mapped, method.name, wrap(method.name, inner, guard))
+        streaming = method.server_streaming
+        wrap = _stream if streaming else _unary
+        call = _Unobserved() if observe is None else observe.call(method.name, streaming=streaming)
+        setattr(mapped, method.name, wrap(method.name, inner, guard, call))
     return cast(ledger_pb2_grpc.LedgerServiceServicer, mapped)
 
 
 def _unary(
-    name: str, inner: Callable[[Any, Context], Awaitable[Any]], guard: Guard
+    name: str,
+    inner: Callable[[Any, Context], Awaitable[Any]],
+    guard: Guard,
+    call: CallReport,
 ) -> Callable[..., Awaitable[Any]]:
     async def unary(request: Any, context: Context) -> Any:
+        start = perf_counter()
         try:
             guard(name, request, context)
-            return await inner(request, context)
+            response = await inner(request, context)
         except grpc.aio.AbortError:
+            call.ended(request, _principal(), _aborted_code(context), perf_counter() - start)
+            raise
+        except asyncio.CancelledError:  # the caller went away, or its deadline passed
+            call.ended(request, _principal(), "CANCELLED", perf_counter() - start)
             raise
         except Exception as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, call, request, perf_counter() - start)
+        call.ok(request, _principal(), perf_counter() - start)
+        return response
 
     return unary
 
 
 def _stream(
-    name: str, inner: Callable[[Any, Context], AsyncIterator[Any]], guard: Guard
+    name: str,
+    inner: Callable[[Any, Context], AsyncIterator[Any]],
+    guard: Guard,
+    call: CallReport,
 ) -> Callable[..., AsyncIterator[Any]]:
     async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+        start = perf_counter()
         try:
             guard(name, request, context)
             async for response in inner(request, context):
                 yield response
         except grpc.aio.AbortError:
+            call.ended(request, _principal(), _aborted_code(context), perf_counter() - start)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # the consumer went away
+            call.ended(request, _principal(), "CANCELLED", perf_counter() - start)
             raise
         except Exception as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, call, request, perf_counter() - start)
+        call.ok(request, _principal(), perf_counter() - start)
 
     return stream

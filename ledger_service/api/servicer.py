@@ -147,7 +147,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> AsyncIterator[ledger_pb2.StreamEntriesResponse]:
         # A follower holds one of its principal's slots while it lives.
         follows = self._follows.hold(_caller() or None) if request.follow else _NO_QUOTA
-        with follows:
+        following = self._tails.metrics.following() if request.follow else _NO_QUOTA
+        with follows, following:
             async for message in self._stream(request):
                 yield message
 
@@ -203,9 +204,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 if rows is None:  # behind the shared buffer: read on our own
                     rows = (await self._read_ahead(ledger, position, per_read)).rows
                 if rows:
-                    for message in self._messages(rows, max(head, tail.head), caught_up=False):
+                    latest = max(head, tail.head)
+                    for message in self._messages(rows, latest, caught_up=False):
                         yield message
                     position = rows[-1][0]
+                    self._tails.metrics.lag(max(0, latest - position))
                     last_sent = time.monotonic()
                     continue
                 idle = time.monotonic() - last_sent

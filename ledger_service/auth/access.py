@@ -80,11 +80,15 @@ class Gate:
     def _refused(
         principal: Principal | None, method: str, context: Any, error: Exception
     ) -> Exception:
+        name = principal.name if principal else "anonymous"
+        peer = context.peer()
         log.warning(
             "refused %s from %s (%s): %s",
             method,
-            principal.name if principal else "anonymous",
-            context.peer(),
+            name,
+            peer,
             error,
+            # Fields of their own in JSON logs (observability/logs.py).
+            extra={"method": method, "principal": name, "peer": peer},
         )
         return error

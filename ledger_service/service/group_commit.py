@@ -51,6 +51,7 @@ class GroupCommitter:
         max_batch: int = 1000,
         max_pending: int = 10_000,
         max_wait: float = 0.003,
+        on_batch: Callable[[int], None] | None = None,
     ):
         if max_batch < 1 or max_pending < 1:
             raise ValueError("max_batch and max_pending must be >= 1")
@@ -59,6 +60,8 @@ class GroupCommitter:
         self._write = write
         self._max_batch = max_batch
         self._max_wait = max_wait
+        # Told each transaction's number of posts (the metrics, if on).
+        self._on_batch = on_batch or _ignore
         # A flusher waiting for its queue to reach a size: ledger -> (size, wake-up).
         self._gathering: dict[str, tuple[int, asyncio.Future[None]]] = {}
         # Bound on posts waiting in this process (all ledgers): beyond it new
@@ -97,6 +100,7 @@ class GroupCommitter:
         queue: deque[_Pending] = deque()
         self._queues[ledger] = queue
         log.debug("group commit: ledger %s, batch of 1", ledger)
+        self._on_batch(1)
         try:
             (outcome,) = await self._write([entry], time_left)
         finally:
@@ -155,6 +159,7 @@ class GroupCommitter:
         deadlines = [p.deadline for p in batch]
         timeout = None if None in deadlines else max(d for d in deadlines if d) - now
         log.debug("group commit: ledger %s, batch of %d", batch[0].entry.ledger, len(batch))
+        self._on_batch(len(batch))
         try:
             outcomes = await self._write([p.entry for p in batch], timeout)
         except Exception as exc:  # the batch failed as a whole (e.g. UNAVAILABLE)
@@ -169,6 +174,10 @@ class GroupCommitter:
                 p.future.set_exception(outcome)
             else:
                 p.future.set_result(outcome)
+
+
+def _ignore(size: int) -> None:
+    pass
 
 
 def _wake(future: asyncio.Future[None]) -> None:

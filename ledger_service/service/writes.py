@@ -17,6 +17,14 @@ from .ports import Blocking, NewEntryWriter, UowFactory
 
 R = TypeVar("R")
 
+# Told of each write: its kind ("group", "atomic" or "single"), its seconds,
+# and the entries it posted and replayed (the metrics, if on).
+WriteObserver = Callable[[str, float, int, int], None]
+
+
+def _unobserved(kind: str, seconds: float, posted: int, replayed: int) -> None:
+    pass
+
 
 class Writes:
     def __init__(
@@ -25,32 +33,44 @@ class Writes:
         run: Blocking,
         writer: NewEntryWriter | None,
         published: Callable[[str], None],
+        observe: WriteObserver = _unobserved,
     ) -> None:
         self._uow = uow
         self._run = run
         # Postgres: the common write from the event loop (storage/loop_writer.py).
         self._writer = writer
         self._published = published  # wakes the ledger's followers
+        self._observe = observe
 
     async def group(
         self, batch: Sequence[NewEntry], time_left: float | None
     ) -> list[use_cases.Outcome]:
         """A group commit's transaction: each entry gets its own outcome."""
+        start = time.perf_counter()
         outcomes = await self._write(use_cases.post_group, batch, time_left)
-        if any(isinstance(o, PostResult) and not o.replayed for o in outcomes):
+        results = [o for o in outcomes if isinstance(o, PostResult)]
+        posted = sum(not r.replayed for r in results)
+        self._observe("group", time.perf_counter() - start, posted, len(results) - posted)
+        if posted:
             self._published(batch[0].ledger)
         return outcomes
 
     async def atomic(self, batch: Sequence[NewEntry], time_left: float | None) -> list[PostResult]:
         """PostEntries: all of the batch, or none of it."""
+        start = time.perf_counter()
         results = await self._write(use_cases.post_atomic, batch, time_left)
-        if any(not r.replayed for r in results):
+        posted = sum(not r.replayed for r in results)
+        self._observe("atomic", time.perf_counter() - start, posted, len(results) - posted)
+        if posted:
             self._published(batch[0].ledger)
         return results
 
     async def one(self, entry: NewEntry, time_left: float | None) -> PostResult:
         """One transaction per post (without group commit)."""
+        start = time.perf_counter()
         result: PostResult = await self._run(use_cases.post_entry, self._uow, entry, time_left)
+        posted = 0 if result.replayed else 1
+        self._observe("single", time.perf_counter() - start, posted, 1 - posted)
         if not result.replayed:
             self._published(entry.ledger)
         return result

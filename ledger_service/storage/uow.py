@@ -50,6 +50,7 @@ def create_engine(
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             pool_size=pool_size,
             max_overflow=0,
+            hide_parameters=True,  # statement parameters are entry contents
         )
         _configure_sqlite(engine)
         return engine
@@ -65,6 +66,7 @@ def create_engine(
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_timeout=timeouts.answer,
+        hide_parameters=True,  # errors and logs never carry entry contents
         connect_args={"application_name": APPLICATION_NAME, **connection_params(parsed, timeouts)},
     )
 

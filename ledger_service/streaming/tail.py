@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from ..domain.errors import LedgerError, StorageUnavailable
 from ..service.ports import StoredRow
@@ -28,6 +29,25 @@ log = logging.getLogger(__name__)
 
 # read(ledger, after_sequence, limit) -> (rows, head or None)
 Reader = Callable[[str, int, int], Awaitable[tuple[list[StoredRow], int | None]]]
+
+
+class FollowerMetrics(Protocol):
+    """Where the stream loop reports following streams and their lag."""
+
+    def following(self) -> contextlib.AbstractContextManager[Any]:
+        """Held while a following stream is open."""
+        ...
+
+    def lag(self, entries: int) -> None:
+        """A live follower was just sent entries up to `entries` below the head."""
+
+
+class _Unmeasured:
+    def following(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def lag(self, entries: int) -> None:
+        pass
 
 
 @dataclass
@@ -61,6 +81,7 @@ class Tails:
         poll_interval: float,
         capacity: int = 4096,
         read_size: int = 512,
+        metrics: FollowerMetrics | None = None,
     ) -> None:
         self._read = read
         self._watcher = watcher
@@ -68,6 +89,8 @@ class Tails:
         self._capacity = capacity
         self._read_size = read_size
         self._tails: dict[str, _Tail] = {}
+        # Where the servicer's stream loop reports followers and their lag.
+        self.metrics: FollowerMetrics = metrics or _Unmeasured()
 
     @contextlib.asynccontextmanager
     async def follow(self, ledger: str, position: int) -> AsyncIterator[_Tail]:
