@@ -6,9 +6,11 @@ STAMP := $(VENV)/.installed
 GEN_DIR := clients/python/src
 PROTO := protos/ledger/v1/ledger.proto
 LEDGER ?= demo
+DIST ?= dist
 
-.PHONY: venv run test lint typecheck generate check-generated contract proto-image node-deps ts-deps pytest clean bench bench-quick
+.PHONY: venv run dist test lint typecheck generate check-generated contract proto-image node-deps ts-deps pytest clean bench bench-quick
 
+## The dev environment in .venv: the server and client editable, tools (grpcurl, buf) in .venv/bin.
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
@@ -21,15 +23,38 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 run: venv
 	$(BIN)/ledger-service migrate
 	$(BIN)/ledger-service init-counter --ledger $(LEDGER)
+	@addr=$${LEDGER_LISTEN:-127.0.0.1:50051}; printf '%s\n' '' \
+	  "Serving on $$addr (Ctrl-C stops). Try, from $(CURDIR) in another terminal:" \
+	  "  $(BIN)/grpcurl -plaintext $$addr list" \
+	  "  $(BIN)/grpcurl -plaintext -emit-defaults -d '{\"ledger\": \"$(LEDGER)\", \"idempotency_key\": \"k1\", \"debit_account\": \"cash\", \"credit_account\": \"sales\", \"amount\": \"1250\", \"asset\": \"USD\"}' $$addr ledger.v1.LedgerService/PostEntry" \
+	  "  $(BIN)/grpcurl -plaintext -emit-defaults -d '{\"ledger\": \"$(LEDGER)\"}' $$addr ledger.v1.LedgerService/StreamEntries" \
+	  "Every RPC: README.md, 'Trying it with grpcurl and buf curl'; the contract: $(PROTO); docs/." ''
 	$(BIN)/ledger-service serve
+
+## Both wheels, ledger-client and ledger-service, into $(DIST)/: `pip install
+## --find-links $(DIST) ledger-service` takes both from there (no index needed for them).
+# Each project builds in a temporary directory of its own (DIST_EXTRA_CONFIG):
+# a shared or stale build/lib would put one project's files into the other's wheel.
+dist: venv
+	@rm -f $(DIST)/ledger_client-*.whl $(DIST)/ledger_service-*.whl
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	for project in clients/python .; do \
+	  work=$$(mktemp -d "$$tmp/build.XXXX"); \
+	  printf '[build]\nbuild_base = %s\n[egg_info]\negg_base = %s\n' "$$work" "$$work" > "$$work/setup.cfg"; \
+	  DIST_EXTRA_CONFIG="$$work/setup.cfg" $(BIN)/pip wheel --quiet --no-deps --no-build-isolation \
+	    --wheel-dir $(DIST) $$project; \
+	done
+	@ls $(DIST)/ledger_client-*.whl $(DIST)/ledger_service-*.whl
 
 ## Everything CI checks: lint, types, contract, generated stubs, then the tests.
 test: venv lint typecheck contract check-generated pytest
 
+## ruff check and ruff format --check on everything.
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+## mypy, strict (files and settings in pyproject.toml).
 typecheck: venv
 	$(BIN)/mypy
 
@@ -69,6 +94,7 @@ node-deps: $(NODE_INTEROP)/node_modules/.package-lock.json
 $(NODE_INTEROP)/node_modules/.package-lock.json: $(NODE_INTEROP)/package-lock.json
 	$(call npm_ci,$(NODE_INTEROP))
 
+## The tests alone: unit, integration (Postgres, SQLite) and end-to-end.
 pytest: venv node-deps ts-deps
 	$(BIN)/pytest
 
@@ -103,8 +129,9 @@ check-generated: venv ts-deps
 	  || { echo "generated stubs are stale: run 'make generate' and commit"; rm -rf $$tmp; exit 1; }; \
 	rm -rf $$tmp
 
+## Remove the venv, caches, the embedded database, node_modules and dist/.
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache ledger.sqlite3* $(NODE_INTEROP)/node_modules $(TS_DIR)/node_modules $(TS_DIR)/dist
+	rm -rf $(VENV) $(DIST) .mypy_cache .pytest_cache .ruff_cache ledger.sqlite3* $(NODE_INTEROP)/node_modules $(TS_DIR)/node_modules $(TS_DIR)/dist
 
 BENCH_STAMP := $(VENV)/.bench-installed
 

@@ -1,5 +1,6 @@
 """Operators' tools against a real server, through reflection only: the README's
-grpcurl and buf curl lines are run exactly as written (address substituted)."""
+grpcurl and buf curl lines are run exactly as written, from the repo root
+(address substituted)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,13 @@ from ..conftest import migrated
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 README_ADDRESS = "127.0.0.1:50051"
+# The README writes the tools as `make venv` installs them, so its lines work
+# pasted in the repo root.
+README_BIN = ".venv/bin/"
 
 # What each README line must print, in order (grpcurl keeps proto field names,
-# buf curl prints lowerCamelCase JSON).
+# buf curl prints lowerCamelCase JSON). The zero values ("value": "0",
+# "created": false, ...) show only because the lines ask for -emit-defaults.
 EXPECTED = [
     [
         "ledger.v1.LedgerService",
@@ -32,15 +37,32 @@ EXPECTED = [
         "grpc.reflection.v1alpha.ServerReflection",
     ],
     ['"status": "SERVING"'],
-    ['"ledger": "demo"', '"created": true'],
-    ['"sequence": "1"', '"idempotency_key": "order-1001"', '"amount": "1250"', '"order": "1001"'],
-    ['"sequence": "2"', '"sequence": "3"', '"idempotency_key": "order-1004"'],
-    ['"asset": "USD"', '"total_debits": "1280"', '"balance": "1280"', '"as_of_sequence": "3"'],
-    ['"sequence": "1"', '"sequence": "3"', '"caught_up": true'],
-    ["ledger.v1.LedgerService/PostEntry", "ledger.v1.LedgerService/StreamEntries"],
-    ['"value": "3"'],
-    ['"sequence": "4"', '"idempotencyKey": "order-1002"'],
-    ['"totalCredits": "1379"', '"balance": "-1379"', '"asOfSequence": "4"'],
+    ['"ledger": "demo"', '"value": "0"', '"created": true'],
+    [
+        '"sequence": "1"',
+        '"idempotency_key": "order-1001"',
+        '"amount": "1250"',
+        '"order": "1001"',
+        '"replayed": false',
+    ],
+    ['"sequence": "2"', '"sequence": "3"', '"idempotency_key": "order-1004"', '"replayed": false'],
+    [
+        '"asset": "USD"',
+        '"total_debits": "1280"',
+        '"total_credits": "0"',
+        '"balance": "1280"',
+        '"as_of_sequence": "3"',
+    ],
+    ['"sequence": "1"', '"sequence": "3"', '"caught_up": true', '"heartbeat": false', '"hash": "'],
+    ['"head_sequence": "3"', '"head_hash": "', '"initialized_by": ""'],
+    [
+        "ledger.v1.LedgerService/PostEntry",
+        "ledger.v1.LedgerService/StreamEntries",
+        "ledger.v1.LedgerService/GetLedger",
+    ],
+    ['"value": "3"', '"created": false'],
+    ['"sequence": "4"', '"idempotencyKey": "order-1002"', '"replayed": false'],
+    ['"totalDebits": "0"', '"totalCredits": "1379"', '"balance": "-1379"', '"asOfSequence": "4"'],
     ['"sequence": "2"', '"sequence": "4"', '"caughtUp": true'],
 ]
 
@@ -48,16 +70,38 @@ EXPECTED = [
 SECURE_ADDRESS = "localhost:50051"
 SECURE_EXPECTED = [
     ["ledger.v1.LedgerService", "grpc.health.v1.Health"],
-    ['"ledger": "demo"', '"created": true', '"initialized_by": "ops"'],
-    ['"sequence": "1"', '"idempotency_key": "order-2001"', '"posted_by": "ops"'],
-    ['"totalDebits": "500"', '"asOfSequence": "1"'],
+    ['"ledger": "demo"', '"value": "0"', '"created": true', '"initialized_by": "ops"'],
+    [
+        '"sequence": "1"',
+        '"idempotency_key": "order-2001"',
+        '"posted_by": "ops"',
+        '"replayed": false',
+    ],
+    ['"totalDebits": "500"', '"totalCredits": "0"', '"asOfSequence": "1"'],
 ]
 
 
 def readme_examples(block: str = "examples") -> list[str]:
+    """The commands of a README block: every line but the fence, blanks and `export`."""
     text = (ROOT / "README.md").read_text()
-    lines = text.split(f"<!-- {block}:begin", 1)[1].split(f"<!-- {block}:end -->", 1)[0]
-    return [line for line in lines.splitlines() if line.startswith(("grpcurl ", "buf curl "))]
+    block_text = text.split(f"<!-- {block}:begin", 1)[1].split("-->", 1)[1]
+    lines = block_text.split(f"<!-- {block}:end -->", 1)[0]
+    commands = [
+        line
+        for line in lines.splitlines()
+        if line.strip() and not line.startswith(("```", "export "))
+    ]
+    for command in commands:
+        assert command.startswith(README_BIN), f"not runnable as pasted: {command}"
+    return commands
+
+
+def tool_argv(command: str) -> list[str]:
+    argv = shlex.split(command)
+    # The README's .venv/bin is this interpreter's bin when pytest runs from
+    # .venv, as `make test` does; from another venv, that venv's tools.
+    argv[0] = str(BIN / argv[0].removeprefix(README_BIN))
+    return argv
 
 
 @pytest.fixture
@@ -67,9 +111,8 @@ def fresh_server(tmp_path: Path) -> Iterator[ServerProcess]:
 
 
 def run(command: str, server: ServerProcess) -> subprocess.CompletedProcess[str]:
-    argv = shlex.split(command.replace(README_ADDRESS, server.address))
-    argv[0] = str(BIN / argv[0])
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    argv = tool_argv(command.replace(README_ADDRESS, server.address))
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
 def test_readme_grpcurl_and_buf_curl_examples_work_as_written(fresh_server: ServerProcess) -> None:
@@ -102,9 +145,10 @@ def test_readme_token_and_tls_examples_work_as_written(tmp_path: Path) -> None:
     with ServerProcess(url, extra_args=args) as server:
         for command, expected in zip(examples, SECURE_EXPECTED, strict=True):
             line = command.replace(SECURE_ADDRESS, f"localhost:{server.port}")
-            argv = shlex.split(line.replace("$LEDGER_TOKEN", token))
-            argv[0] = str(BIN / argv[0])
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+            # ca.pem is in the repo root for a reader; this test keeps it in tmp_path.
+            line = line.replace(" ca.pem ", f" {tmp_path / 'ca.pem'} ")
+            argv = tool_argv(line.replace("$LEDGER_TOKEN", token))
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
             assert result.returncode == 0, f"{command}\n{result.stderr}"
             for fragment in expected:
                 assert fragment in result.stdout, f"{command}\n{result.stdout}"
@@ -119,7 +163,8 @@ def test_grpcurl_reads_the_error_info_of_a_post_before_initialize(
         ' "credit_account": "b", "amount": "1", "asset": "USD"}'
     )
     result = run(
-        f"grpcurl -plaintext -d '{request}' {README_ADDRESS} ledger.v1.LedgerService/PostEntry",
+        f"{README_BIN}grpcurl -plaintext -d '{request}' {README_ADDRESS}"
+        " ledger.v1.LedgerService/PostEntry",
         fresh_server,
     )
     assert result.returncode != 0
@@ -131,7 +176,8 @@ def test_grpcurl_reads_the_error_info_of_a_post_before_initialize(
 
 def test_grpcurl_describes_the_contract_through_reflection(fresh_server: ServerProcess) -> None:
     result = run(
-        f"grpcurl -plaintext {README_ADDRESS} describe ledger.v1.PostEntryRequest", fresh_server
+        f"{README_BIN}grpcurl -plaintext {README_ADDRESS} describe ledger.v1.PostEntryRequest",
+        fresh_server,
     )
     assert result.returncode == 0, result.stderr
     assert "int64 amount = 6;" in result.stdout
