@@ -277,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             state = "created" if counter.created else "already existed"
             print(f"ledger {counter.ledger}: counter {state}, value {counter.value}")
         elif args.command == "verify":
-            # One connection for the ledger list and totals, one per range.
+            # One connection for the ledger list, one per range, one for the totals.
             engine = create_engine(
-                settings.database_url, pool_size=verify.WORKERS + 1, timeouts=timeouts
+                settings.database_url, pool_size=verify.WORKERS + 2, timeouts=timeouts
             )
             ledgers = None if args.all else [validate_ledger(args.ledger)]
             try:
