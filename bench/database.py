@@ -58,45 +58,57 @@ def check_gap_free(url: str, ledger: str) -> None:
 
 
 def seed(url: str, ledger: str, n: int) -> None:
-    """n entries straight into the tables, stored encodings included (posting a
+    """n entries straight into the tables, stored encodings, hash chain and
+    account totals included, so that the ledger verifies clean (posting a
     million through the API would measure the write path again, not the
-    stream)."""
+    stream or `verify`)."""
     import psycopg
 
     from ledger_service.api import wire
+    from ledger_service.domain.chain import GENESIS, body_of, chain_hash, hash_field
     from ledger_service.domain.validation import validate_new_entry
 
     conninfo = libpq_conninfo(sa.make_url(url))
+    start_micros = 1_764_633_600_000_000  # one entry per microsecond from here
+    previous = GENESIS
     with psycopg.connect(conninfo) as conn:
         for start in range(1, n + 1, 50_000):
             sequences = list(range(start, min(n, start + 49_999) + 1))
-            payloads = [
-                wire.payload(
-                    validate_new_entry(
-                        ledger=ledger,
-                        idempotency_key=f"seed-{s}",
-                        debit_account="cash",
-                        credit_account="sales",
-                        amount=1 + s % 1000,
-                        asset="USD",
-                        entry_type="sale",
-                        description="seeded entry",
-                        metadata={"order": "42"},
-                    )
+            payloads, hashes = [], []
+            for s in sequences:
+                entry = validate_new_entry(
+                    ledger=ledger,
+                    idempotency_key=f"seed-{s}",
+                    debit_account="cash",
+                    credit_account="sales",
+                    amount=1 + s % 1000,
+                    asset="USD",
+                    entry_type="sale",
+                    description="seeded entry",
+                    metadata={"order": "42"},
                 )
-                for s in sequences
-            ]
+                previous = chain_hash(previous, s, start_micros + s, body_of(entry))
+                hashes.append(previous)
+                payloads.append(wire.payload(entry) + hash_field(previous))
             conn.execute(
                 "INSERT INTO ledger_entries (ledger, sequence, idempotency_key, debit_account,"
                 " credit_account, amount, asset, entry_type, description, metadata, created_at,"
-                " wire)"
+                " wire, hash)"
                 " SELECT %(l)s, t.s, 'seed-' || t.s, 'cash', 'sales', 1 + t.s %% 1000, 'USD',"
-                " 'sale', 'seeded entry', '{\"order\": \"42\"}'::jsonb, clock_timestamp(), t.w"
-                " FROM unnest(%(s)b::bigint[], %(w)b::bytea[]) AS t(s, w)",
-                {"l": ledger, "s": sequences, "w": payloads},
+                " 'sale', 'seeded entry', '{\"order\": \"42\"}'::jsonb,"
+                " TIMESTAMPTZ 'epoch' + (%(t)s + t.s) * INTERVAL '1 microsecond', t.w, t.h"
+                " FROM unnest(%(s)b::bigint[], %(w)b::bytea[], %(h)b::bytea[]) AS t(s, w, h)",
+                {"l": ledger, "s": sequences, "w": payloads, "h": hashes, "t": start_micros},
             )
+        total = sum(1 + s % 1000 for s in range(1, n + 1))
         conn.execute(
-            "INSERT INTO ledger_counters (ledger, value, created_at) VALUES (%s, %s, now())",
-            (ledger, n),
+            "INSERT INTO ledger_counters (ledger, value, created_at, head_hash)"
+            " VALUES (%s, %s, now(), %s)",
+            (ledger, n, previous),
+        )
+        conn.execute(
+            "INSERT INTO ledger_account_totals VALUES (%s, 'cash', 'USD', %s, 0),"
+            " (%s, 'sales', 'USD', 0, %s)",
+            (ledger, total, ledger, total),
         )
         conn.execute("ANALYZE ledger_entries")

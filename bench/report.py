@@ -20,6 +20,8 @@ from ledger_service.storage.uow import create_engine
 SERVER_NAMES = {
     "ledger": "this server (group commit)",
     "secured": "the same with tokens and TLS",
+    "metrics": "the same with --metrics-listen",
+    "unchained": "the same without its hash chain",
     "unbatched": A_PRIME,
     "plain": A,
     "sequence": B,
@@ -94,7 +96,10 @@ def write_report(result: dict[str, Any], out_dir: Path, md_path: Path, png_path:
         "",
         *textwrap.wrap(
             "Scenario names: `post_<server>_<callers>` is PostEntry, one entry per call,"
-            f" where `ledger` is this service (group commit); `plain` the {A}, doing one"
+            f" where `ledger` is this service (group commit), `secured` the same with tokens"
+            " and TLS, `metrics` the same with `--metrics-listen`, `unchained` the same without"
+            " its hash chain (bench/unchained.py: the write statement before the chain);"
+            f" `plain` the {A}, doing one"
             " transaction per call the obvious way, the counter row locked from its bump to"
             f" the commit; `unbatched` {A_PRIME} (`--no-group-commit`), one transaction per"
             f" call through its own one-statement write; `sequence` a {B}; `noop` {C}."
@@ -105,7 +110,8 @@ def write_report(result: dict[str, Any], out_dir: Path, md_path: Path, png_path:
             " the start (`one_per_message` is the server with `--stream-batch 1`);"
             " `live_tail_16` is the delay from a post's acknowledgement to its arrival at"
             " each of 16 followers while a writer posts at half the 16-caller rate (its"
-            " entries/s: the rate it achieved).",
+            " entries/s: the rate it achieved); `verify_ledger` is `ledger-service verify`"
+            " of the seeded ledger: numbers, hash chain and account totals.",
             width=84,
             break_on_hyphens=False,
         ),
@@ -128,11 +134,12 @@ def chart(medians: dict[str, dict[str, float]], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     callers = [1, 16, 64]
-    width = 0.16
+    width = 0.96 / len(POST_MODES)
     for i, mode in enumerate(POST_MODES):
         values = [medians[f"post_{mode}_{c}"]["entries_per_s"] for c in callers]
         left.bar([x + i * width for x in range(3)], values, width, label=SERVER_NAMES[mode])
-    left.set_xticks([x + 2 * width for x in range(3)], [f"{c} callers" for c in callers])
+    middle = (len(POST_MODES) - 1) / 2 * width
+    left.set_xticks([x + middle for x in range(3)], [f"{c} callers" for c in callers])
     left.set_ylabel("entries/s")
     left.set_title("PostEntry, one entry per call")
     # Below the bars: the servers' names are too long to sit over them.

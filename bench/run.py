@@ -21,7 +21,9 @@ against baselines measured in the same run (bench/targets.py, bench/report.py):
       round trip, autocommit), the database ceiling
 
 and this server with tokens and TLS against the same without: the cost of
-authentication, roles and encryption on every call.
+authentication, roles and encryption on every call; and with --metrics-listen
+against the same without: the cost of recording the metrics; and without
+the hash chain (bench/unchained.py) against the same with: its cost.
 
 Full run: docs/BENCHMARKS.md, docs/benchmarks.png, bench/results/latest.json.
 --quick: one repetition of short runs into bench/results/quick/ (a smoke test).

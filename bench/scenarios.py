@@ -17,13 +17,23 @@ from typing import Any
 from bench import ROOT
 from bench.database import bench_database, check_gap_free, seed
 from bench.load import planned_posts
+from ledger_service.integrity import verify
 from ledger_service.storage import migrate
 from ledger_service.storage.uow import create_engine
 from ledger_service.testing import ServerProcess
 
 # PostEntry servers, in the order of the tables and the chart.
-POST_MODES = ("ledger", "secured", "unbatched", "plain", "sequence", "noop")
-GAP_FREE = ("ledger", "secured", "unbatched", "plain")
+POST_MODES = (
+    "ledger",
+    "secured",
+    "metrics",
+    "unchained",
+    "unbatched",
+    "plain",
+    "sequence",
+    "noop",
+)
+GAP_FREE = ("ledger", "secured", "metrics", "unchained", "unbatched", "plain")
 
 
 def load(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -109,6 +119,12 @@ def run(quick: bool) -> dict[str, Any]:
         pool = ["--pool-size", "8"]
         servers: dict[str, ServerProcess] = {
             "ledger": ServerProcess(url, extra_args=pool),
+            # The same with its metrics recorded (and served, unscraped).
+            "metrics": ServerProcess(url, extra_args=[*pool, "--metrics-listen", "127.0.0.1:0"]),
+            # The same without its hash chain (bench/unchained.py): what the chain costs.
+            "unchained": ServerProcess(
+                url, command=[sys.executable, "-m", "bench.unchained", "serve", *pool]
+            ),
             "unbatched": ServerProcess(url, extra_args=[*pool, "--no-group-commit"]),
             "one_per_message": ServerProcess(url, extra_args=[*pool, "--stream-batch", "1"]),
         }
@@ -142,11 +158,13 @@ def run(quick: bool) -> dict[str, Any]:
             ledger = new_ledger(servers["ledger"], "db")
             specs = timed(split(16, 2), kind="db", url=url, ledger=ledger, size=1)
             record("db_single_16", summarize(load(specs)))
-            for size in (100, 1000):
+            for size, mode in ((100, "ledger"), (1000, "ledger"), (1000, "unchained")):
                 ledger = new_ledger(servers["ledger"], "batch")
-                address = servers["ledger"].address
+                address = servers[mode].address
                 specs = timed([2, 2], kind="post", address=address, ledger=ledger, batch=size)
-                record(f"post_entries_{size}", summarize(load(specs)))
+                suffix = "" if mode == "ledger" else f"_{mode}"
+                record(f"post_entries_{size}{suffix}", summarize(load(specs)))
+                check_gap_free(url, ledger)
             ledger = new_ledger(servers["ledger"], "db")
             specs = timed([2, 2], kind="db", url=url, ledger=ledger, size=1000)
             record("db_batch_1000", summarize(load(specs)))
@@ -163,6 +181,7 @@ def run(quick: bool) -> dict[str, Any]:
                 )
                 assert r["entries"] == limit, r
                 record(f"catch_up_{mode}", {"entries_per_s": r["entries"] / r["seconds"]})
+            record("verify_ledger", verify_rate(url, catchup_ledger, catchup_n))
             rate = 0.5 * samples["post_ledger_16"][-1]["entries_per_s"]
             record("live_tail_16", live_tail(servers["ledger"], rate, duration))
 
@@ -203,6 +222,20 @@ def _baseline_server(url: str, mode: str) -> ServerProcess:
     return ServerProcess(
         url, command=[sys.executable, "-m", "bench.servers", "--mode", mode, "--pool-size", "8"]
     )
+
+
+def verify_rate(url: str, ledger: str, n: int) -> dict[str, float]:
+    """`ledger-service verify` of the seeded ledger (chain, numbers, totals),
+    as the command runs it, minus process start."""
+    engine = create_engine(url, pool_size=verify.WORKERS + 2)
+    try:
+        started = time.perf_counter()
+        problems = list(verify.verify(engine, [ledger]))
+        seconds = time.perf_counter() - started
+    finally:
+        engine.dispose()
+    assert not problems, problems[:5]
+    return {"entries_per_s": n / seconds}
 
 
 def live_tail(server: ServerProcess, rate: float, duration: float) -> dict[str, float]:

@@ -26,6 +26,27 @@ TARGETS = [
         "x",
     ),
     (
+        "PostEntry @64 with --metrics-listen vs without",
+        "post_metrics_64",
+        "post_ledger_64",
+        0.97,
+        "x",
+    ),
+    (
+        "PostEntry @64 with the hash chain vs without",
+        "post_ledger_64",
+        "post_unchained_64",
+        0.95,
+        "x",
+    ),
+    (
+        "PostEntries 1000 with the hash chain vs without",
+        "post_entries_1000",
+        "post_entries_1000_unchained",
+        0.90,
+        "x",
+    ),
+    (
         f"PostEntries 1000 vs {D}, 1000 per statement, its ceiling",
         "post_entries_1000",
         "db_batch_1000",
@@ -34,6 +55,13 @@ TARGETS = [
     ),
     ("StreamEntries catch-up, entries/s", "catch_up_ledger", None, 100_000, "/s"),
     ("Catch-up vs one entry per message", "catch_up_ledger", "catch_up_one_per_message", 5.0, "x"),
+    (
+        "ledger-service verify over the seeded ledger, entries/s",
+        "verify_ledger",
+        None,
+        200_000,
+        "/s",
+    ),
 ]
 
 # Ratios reported beside the targets, without a threshold of their own.
