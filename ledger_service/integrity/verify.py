@@ -61,9 +61,13 @@ _CHECK_PAGE_PG = f"""
     WITH page AS (
         SELECT sequence, hash,
                '\\x01'::BYTEA || int8send(sequence)
-               || int8send(CAST(EXTRACT(EPOCH FROM created_at) * 1000000 AS BIGINT))
-               || {_text("ledger")} || {_text("idempotency_key")}
-               || int4send(1) || {_text("debit_account")} || {_text("credit_account")}
+               -- Microseconds since the epoch, exactly, without numeric
+               -- arithmetic: whole seconds, then the microseconds within.
+               || int8send(date_part('epoch', date_trunc('second', created_at))::BIGINT
+                           * 1000000 + date_part('microseconds', created_at)::BIGINT %% 1000000)
+               -- The WHERE clause fixes the ledger: its bytes are the parameter's.
+               || %(ledger_text)s::BYTEA || {_text("idempotency_key")}
+               || '\\x00000001'::BYTEA || {_text("debit_account")} || {_text("credit_account")}
                || int8send(amount) || {_text("asset")}
                || {_text("entry_type")} || {_text("description")}
                || CASE jsonb_array_length(pairs)
@@ -83,16 +87,16 @@ _CHECK_PAGE_PG = f"""
         LIMIT %(limit)s
     ), checked AS (
         SELECT sequence, hash,
-               COALESCE(lag(sequence) OVER w, %(after)s) AS previous,
+               lag(sequence, 1, %(after)s::BIGINT) OVER w AS previous,
                hash IS NOT DISTINCT FROM
-                   sha256(COALESCE(lag(hash) OVER w, %(previous_hash)s) || canonical) AS chained,
-               lead(sequence) OVER w IS NULL AS last
+                   sha256(lag(hash, 1, %(previous_hash)s::BYTEA) OVER w || canonical) AS chained
         FROM page
         WINDOW w AS (ORDER BY sequence)
     )
     SELECT sequence, hash, previous, chained FROM checked
-    WHERE NOT chained OR previous <> sequence - 1 OR last
-    ORDER BY sequence
+    WHERE NOT chained OR previous <> sequence - 1
+    UNION ALL  -- and last, the page's last entry: where the next page starts
+    (SELECT sequence, hash, sequence - 1, true FROM page ORDER BY sequence DESC LIMIT 1)
 """
 
 
@@ -151,10 +155,13 @@ def _ledger(
             yield Problem(ledger, f"entry {start} missing: cannot start the chain after it")
             return
         start_hash = stored.hash
+    conn.rollback()  # idle while the ranges run: no transaction left open
     # Each range is checked from the last stored entry before it, so a
     # range's check needs nothing from the others: they can run at once.
+    # Entries 1..head were committed before the counter said head; those
+    # above it may be posts made while this runs (see _beyond_the_counter).
     n = workers if in_sql and head - start > 2 * PAGE else 1
-    cuts = [start + (head - start) * i // n for i in range(n)] + [_NO_END]
+    cuts = [start + (head - start) * i // n for i in range(n)] + [head]
     counted = _Counter(ledger, head - start, progress)
     pages = _pages_pg if in_sql else _pages_python
 
@@ -184,14 +191,28 @@ def _ledger(
             last, last_hash = r.last
     if last < head:
         yield Problem(ledger, _missing(last + 1, head))
-    elif last > head:
-        yield Problem(ledger, f"entries up to {last} stored, beyond the counter's {head}")
+    beyond = _beyond_the_counter(conn, ledger)
+    if beyond is not None:
+        yield Problem(ledger, beyond)
     if last == head and (counter.head_hash or GENESIS) != last_hash:
         yield Problem(ledger, f"head hash differs from entry {head}'s hash")
     yield from (Problem(ledger, p) for p in totals_problems)
 
 
-_NO_END = 2**63 - 1
+def _beyond_the_counter(conn: Connection, ledger: str) -> str | None:
+    """Entries numbered above the counter: the highest entry and the counter
+    read in ONE statement, so posts made meanwhile are not mistaken for it."""
+    highest = (
+        sa.select(sa.func.max(entries.c.sequence))
+        .where(entries.c.ledger == ledger)
+        .scalar_subquery()
+    )
+    value = sa.select(counters.c.value).where(counters.c.ledger == ledger).scalar_subquery()
+    top, counted = conn.execute(sa.select(highest, value)).one()
+    conn.rollback()
+    if top is None or counted is None or top <= counted:
+        return None
+    return f"entries up to {top} stored, beyond the counter's {counted}"
 
 
 @dataclass
@@ -256,8 +277,8 @@ def _pages_pg(
     raw = conn.connection.driver_connection
     assert raw is not None
     raw.execute("SET client_encoding = 'UTF8'")  # textsend() gives the bytes as stored
-    # A page's window (about 250 bytes a row) then stays in memory, not a
-    # temporary file: a tenth faster, and still bounded per connection.
+    # A page (about 250 bytes a row) then stays in memory, not a temporary
+    # file: a tenth faster, and still bounded per connection.
     raw.execute("SET work_mem = '64MB'")
     while True:
         params = {
@@ -266,13 +287,14 @@ def _pages_pg(
             "through": through,
             "limit": PAGE,
             "previous_hash": previous_hash,
+            "ledger_text": len(ledger.encode()).to_bytes(4, "big") + ledger.encode(),
         }
         with raw.cursor() as cursor:
             rows = cursor.execute(_CHECK_PAGE_PG, params).fetchall()
         if not rows:
             return
         problems = []
-        for sequence, entry_hash, previous, chained in rows:
+        for sequence, entry_hash, previous, chained in sorted(rows[:-1], key=lambda row: row[0]):
             if previous != sequence - 1:
                 # What chained to the missing entries is gone: the chain resumes here.
                 problems.append(_missing(previous + 1, sequence - 1))

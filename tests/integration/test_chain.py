@@ -4,6 +4,8 @@ older entries, and checked by `verify`, which names each kind of damage."""
 
 from __future__ import annotations
 
+import io
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,7 +18,8 @@ from ledger.v1 import ledger_pb2
 from ledger_client import integrity
 from sqlalchemy.engine import Engine
 
-from ledger_service.integrity.verify import verify
+from ledger_service.domain.entries import PostResult
+from ledger_service.integrity.verify import run, verify
 from ledger_service.service import use_cases
 from ledger_service.storage import migrate
 from ledger_service.storage.numbering import as_utc
@@ -384,3 +387,75 @@ def test_the_migration_chains_the_entries_written_before_it(db_url: str, tmp_pat
     else:
         with throwaway_pg_database("old", migrate_it=False) as url:
             at_0002(url)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_command_prints_problems_and_shows_progress_on_a_terminal(
+    engine: Engine, books: str
+) -> None:
+    out, err = io.StringIO(), _Terminal()
+    assert run(engine, [books], out=out, err=err) == 0
+    assert out.getvalue() == ""
+    assert f"\r{books}: 10 of 10 (100%) entries" in err.getvalue()
+    assert err.getvalue().endswith("verify: the books hold\n")
+    _execute(engine, sa.update(entries).where(_entry(books, 5)).values(entry_type="edited"))
+    out, quiet = io.StringIO(), io.StringIO()  # not a terminal: no progress
+    assert run(engine, [books], out=out, err=quiet) == 1
+    assert out.getvalue() == f"{books}: entry 5: hash mismatch\n"
+    assert quiet.getvalue() == "verify: 1 problem(s)\n"
+
+
+def test_verify_while_entries_are_posted_finds_nothing(
+    uow: Any, engine: Engine, ledger: str
+) -> None:
+    """Entries committed while verify runs are above the counter it read:
+    they are not "beyond the counter", and the chain up to it holds."""
+    use_cases.initialize_counter(uow, ledger)
+    for i in range(20):
+        use_cases.post_entry(uow, make_entry(ledger, f"before-{i}"))
+    stop = threading.Event()
+    posted: list[PostResult] = []
+
+    def post() -> None:
+        while not stop.is_set() and len(posted) < 5000:
+            posted.append(use_cases.post_entry(uow, make_entry(ledger, f"during-{len(posted)}")))
+
+    writer = threading.Thread(target=post)
+    writer.start()
+    try:
+        runs = [_problems(engine, ledger) for _ in range(8)]
+    finally:
+        stop.set()
+        writer.join(60)
+    assert posted, "the writer posted nothing while verify ran"
+    assert runs == [[]] * 8
+    assert _problems(engine, ledger) == []
+
+
+def test_a_write_without_a_hash_is_refused_on_postgres(pg_url: str, ledger: str) -> None:
+    """What a server older than the chain would write after the migration."""
+    engine = create_engine(pg_url, pool_size=1)
+    try:
+        refused = pytest.raises(sa.exc.IntegrityError, match="ck_ledger_entries_hash_present")
+        with refused, engine.begin() as conn:
+            conn.execute(
+                sa.insert(entries).values(
+                    ledger=ledger,
+                    sequence=1,
+                    idempotency_key="old-server",
+                    debit_account="a",
+                    credit_account="b",
+                    amount=1,
+                    asset="USD",
+                    entry_type="",
+                    description="",
+                    metadata={},
+                    created_at=datetime.now(UTC),
+                )
+            )
+    finally:
+        engine.dispose()
