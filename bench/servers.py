@@ -47,9 +47,10 @@ _INSERT_WITH_SEQUENCE = sa.text(
     """
     INSERT INTO bench_seq_entries (
         ledger, sequence, idempotency_key, debit_account, credit_account, amount, asset,
-        entry_type, description, metadata, created_at)
+        entry_type, description, metadata, created_at, hash)
     VALUES (:ledger, nextval('bench_seq'), :idempotency_key, :debit_account, :credit_account,
-            :amount, :asset, :entry_type, :description, CAST(:metadata AS JSONB), clock_timestamp())
+            :amount, :asset, :entry_type, :description, CAST(:metadata AS JSONB), clock_timestamp(),
+            ''::BYTEA)
     RETURNING sequence, created_at
     """
 )
@@ -73,9 +74,10 @@ _PLAIN_INSERT = sa.text(
     """
     INSERT INTO ledger_entries (
         ledger, sequence, idempotency_key, debit_account, credit_account, amount, asset,
-        entry_type, description, metadata, created_at)
+        entry_type, description, metadata, created_at, hash)
     VALUES (:ledger, :sequence, :idempotency_key, :debit_account, :credit_account,
-            :amount, :asset, :entry_type, :description, CAST(:metadata AS JSONB), :created_at)
+            :amount, :asset, :entry_type, :description, CAST(:metadata AS JSONB), :created_at,
+            ''::BYTEA)
     """
 )
 

@@ -3,7 +3,8 @@ chain, run side by side with the real one in the same bench run.
 
 `python -m bench.unchained serve --database-url URL --listen ADDR ...` is
 `ledger-service serve` whose write statement is the one before the chain
-(no canonical bytes made, no hashes computed or stored). It gives the same
+(no canonical bytes made, no hashes computed; an empty one stored, which
+the schema's check against servers older than the chain asks for). It gives the same
 numbers (1..N, checked after each run); its entries have no hash, so it is
 never a product mode, only this baseline.
 """
@@ -41,11 +42,12 @@ UNCHAINED = f"""
     ), ins AS (
         INSERT INTO ledger_entries (
             ledger, sequence, idempotency_key, debit_account, credit_account,
-            amount, asset, entry_type, description, metadata, created_at, wire, posted_by)
+            amount, asset, entry_type, description, metadata, created_at, wire, posted_by,
+            hash)
         SELECT %(ledger)s::TEXT, bump.value - %(n)s + t.ord, t.idempotency_key, t.debit_account,
                t.credit_account, t.amount, t.asset, COALESCE(t.entry_type, ''),
                COALESCE(t.description, ''), CAST(COALESCE(NULLIF(t.metadata, ''), '{{}}') AS JSONB),
-               bump.at, t.wire, COALESCE(t.posted_by, '')
+               bump.at, t.wire, COALESCE(t.posted_by, ''), ''::BYTEA
         FROM bump, unnest(
             string_to_array(%(idempotency_keys)s::TEXT, chr(31)),
             string_to_array(%(debit_accounts)s::TEXT, chr(31)),

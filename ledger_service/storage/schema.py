@@ -44,7 +44,8 @@ entries = sa.Table(
     # The principal that posted it; "" when auth was off.
     sa.Column("posted_by", sa.String(64), nullable=False, server_default=""),
     # SHA-256 over the previous entry's hash and this one's canonical bytes
-    # (docs/integrity.md); NULL only for rows restored without one.
+    # (docs/integrity.md). Postgres refuses NULL (ck_ledger_entries_hash_present,
+    # migration 0003); on SQLite NULL marks a row restored without one.
     sa.Column("hash", sa.LargeBinary, nullable=True),
     # ledger.v1.Entry encoding without sequence and created_at, hash included
     # (api/wire.py); NULL for rows written by other means, encoded when read.

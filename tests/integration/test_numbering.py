@@ -66,6 +66,7 @@ def test_counter_is_seeded_from_existing_entries(uow: Any, engine: Engine, ledge
                     description="",
                     metadata={},
                     created_at=sa.func.current_timestamp(),
+                    hash=bytes(32),  # restored rows carry theirs (Postgres requires one)
                 )
             )
     counter = use_cases.initialize_counter(uow, ledger)

@@ -55,10 +55,21 @@ def upgrade() -> None:
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(LEDGER_CHAIN)
     _chain_existing(conn)
+    if conn.dialect.name == "postgresql":
+        # A server of an older version still running after this migration
+        # (a rolling deploy) would insert entries without a hash and leave
+        # the head behind: a break no later write could mend. Its writes
+        # fail instead, and are retried on the new servers. NOT VALID: the
+        # rows were all just chained, no need to scan them again.
+        op.execute(
+            "ALTER TABLE ledger_entries ADD CONSTRAINT ck_ledger_entries_hash_present"
+            " CHECK (hash IS NOT NULL) NOT VALID"
+        )
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
+        op.execute("ALTER TABLE ledger_entries DROP CONSTRAINT ck_ledger_entries_hash_present")
         op.execute("DROP FUNCTION IF EXISTS ledger_chain(BYTEA, BIGINT, BIGINT, BYTEA[])")
     # Entries' stored encodings keep their hash field: a reader ignores it.
     op.drop_column("ledger_counters", "head_hash")
