@@ -87,7 +87,9 @@ def ledger_to_proto(counter: Counter) -> ledger_pb2.GetLedgerResponse:
     response = ledger_pb2.GetLedgerResponse(
         ledger=counter.ledger,
         head_sequence=counter.value,
-        head_hash=counter.head_hash or GENESIS,
+        # No entry yet: the chain's start. Entries restored without their
+        # hashes: none to give, rather than a start that would not verify.
+        head_hash=counter.head_hash or (GENESIS if counter.value == 0 else b""),
         initialized_by=counter.initialized_by,
     )
     if counter.initialized_at is not None:

@@ -81,8 +81,9 @@ _LONGEST_LEDGER = 100
 class CallLog:
     """Logs a failed call, or one slower than `slow_seconds` (0: none), in one
     line with its method, ledger, principal, status and duration. Never a
-    token or an entry's contents: only the request's ledger is read, and an
-    error's message (which names fields and keys, never their values)."""
+    token, an amount, a description or a metadata value: only the request's
+    ledger is read, and an error's message, which may name fields, metadata
+    keys and the idempotency key in question, not the entry's contents."""
 
     def __init__(self, slow_seconds: float = 0.0) -> None:
         self.slow_seconds = slow_seconds if slow_seconds > 0 else math.inf

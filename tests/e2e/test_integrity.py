@@ -53,6 +53,13 @@ def test_the_client_verifies_every_entry_and_getledger_gives_the_head(
             )
         assert broken.value.sequence == 11
         assert "entry 11: hash mismatch" in str(broken.value)
+        # After an entry not yet posted there is nothing to anchor on.
+        with pytest.raises(integrity.ChainBroken) as ahead:
+            list(client.stream_entries(ledger, after_sequence=26, verify=True))
+        assert (ahead.value.sequence, ahead.value.problem) == (
+            26,
+            "not in the ledger: cannot start after it",
+        )
 
     async def follow() -> list[int]:
         async with AsyncLedgerClient(server.address) as client:

@@ -414,6 +414,8 @@ class LedgerClient(_ClientBase):
             for entry in message.entries:
                 if check is None or check.accept(entry):
                     yield entry
+            if check is not None and message.caught_up:
+                check.caught_up(ledger)
 
     def get_ledger(self, ledger: str) -> ledger_pb2.GetLedgerResponse:
         """The ledger's head number and head hash, to anchor the chain."""
@@ -535,6 +537,8 @@ class AsyncLedgerClient(_ClientBase):
                 for entry in message.entries:
                     if check is None or check.accept(entry):
                         yield entry
+                if check is not None and message.caught_up:
+                    check.caught_up(ledger)
 
     async def get_ledger(self, ledger: str) -> ledger_pb2.GetLedgerResponse:
         """As LedgerClient.get_ledger."""

@@ -193,6 +193,13 @@ class StreamCheck:
             None if self._anchor else ChainVerifier(after_sequence, previous_hash or None)
         )
 
+    def caught_up(self, ledger: str) -> None:
+        """The stream reached the head: if that was before entry N, there is
+        nothing to start after (without verify the server would have said
+        OUT_OF_RANGE), and nothing that follows may be trusted in its place."""
+        if self._verifier is None:
+            raise ChainBroken(ledger, self._anchor, "not in the ledger: cannot start after it")
+
     def accept(self, entry: ledger_pb2.Entry) -> bool:
         """Whether to yield `entry`; raises ChainBroken unless it chains."""
         if self._verifier is None:
