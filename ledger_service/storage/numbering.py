@@ -69,15 +69,14 @@ TAKE_AND_INSERT_PG = f"""
         WHERE ledger = %(ledger)s::TEXT AND (SELECT count(*) FROM totals) = %(n_totals)s
         FOR NO KEY UPDATE
     ), chain AS (
-        SELECT h.value + %(n)s AS value, h.at,
-               ledger_chain(h.head_hash, h.value + 1,
-                            CAST(EXTRACT(EPOCH FROM h.at) * 1000000 AS BIGINT),
-                            %(bodies)b::BYTEA[]) AS hashes
-        FROM (SELECT value, head_hash, clock_timestamp() AS at FROM head OFFSET 0) AS h
+        SELECT h.value + %(n)s AS value, h.at, m.micros,
+               ledger_chain(h.head_hash, h.value + 1, m.micros, %(bodies)b::BYTEA[]) AS hashes
+        FROM (SELECT value, head_hash, clock_timestamp() AS at FROM head OFFSET 0) AS h,
+             LATERAL (SELECT CAST(EXTRACT(EPOCH FROM h.at) * 1000000 AS BIGINT) AS micros) AS m
     ), bump AS (
         UPDATE ledger_counters SET value = chain.value, head_hash = chain.hashes[%(n)s]
         FROM chain WHERE ledger = %(ledger)s::TEXT
-        RETURNING chain.value, chain.at, chain.hashes
+        RETURNING chain.value, chain.at, chain.micros, chain.hashes
     ), ins AS (
         INSERT INTO ledger_entries (
             ledger, sequence, idempotency_key, debit_account, credit_account,
@@ -103,7 +102,7 @@ TAKE_AND_INSERT_PG = f"""
                                asset, entry_type, description, metadata, wire, posted_by,
                                hash, ord)
     )
-    SELECT bump.value, CAST(EXTRACT(EPOCH FROM bump.at) * 1000000 AS BIGINT),
+    SELECT bump.value, bump.micros,
            (SELECT string_agg(h, ''::BYTEA ORDER BY o)
             FROM unnest(bump.hashes) WITH ORDINALITY AS u(h, o))
     FROM bump CROSS JOIN (
