@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from time import perf_counter
 from types import SimpleNamespace
 from typing import Any, NamedTuple, NoReturn, Protocol, TypeAlias, cast
@@ -146,25 +147,27 @@ def to_rpc_status(exc: LedgerError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """How a call failed, as map_errors saw it: what its observers record."""
+
+    request: Any
+    principal: str
+    peer: str
+    status: str  # the gRPC status code's name
+    reason: str  # the ErrorInfo reason
+    seconds: float
+    error: BaseException
+    logged: bool = False  # logged already where it was decided (auth refusals)
+    unexpected: bool = False  # a bug
+
+
 class CallReport(Protocol):
     """Where one method's calls report how they ended (observability/calls.py)."""
 
     def ok(self, request: Any, principal: str, seconds: float) -> None: ...
 
-    def failed(
-        self,
-        request: Any,
-        principal: str,
-        peer: str,
-        status: str,
-        reason: str,
-        seconds: float,
-        error: BaseException,
-        *,
-        logged: bool = False,
-        unexpected: bool = False,
-    ) -> None:
-        """`logged`: logged already (auth refusals); `unexpected`: a bug."""
+    def failed(self, failure: Failure) -> None: ...
 
     def ended(self, request: Any, principal: str, status: str, seconds: float) -> None:
         """Ended without an answer of ours: cancelled by the caller, or aborted."""
@@ -180,21 +183,9 @@ class _Unobserved:
     def ok(self, request: Any, principal: str, seconds: float) -> None:
         pass
 
-    def failed(
-        self,
-        request: Any,
-        principal: str,
-        peer: str,
-        status: str,
-        reason: str,
-        seconds: float,
-        error: BaseException,
-        *,
-        logged: bool = False,
-        unexpected: bool = False,
-    ) -> None:
-        if unexpected:
-            log.error("unexpected error", exc_info=error)
+    def failed(self, failure: Failure) -> None:
+        if failure.unexpected:
+            log.error("unexpected error", exc_info=failure.error)
 
     def ended(self, request: Any, principal: str, status: str, seconds: float) -> None:
         pass
@@ -212,15 +203,17 @@ async def _abort(
     else:
         unexpected, (code, reason) = True, _UNMAPPED
     call.failed(
-        request,
-        _principal(),
-        context.peer(),
-        code.name,
-        reason,
-        seconds,
-        exc,
-        logged=isinstance(exc, _LOGGED_BY_GATE),
-        unexpected=unexpected,
+        Failure(
+            request,
+            _principal(),
+            context.peer(),
+            code.name,
+            reason,
+            seconds,
+            exc,
+            logged=isinstance(exc, _LOGGED_BY_GATE),
+            unexpected=unexpected,
+        )
     )
     status = to_rpc_status(exc if isinstance(exc, LedgerError) else InternalError())
     await context.abort(status.code, status.details, status.trailing_metadata)

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..api.errors import Failure
 from .logs import CallLog
 from .metrics import NO_METRICS, MethodMetrics, Metrics
 
@@ -28,33 +29,10 @@ class CallObserver:
         if seconds >= self._slow:
             self._log.slow(self._method, request, principal, "OK", seconds)
 
-    def failed(
-        self,
-        request: Any,
-        principal: str,
-        peer: str,
-        status: str,
-        reason: str,
-        seconds: float,
-        error: BaseException,
-        *,
-        logged: bool = False,
-        unexpected: bool = False,
-    ) -> None:
-        """`logged`: already logged where it was decided (auth refusals)."""
-        self._metrics.failed(status, reason, seconds)
-        if not logged:
-            self._log.failed(
-                self._method,
-                request,
-                principal,
-                peer,
-                status,
-                reason,
-                seconds,
-                error,
-                unexpected=unexpected,
-            )
+    def failed(self, failure: Failure) -> None:
+        self._metrics.failed(failure.status, failure.reason, failure.seconds)
+        if not failure.logged:
+            self._log.failed(self._method, failure)
 
     def ended(self, request: Any, principal: str, status: str, seconds: float) -> None:
         """Ended without an answer of ours: cancelled by the caller (its

@@ -16,6 +16,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from ..api.errors import Failure
+
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -100,41 +102,31 @@ class CallLog:
             extra=fields,
         )
 
-    def failed(
-        self,
-        method: str,
-        request: Any,
-        principal: str,
-        peer: str,
-        status: str,
-        reason: str,
-        seconds: float,
-        error: BaseException,
-        *,
-        unexpected: bool = False,
-    ) -> None:
-        fields = _fields(method, request, principal, status, seconds)
-        fields.update(peer=peer, reason=reason)
-        if unexpected:  # a bug: the traceback is for the operator only
-            level, why = logging.ERROR, f"unexpected error: {type(error).__name__}"
+    def failed(self, method: str, failure: Failure) -> None:
+        fields = _fields(
+            method, failure.request, failure.principal, failure.status, failure.seconds
+        )
+        fields.update(peer=failure.peer, reason=failure.reason)
+        if failure.unexpected:  # a bug: the traceback is for the operator only
+            level, why = logging.ERROR, f"unexpected error: {type(failure.error).__name__}"
         else:
-            expected = status in _CALLER_ERRORS or reason in _EXPECTED_REASONS
+            expected = failure.status in _CALLER_ERRORS or failure.reason in _EXPECTED_REASONS
             level = logging.INFO if expected else logging.WARNING
-            why = str(error)
+            why = str(failure.error)
         fields["error"] = why
         call_log.log(
             level,
             "%s failed: %s %s in %.1f ms (ledger %r, principal %r, peer %s): %s",
             method,
-            status,
-            reason,
+            failure.status,
+            failure.reason,
             fields["duration_ms"],
             fields["ledger"],
-            principal,
-            peer,
+            failure.principal,
+            failure.peer,
             why,
             extra=fields,
-            exc_info=error if unexpected else None,
+            exc_info=failure.error if failure.unexpected else None,
         )
 
 
