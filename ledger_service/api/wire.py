@@ -17,21 +17,19 @@ data) are encoded from their columns instead.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from ledger.v1 import ledger_pb2
 
 from ..domain.chain import hash_field
-from ..domain.entries import Entry, NewEntry
+from ..domain.entries import Entry, NewEntry, epoch_micros
 
 _ENTRIES_TAG = b"\x0a"  # field 1, length-delimited (entries, results, entry)
 _REPLAYED_TRUE = b"\x10\x01"  # PostedEntry.replayed = true
 _SEQUENCE_TAG = b"\x10"  # Entry.sequence: field 2, varint
 _CREATED_AT_TAG = b"\x5a"  # Entry.created_at: field 11, length-delimited
 _POSTED_BY_TAG = b"\x62"  # Entry.posted_by: field 12, length-delimited
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 
 
 def _varint(value: int) -> bytes:
@@ -91,16 +89,6 @@ def _set_timestamp(stamp: Timestamp, micros: int) -> None:
     seconds, fraction = divmod(micros, 1_000_000)
     stamp.seconds = seconds
     stamp.nanos = fraction * 1000
-
-
-def from_epoch_micros(micros: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=micros)
-
-
-def epoch_micros(value: datetime) -> int:
-    if value.tzinfo is None:  # naive values are UTC (SQLite)
-        value = value.replace(tzinfo=UTC)
-    return (value - _EPOCH) // _MICROSECOND
 
 
 def entry_message(payload_bytes: bytes, sequence: int, created_at: datetime) -> ledger_pb2.Entry:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 
 @dataclass(slots=True)
@@ -81,3 +81,19 @@ class Counter:
 # idempotency_key, debit_account, credit_account, amount, asset, entry_type,
 # description, metadata, encoded.
 EntryFields = tuple[str, str, str, int, str, str, str, Mapping[str, str], bytes | None]
+
+
+# created_at as the wire and the hash chain carry it: microseconds since the
+# epoch (the database clock keeps microseconds).
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def from_epoch_micros(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+def epoch_micros(value: datetime) -> int:
+    if value.tzinfo is None:  # naive values are UTC (SQLite)
+        value = value.replace(tzinfo=UTC)
+    return (value - _EPOCH) // _MICROSECOND

@@ -20,15 +20,15 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 import sqlalchemy as sa
-from ledger_client.integrity import GENESIS, chain_hash, entry_body
 from sqlalchemy.engine import Connection, Engine
 
+from ..domain.chain import GENESIS, body_of, chain_hash
+from ..domain.entries import epoch_micros
 from ..storage import dialect
-from ..storage.numbering import as_utc
+from ..storage.repository import entry_from_row
 from ..storage.schema import account_totals, counters, entries
 
 PAGE = 50_000
@@ -327,29 +327,17 @@ def _pages_python(
         for row in rows:
             if row.sequence != after + 1:
                 problems.append(_missing(after + 1, row.sequence - 1))
-            elif row.hash != chain_hash(previous_hash, row.sequence, _micros(row), _body(row)):
+            elif row.hash != _recomputed(row, previous_hash):
                 problems.append(_mismatch(row.sequence, row.hash))
             after, previous_hash = row.sequence, row.hash or b""
         yield problems, len(rows), (after, previous_hash)
 
 
-def _body(row: Any) -> bytes:
-    return entry_body(
-        row.ledger,
-        row.idempotency_key,
-        [(row.debit_account, row.credit_account, row.amount, row.asset)],
-        row.entry_type,
-        row.description,
-        dict(row.metadata or {}),
-        row.posted_by,
+def _recomputed(row: Any, previous_hash: bytes) -> bytes:
+    entry = entry_from_row(row)
+    return chain_hash(
+        previous_hash, entry.sequence, epoch_micros(entry.created_at), body_of(entry.payload)
     )
-
-
-def _micros(row: Any) -> int:
-    return (as_utc(row.created_at) - _EPOCH) // timedelta(microseconds=1)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _missing(first: int, last: int) -> str:

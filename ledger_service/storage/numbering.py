@@ -38,7 +38,7 @@ from sqlalchemy.engine import Connection
 
 from ..api import wire
 from ..domain.chain import GENESIS, HASH_SIZE, body_of, chain_hash, hash_field
-from ..domain.entries import Entry, NewEntry
+from ..domain.entries import Entry, NewEntry, epoch_micros, from_epoch_micros
 from . import dialect, pg
 from .schema import counters, entries
 
@@ -130,7 +130,7 @@ class Numbered:
         self._last = last
         # Postgres hands created_at over as epoch microseconds (cheaper than
         # parsing text), SQLite as a datetime.
-        self._at = wire.from_epoch_micros(at) if isinstance(at, int) else at
+        self._at = from_epoch_micros(at) if isinstance(at, int) else at
         self._hashes = hashes
 
     def entries(self) -> list[Entry]:
@@ -251,7 +251,7 @@ def number_and_insert_sqlite(
             sa.select(sa.type_coerce(dialect.now(dialect.SQLITE), sa.DateTime()))
         ).scalar_one()
     )
-    micros = wire.epoch_micros(now)
+    micros = epoch_micros(now)
     hashes = []
     for i, e in enumerate(batch, start=last - n + 1):
         previous = chain_hash(previous, i, micros, body_of(e))

@@ -38,7 +38,7 @@ def totals_of(ledger: str, batch: Sequence[NewEntry]) -> list[tuple[str, str, in
     return totals
 
 
-def _entry_from_row(row: Any) -> Entry:
+def entry_from_row(row: Any) -> Entry:
     created_at = as_utc(row.created_at)
     return Entry(
         sequence=row.sequence,
@@ -192,7 +192,7 @@ class SqlLedgerRepository:
         """Stored entries of `ledger` with any of `keys`, by key (one query)."""
         statement = _FIND_BY_KEYS_PG if self.dialect == dialect.POSTGRES else _FIND_BY_KEYS
         rows = self.conn.execute(statement, {"ledger": ledger, "keys": list(keys)}).all()
-        return {row.idempotency_key: _entry_from_row(row) for row in rows}
+        return {row.idempotency_key: entry_from_row(row) for row in rows}
 
     def add_entries(self, ledger: str, batch: Sequence[NewEntry]) -> Numbered | None:
         """Adds the entries to their accounts' totals (one row update per
@@ -246,7 +246,7 @@ class SqlLedgerRepository:
                     entries.c.ledger == ledger, entries.c.sequence.in_(missing)
                 )
             ).all()
-            restored = {r.sequence: wire.stored_payload(_entry_from_row(r)) for r in full}
+            restored = {r.sequence: wire.stored_payload(entry_from_row(r)) for r in full}
         read = [
             (seq, micros, payload if payload is not None else restored[seq])
             for seq, micros, payload, _ in rows

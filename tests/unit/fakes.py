@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from ledger_service.api import wire
 from ledger_service.domain.accounts import AccountView, AssetTotals
-from ledger_service.domain.entries import Counter, Entry, NewEntry
+from ledger_service.domain.entries import Counter, Entry, NewEntry, epoch_micros
 from ledger_service.domain.limits import INT64_MAX
 from ledger_service.service.ports import (
     DuplicateIdempotencyKey,
@@ -148,9 +148,7 @@ class FakeRepository:
             (e for e in self._ledger_entries(ledger) if e.sequence > after_sequence),
             key=lambda e: e.sequence,
         )[:limit]
-        rows = [
-            (e.sequence, wire.epoch_micros(e.created_at), wire.stored_payload(e)) for e in after
-        ]
+        rows = [(e.sequence, epoch_micros(e.created_at), wire.stored_payload(e)) for e in after]
         return EntryRows(rows, self._counter(ledger))
 
     def account_view(self, ledger: str, account: str) -> AccountView | None:

@@ -13,7 +13,7 @@ import pytest
 
 from ledger_service.api import wire
 from ledger_service.domain.accounts import AccountView, AssetTotals
-from ledger_service.domain.entries import Counter, Entry, NewEntry, PostResult
+from ledger_service.domain.entries import Counter, Entry, NewEntry, PostResult, epoch_micros
 from ledger_service.domain.errors import (
     AccountTotalOverflow,
     CounterNotInitialized,
@@ -575,7 +575,7 @@ def test_read_rows_reads_consecutive_entries_after_a_position_with_the_head(
     page = read_rows(uows, LEDGER, 1, 1)
 
     # (sequence, created_at in epoch µs, the stored encoding), one transaction's clock
-    assert page.rows == [(2, wire.epoch_micros(EPOCH) + 1_000_000, wire.payload(new("b")))]
+    assert page.rows == [(2, epoch_micros(EPOCH) + 1_000_000, wire.payload(new("b")))]
     assert page.head == 3
 
 

@@ -9,6 +9,7 @@ import pytest
 from ledger.v1 import ledger_pb2
 
 from ledger_service.api import wire
+from ledger_service.domain.entries import epoch_micros
 from ledger_service.domain.validation import validate_new_entry
 
 ENTRY = validate_new_entry(
@@ -48,13 +49,13 @@ def test_encoded_entry_parses_to_the_same_message(created_at: datetime) -> None:
     )
     expected.created_at.FromDatetime(created_at)
     assert wire.entry_message(wire.payload(ENTRY), 300, created_at) == expected
-    micros = wire.epoch_micros(created_at)
+    micros = epoch_micros(created_at)
     assert wire.stream_message([(300, micros, wire.payload(ENTRY))]).entries[0] == expected
 
 
 def test_stream_messages_are_assembled_from_payloads() -> None:
     at = datetime(2026, 11, 27, 1, 2, 3, 456789, tzinfo=UTC)
-    rows = [(seq, wire.epoch_micros(at), wire.payload(ENTRY)) for seq in (1, 2, 3)]
+    rows = [(seq, epoch_micros(at), wire.payload(ENTRY)) for seq in (1, 2, 3)]
     message = wire.stream_message(rows)
     assert [e.sequence for e in message.entries] == [1, 2, 3]
     assert message.entries[2].metadata == {"a": "1", "b": "2"}
