@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -135,14 +136,22 @@ def run_threads(n: int, fn: Callable[[int], Any]) -> list[Any]:
     return results
 
 
-def verify_books(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """`ledger-service verify` as an operator runs it, against `url`."""
+def cli(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`ledger-service ARGS` as a deploy script runs it (`env`: added variables)."""
     return subprocess.run(
-        [sys.executable, "-m", "ledger_service", "verify", "--database-url", url, *args],
+        [sys.executable, "-m", "ledger_service", *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
+
+
+def verify_books(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`ledger-service verify` as an operator runs it, against `url`."""
+    return cli("verify", "--database-url", url, *args, timeout=120)
 
 
 def assert_books_hold(url: str, ledger: str) -> None:

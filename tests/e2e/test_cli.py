@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -19,16 +18,7 @@ from ledger.v1 import ledger_pb2
 
 from ledger_service.testing import ServerProcess
 
-
-def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ledger_service", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **env},
-    )
-
+from .conftest import cli
 
 # A log line (text format): a start's warnings may come before its failure.
 _LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ \S+: ")
@@ -195,7 +185,7 @@ def test_serve_on_an_unreachable_database_serves_anyway_not_ready() -> None:
 def test_serve_with_a_bad_setting_fails_in_one_line(
     migrated_sqlite: str, args: list[str], env: dict[str, str], says: str
 ) -> None:
-    result = cli("serve", "--database-url", migrated_sqlite, *args, **env)
+    result = cli("serve", "--database-url", migrated_sqlite, *args, env=env)
     line = assert_fails_in_one_line(result, says)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, line
