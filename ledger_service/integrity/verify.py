@@ -451,9 +451,12 @@ class _Progress:
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        self._ledger = ""
         self._started = time.monotonic()
 
     def show(self, ledger: str, done: int, total: int) -> None:
+        if ledger != self._ledger:  # each ledger's rate from its own start
+            self._ledger, self._started = ledger, time.monotonic()
         rate = done / max(time.monotonic() - self._started, 1e-9)
         share = f" of {total:,} ({100 * done // total}%)" if total > 0 else ""
         self._stream.write(f"\r{ledger}: {done:,}{share} entries, {rate:,.0f}/s\x1b[K")
@@ -462,4 +465,3 @@ class _Progress:
     def clear(self) -> None:
         self._stream.write("\r\x1b[K")
         self._stream.flush()
-        self._started = time.monotonic()
