@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import sys
 import threading
 import time
@@ -21,12 +22,38 @@ import psycopg
 import sqlalchemy as sa
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
+from bench.database import HOT, hot_debits
+from ledger_service.domain.balances import Movements
 from ledger_service.domain.validation import validate_new_entry
 from ledger_service.storage.numbering import TAKE_AND_INSERT_PG, statement_params
 from ledger_service.storage.timeouts import libpq_conninfo
 
 
-def _request(ledger: str, key: str, worker: str) -> ledger_pb2.PostEntryRequest:
+def worker_name(process: int, caller: int) -> str:
+    """Caller `caller` of load process `process`: its accounts are
+    d-<name> (debited) and c-<name> (credited)."""
+    return f"{process}-{caller}"
+
+
+def _request(ledger: str, key: str, worker: str, postings: int = 0) -> ledger_pb2.PostEntryRequest:
+    """One posting in the single pair of fields; with `postings`, that many
+    in `postings`, each between two accounts of the caller's own
+    (d<j>-<worker> and c<j>-<worker>), so each is a plain post's work on the
+    accounts and a posting's cost compares with a one-posting entry's."""
+    if postings:
+        return ledger_pb2.PostEntryRequest(
+            ledger=ledger,
+            idempotency_key=key,
+            postings=[
+                ledger_pb2.Posting(
+                    debit_account=f"d{j}-{worker}",
+                    credit_account=f"c{j}-{worker}",
+                    amount=1,
+                    asset="USD",
+                )
+                for j in range(postings)
+            ],
+        )
     return ledger_pb2.PostEntryRequest(
         ledger=ledger,
         idempotency_key=key,
@@ -53,12 +80,14 @@ async def _wait_until(t: float) -> None:
 
 async def post_load(spec: dict[str, Any]) -> dict[str, Any]:
     """`concurrency` callers posting one entry per call (or `batch` per
-    PostEntries call) as fast as they can."""
+    PostEntries call) as fast as they can; each entry of one posting, or of
+    `postings` (PostEntry only)."""
     start, end = (
         spec["start_at"] + spec["warmup"],
         spec["start_at"] + spec["warmup"] + spec["duration"],
     )
     batch = spec.get("batch", 0)
+    postings = spec.get("postings", 0)
     latencies: list[float] = []
     entries = 0
     metadata = (("authorization", f"Bearer {spec['token']}"),) if "token" in spec else None
@@ -67,7 +96,7 @@ async def post_load(spec: dict[str, Any]) -> dict[str, Any]:
 
         async def caller(i: int) -> None:
             nonlocal entries
-            worker = f"{spec['process']}-{i}"
+            worker = worker_name(spec["process"], i)
             n = 0
             await _wait_until(spec["start_at"])
             while time.time() < end:
@@ -93,7 +122,7 @@ async def post_load(spec: dict[str, Any]) -> dict[str, Any]:
                     )
                 else:
                     await stub.PostEntry(
-                        _request(spec["ledger"], f"{worker}-{n}", worker),
+                        _request(spec["ledger"], f"{worker}-{n}", worker, postings),
                         timeout=60,
                         metadata=metadata,
                     )
@@ -131,7 +160,7 @@ async def rate_writer(spec: dict[str, Any]) -> dict[str, Any]:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
 
         async def caller(i: int) -> None:
-            worker = f"{spec['process']}-{i}"
+            worker = worker_name(spec["process"], i)
             plan = slots(i, spec["rate"], spec["duration"], spec["concurrency"])
             for n, offset in enumerate(plan, 1):
                 await _wait_until(spec["start_at"] + offset)
@@ -192,6 +221,110 @@ async def catch_up(spec: dict[str, Any]) -> dict[str, Any]:
     return {"entries": count, "last": last, "seconds": elapsed}
 
 
+async def as_of_load(spec: dict[str, Any]) -> dict[str, Any]:
+    """`concurrency` callers reading GetAccount(the hot account, as_of_sequence
+    = a random number in 1..`head`) of the seeded ledger as fast as they can
+    (with `current`: as_of_sequence 0, its current totals, the same call
+    without the history); every answer is checked against the seed
+    (bench/database.py)."""
+    start, end = (
+        spec["start_at"] + spec["warmup"],
+        spec["start_at"] + spec["warmup"] + spec["duration"],
+    )
+    head = spec["head"]
+    current = spec.get("current", False)
+    expected = hot_debits(head)
+    latencies: list[float] = []
+    calls = 0
+    async with grpc.aio.insecure_channel(spec["address"]) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+
+        async def caller(i: int) -> None:
+            nonlocal calls
+            rng = random.Random(f"{spec['process']}-{i}")
+            await _wait_until(spec["start_at"])
+            while time.time() < end:
+                as_of = head if current else rng.randint(1, head)
+                t0 = time.time()
+                r = await stub.GetAccount(
+                    ledger_pb2.GetAccountRequest(
+                        ledger=spec["ledger"], account=HOT, as_of_sequence=0 if current else as_of
+                    ),
+                    timeout=60,
+                )
+                t1 = time.time()
+                _check_as_of(r, as_of, expected[as_of // 10])
+                if start <= t1 <= end:
+                    latencies.append(t1 - t0)
+                    calls += 1
+
+        await asyncio.gather(*(caller(i) for i in range(spec["concurrency"])))
+    return {"entries": calls, "seconds": spec["duration"], "latencies": latencies}
+
+
+def _check_as_of(r: ledger_pb2.GetAccountResponse, as_of: int, debits: int) -> None:
+    """The hot account as of `as_of`: `debits`, no credits (no balance at
+    all before its first entry, number 10)."""
+    got = [(b.asset, b.total_debits, b.total_credits, b.balance) for b in r.balances]
+    want = [("USD", debits, 0, debits)] if debits else []
+    if r.as_of_sequence != as_of or got != want:
+        raise RuntimeError(
+            f"GetAccount as of {as_of}: got as_of_sequence {r.as_of_sequence}, "
+            f"balances {got}; the seed says {want}"
+        )
+
+
+async def list_load(spec: dict[str, Any]) -> dict[str, Any]:
+    """`concurrency` callers paging through the ledger's accounts with
+    ListAccounts (`page_size` a page), from the first page again after the
+    last, as fast as they can: accounts listed and each page's latency.
+    Every full pass must list exactly `accounts` accounts, in order."""
+    start, end = (
+        spec["start_at"] + spec["warmup"],
+        spec["start_at"] + spec["warmup"] + spec["duration"],
+    )
+    latencies: list[float] = []
+    listed = 0
+    async with grpc.aio.insecure_channel(
+        spec["address"], options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    ) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+
+        async def caller() -> None:
+            nonlocal listed
+            token, seen, last = "", 0, ""
+            await _wait_until(spec["start_at"])
+            while time.time() < end:
+                t0 = time.time()
+                r = await stub.ListAccounts(
+                    ledger_pb2.ListAccountsRequest(
+                        ledger=spec["ledger"], page_size=spec["page_size"], page_token=token
+                    ),
+                    timeout=60,
+                )
+                t1 = time.time()
+                names = [a.account for a in r.accounts]
+                if names != sorted(names) or (names and names[0] <= last):
+                    raise RuntimeError(f"ListAccounts: a page out of order after {last!r}")
+                if r.next_page_token and len(names) != spec["page_size"]:
+                    raise RuntimeError(f"ListAccounts: a page of {len(names)} before the last")
+                seen += len(names)
+                token, last = r.next_page_token, names[-1] if names else last
+                if not token:
+                    if seen != spec["accounts"]:
+                        raise RuntimeError(
+                            f"ListAccounts: a pass listed {seen} accounts, "
+                            f"not the {spec['accounts']} seeded"
+                        )
+                    seen, last = 0, ""
+                if start <= t1 <= end:
+                    latencies.append(t1 - t0)
+                    listed += len(names)
+
+        await asyncio.gather(*(caller() for _ in range(spec["concurrency"])))
+    return {"entries": listed, "seconds": spec["duration"], "latencies": latencies}
+
+
 def db_load(spec: dict[str, Any]) -> dict[str, Any]:
     """psycopg clients, no gRPC: the ledger's write as its common case runs
     it (its very statement and parameters: totals, counter, insert; committed
@@ -226,8 +359,7 @@ def db_load(spec: dict[str, Any]) -> dict[str, Any]:
                     )
                     for j in range(size)
                 ]
-                totals = [(f"c-{worker}", "USD", 0, size), (f"d-{worker}", "USD", size, 0)]
-                params, _ = statement_params(spec["ledger"], batch, totals)
+                params, _ = statement_params(spec["ledger"], batch, Movements(batch))
                 t0 = time.time()
                 conn.execute(TAKE_AND_INSERT_PG, params).fetchall()
                 t1 = time.time()
@@ -254,6 +386,8 @@ def main() -> None:
             "rate_writer": rate_writer,
             "followers": followers,
             "catch_up": catch_up,
+            "as_of": as_of_load,
+            "list_accounts": list_load,
         }[kind]
         result = asyncio.run(runner(spec))
     print(json.dumps(result))

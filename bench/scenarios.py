@@ -16,7 +16,7 @@ from typing import Any
 
 from bench import ROOT
 from bench.database import bench_database, check_gap_free, seed
-from bench.load import planned_posts
+from bench.load import planned_posts, worker_name
 from ledger_service.integrity import verify
 from ledger_service.storage import migrate
 from ledger_service.storage.uow import create_engine
@@ -34,6 +34,21 @@ POST_MODES = (
     "noop",
 )
 GAP_FREE = ("ledger", "secured", "metrics", "unchained", "unbatched", "plain")
+# This server under other PostEntry loads, at 64 callers only, each run right
+# after post_ledger_64 (the same load, one posting, no limits) of the same
+# repetition: `limits` posts to accounts that all have balance limits (never
+# reached), `multi` posts entries of MULTI_POSTINGS postings.
+VARIANTS_64 = ("limits", "multi")
+MULTI_POSTINGS = 4
+# Wide enough never to be reached: what is measured is the check, not a refusal.
+WIDE_LIMIT = 10**15
+# The ListAccounts ledger: entry s debits acct-<s> and credits "sales", so it
+# has LIST_ENTRIES + 1 accounts, listed a page of LIST_PAGE at a time.
+LIST_ENTRIES = 20_000
+LIST_PAGE = 1000
+# Concurrent callers of the read scenarios (one load process each).
+AS_OF_CALLERS = 4
+LIST_CALLERS = 2
 
 
 def load(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -73,12 +88,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
+def summarize(results: list[dict[str, Any]], rate: str = "entries_per_s") -> dict[str, float]:
+    """The load processes' count per second (named `rate`: what the
+    processes counted as "entries", e.g. calls or accounts listed) and the
+    latency percentiles of their calls."""
     entries = sum(r["entries"] for r in results)
     seconds = max(r["seconds"] for r in results)
     lat = [x for r in results for x in r.get("latencies", [])]
     return {
-        "entries_per_s": entries / seconds,
+        rate: entries / seconds,
         "p50_ms": percentile(lat, 0.50) * 1000,
         "p99_ms": percentile(lat, 0.99) * 1000,
     }
@@ -136,24 +154,37 @@ def run(quick: bool) -> dict[str, Any]:
             stack.enter_context(s)
         catchup_ledger = f"catchup-{uuid.uuid4().hex[:8]}"
         seed(url, catchup_ledger, catchup_n)
+        # Seeded whole (entries, history, totals), so that it verifies clean
+        # too, should anything verify every ledger of the database.
+        list_ledger = f"accounts-{uuid.uuid4().hex[:8]}"
+        seed(url, list_ledger, LIST_ENTRIES, debit_of=lambda s: f"acct-{s:06d}")
 
         for rep in range(1, reps + 1):
             print(f"repetition {rep}/{reps}", flush=True)
             for callers in (1, 16, 64):
                 procs = 1 if callers == 1 else 2
-                for mode in POST_MODES:
-                    server = servers[mode]
+                modes: tuple[str, ...] = POST_MODES
+                if callers == 64:
+                    modes = (POST_MODES[0], *VARIANTS_64, *POST_MODES[1:])
+                for mode in modes:
+                    server = servers["ledger" if mode in VARIANTS_64 else mode]
                     ledger = new_ledger(servers["ledger"], "post")
-                    extra = secured_spec if mode == "secured" else {}
+                    concurrencies = split(callers, procs)
+                    extra: dict[str, Any] = {}
+                    if mode == "secured":
+                        extra = secured_spec
+                    elif mode == "limits":
+                        set_wide_limits(server, ledger, concurrencies)
+                    elif mode == "multi":
+                        extra = {"postings": MULTI_POSTINGS}
                     specs = timed(
-                        split(callers, procs),
-                        kind="post",
-                        address=server.address,
-                        ledger=ledger,
-                        **extra,
+                        concurrencies, kind="post", address=server.address, ledger=ledger, **extra
                     )
-                    record(f"post_{mode}_{callers}", summarize(load(specs)))
-                    if mode in GAP_FREE:
+                    value = summarize(load(specs))
+                    if mode == "multi":
+                        value["postings_per_s"] = value["entries_per_s"] * MULTI_POSTINGS
+                    record(f"post_{mode}_{callers}", value)
+                    if mode in GAP_FREE or mode in VARIANTS_64:
                         check_gap_free(url, ledger)
             ledger = new_ledger(servers["ledger"], "db")
             specs = timed(split(16, 2), kind="db", url=url, ledger=ledger, size=1)
@@ -182,6 +213,25 @@ def run(quick: bool) -> dict[str, Any]:
                 assert r["entries"] == limit, r
                 record(f"catch_up_{mode}", {"entries_per_s": r["entries"] / r["seconds"]})
             record("verify_ledger", verify_rate(url, catchup_ledger, catchup_n))
+            specs = timed(
+                [AS_OF_CALLERS],
+                kind="as_of",
+                address=servers["ledger"].address,
+                ledger=catchup_ledger,
+                head=catchup_n,
+            )
+            record("get_account_as_of", summarize(load(specs), "calls_per_s"))
+            specs = [{**specs[0], "current": True}]
+            record("get_account_current", summarize(load(specs), "calls_per_s"))
+            specs = timed(
+                [LIST_CALLERS],
+                kind="list_accounts",
+                address=servers["ledger"].address,
+                ledger=list_ledger,
+                page_size=LIST_PAGE,
+                accounts=LIST_ENTRIES + 1,
+            )
+            record(f"list_accounts_{LIST_PAGE}", summarize(load(specs), "accounts_per_s"))
             rate = 0.5 * samples["post_ledger_16"][-1]["entries_per_s"]
             record("live_tail_16", live_tail(servers["ledger"], rate, duration))
 
@@ -190,6 +240,40 @@ def run(quick: bool) -> dict[str, Any]:
         for name, values in samples.items()
     }
     return {"samples": samples, "medians": medians}
+
+
+def set_wide_limits(server: ServerProcess, ledger: str, concurrencies: list[int]) -> None:
+    """Limits on both accounts of every caller of a post load (see
+    bench/load.py): a maximum net debit on the one it debits, a maximum net
+    credit on the one it credits, both WIDE_LIMIT."""
+    from ledger.v1 import ledger_pb2
+
+    for process, callers in enumerate(concurrencies):
+        for i in range(callers):
+            worker = worker_name(process, i)
+            debited = server.stub.SetAccountLimits(
+                ledger_pb2.SetAccountLimitsRequest(
+                    ledger=ledger, account=f"d-{worker}", asset="USD", max_net_debit=WIDE_LIMIT
+                ),
+                timeout=30,
+            ).balance
+            credited = server.stub.SetAccountLimits(
+                ledger_pb2.SetAccountLimitsRequest(
+                    ledger=ledger, account=f"c-{worker}", asset="USD", max_net_credit=WIDE_LIMIT
+                ),
+                timeout=30,
+            ).balance
+            if not (
+                debited.HasField("max_net_debit")
+                and debited.max_net_debit == WIDE_LIMIT
+                and not debited.HasField("max_net_credit")
+                and credited.HasField("max_net_credit")
+                and credited.max_net_credit == WIDE_LIMIT
+                and not credited.HasField("max_net_debit")
+            ):
+                raise RuntimeError(
+                    f"SetAccountLimits for {worker}'s accounts answered {debited} and {credited}"
+                )
 
 
 def _secured_server(

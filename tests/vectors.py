@@ -29,6 +29,16 @@ def entry_of(vector: dict[str, Any]) -> ledger_pb2.Entry:
         metadata=vector["metadata"],
         posted_by=vector["posted_by"],
         hash=bytes.fromhex(vector["hash"]),
+        postings=[
+            ledger_pb2.Posting(
+                debit_account=p["debit_account"],
+                credit_account=p["credit_account"],
+                amount=int(p["amount"]),
+                asset=p["asset"],
+            )
+            for p in vector["postings"]
+        ],
+        reverses_sequence=int(vector["reverses_sequence"]),
     )
     seconds, micros = divmod(int(vector["created_at_micros"]), 1_000_000)
     entry.created_at.seconds, entry.created_at.nanos = seconds, micros * 1000

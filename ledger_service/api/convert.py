@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 from ledger.v1 import ledger_pb2
 
-from ..domain.accounts import AccountView
+from ..domain.accounts import AccountView, AssetTotals
 from ..domain.chain import GENESIS
-from ..domain.entries import Counter, Entry, NewEntry
+from ..domain.entries import Balance, Counter, Entry, NewEntry, Posting, PostResult
 from ..domain.validation import validate_batch, validate_new_entry
 from . import wire
+
+
+def _postings(items: Iterable[ledger_pb2.Posting]) -> tuple[Posting, ...]:
+    return tuple(Posting(p.debit_account, p.credit_account, p.amount, p.asset) for p in items)
+
+
+def _one_posting(d: str, c: str, amount: int, asset: str) -> bytes:
+    """Entry.postings for a one-posting request (Entry lists every posting);
+    nothing for an invalid one, which validation refuses anyway."""
+    return wire.posting_field(d, c, amount, asset) if amount > 0 else b""
 
 
 def new_entry_from_request(request: ledger_pb2.PostEntryRequest, posted_by: str = "") -> NewEntry:
     # Fields the server does not know (a newer client) must not reach the
     # stored encoding, where they would read as Entry fields.
     request.DiscardUnknownFields()
+    postings = _postings(request.postings)
+    listed = (
+        b""
+        if postings
+        else _one_posting(
+            request.debit_account, request.credit_account, request.amount, request.asset
+        )
+    )
     return validate_new_entry(
         ledger=request.ledger,
         idempotency_key=request.idempotency_key,
@@ -27,8 +47,9 @@ def new_entry_from_request(request: ledger_pb2.PostEntryRequest, posted_by: str 
         metadata=dict(request.metadata),
         # PostEntryRequest's field numbers are Entry's (see ledger.proto); a
         # posted_by the request sent was an unknown field, discarded above.
-        encoded=request.SerializeToString() + wire.posted_by_field(posted_by),
+        encoded=request.SerializeToString() + wire.posted_by_field(posted_by) + listed,
         posted_by=posted_by,
+        postings=postings,
     )
 
 
@@ -38,6 +59,8 @@ def batch_from_request(
     request.DiscardUnknownFields()
     ledger = wire.ledger_field(request.ledger)
     posted = wire.posted_by_field(posted_by)
+    items = request.entries
+    postings = [_postings(e.postings) for e in items] if any(e.postings for e in items) else None
     # One pass over the parsed entries, each read as a tuple of its fields
     # (validation then works a column at a time).
     return validate_batch(
@@ -53,11 +76,19 @@ def batch_from_request(
                 e.description,
                 dict(e.metadata) if len(e.metadata) else {},
                 # EntryInput's field numbers are Entry's: ledger + item = payload.
-                ledger + e.SerializeToString() + posted,
+                ledger
+                + e.SerializeToString()
+                + posted
+                + (
+                    b""
+                    if e.postings
+                    else _one_posting(e.debit_account, e.credit_account, e.amount, e.asset)
+                ),
             )
-            for e in request.entries
+            for e in items
         ],
         posted_by,
+        postings,
     )
 
 
@@ -66,20 +97,52 @@ def entry_to_proto(entry: Entry) -> ledger_pb2.Entry:
     return wire.entry_message(wire.stored_payload(entry), entry.sequence, entry.created_at)
 
 
+def asset_balance(b: AssetTotals) -> ledger_pb2.AssetBalance:
+    return ledger_pb2.AssetBalance(
+        asset=b.asset,
+        total_debits=b.debits,
+        total_credits=b.credits,
+        balance=b.balance,
+        max_net_debit=b.max_net_debit,
+        max_net_credit=b.max_net_credit,
+    )
+
+
 def account_to_proto(view: AccountView) -> ledger_pb2.GetAccountResponse:
     return ledger_pb2.GetAccountResponse(
         ledger=view.ledger,
         account=view.account,
         as_of_sequence=view.as_of_sequence,
-        balances=[
-            ledger_pb2.AssetBalance(
-                asset=b.asset,
-                total_debits=b.debits,
-                total_credits=b.credits,
-                balance=b.balance,
-            )
-            for b in view.balances
-        ],
+        balances=[asset_balance(b) for b in view.balances],
+    )
+
+
+def balances_to_proto(balances: Sequence[Balance]) -> list[ledger_pb2.AccountAssetBalance]:
+    return [
+        ledger_pb2.AccountAssetBalance(
+            account=b.account,
+            asset=b.asset,
+            total_debits=b.debits,
+            total_credits=b.credits,
+            balance=b.balance,
+        )
+        for b in balances
+    ]
+
+
+def post_response(result: PostResult) -> ledger_pb2.PostEntryResponse:
+    return ledger_pb2.PostEntryResponse(
+        entry=entry_to_proto(result.entry),
+        replayed=result.replayed,
+        balances=balances_to_proto(result.balances),
+    )
+
+
+def reverse_response(result: PostResult) -> ledger_pb2.ReverseEntryResponse:
+    return ledger_pb2.ReverseEntryResponse(
+        entry=entry_to_proto(result.entry),
+        replayed=result.replayed,
+        balances=balances_to_proto(result.balances),
     )
 
 

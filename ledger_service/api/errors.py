@@ -25,8 +25,11 @@ from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from ..auth.access import CALLER
 from ..domain.errors import (
     AccountTotalOverflow,
+    AlreadyReversed,
+    BalanceLimitExceeded,
     CounterNotInitialized,
     DeadlineExceeded,
+    EntryNotFound,
     IdempotencyConflict,
     InvalidArgument,
     LedgerError,
@@ -99,6 +102,13 @@ ERRORS: dict[type[LedgerError], Row] = {
     TooManyStreams: Row(
         grpc.StatusCode.RESOURCE_EXHAUSTED, ledger_pb2.ERROR_REASON_TOO_MANY_STREAMS
     ),
+    BalanceLimitExceeded: Row(
+        grpc.StatusCode.FAILED_PRECONDITION, ledger_pb2.ERROR_REASON_BALANCE_LIMIT_EXCEEDED
+    ),
+    AlreadyReversed: Row(
+        grpc.StatusCode.FAILED_PRECONDITION, ledger_pb2.ERROR_REASON_ALREADY_REVERSED
+    ),
+    EntryNotFound: Row(grpc.StatusCode.NOT_FOUND, ledger_pb2.ERROR_REASON_ENTRY_NOT_FOUND),
 }
 
 

@@ -16,11 +16,20 @@ from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from ..auth.access import CALLER
 from ..auth.quotas import FollowQuota
+from ..domain.balances import Limits
 from ..domain.errors import DeadlineExceeded
-from ..domain.limits import STREAM_MESSAGE_MAX_ENTRIES
+from ..domain.limits import (
+    LIST_PAGE_DEFAULT,
+    STREAM_MESSAGE_MAX_BYTES,
+    STREAM_MESSAGE_MAX_ENTRIES,
+)
 from ..domain.validation import (
-    validate_account_query,
+    validate_as_of,
+    validate_entry_lookup,
     validate_ledger,
+    validate_limits_request,
+    validate_page_size,
+    validate_reversal,
     validate_stream_request,
 )
 from ..service import use_cases
@@ -29,13 +38,16 @@ from ..service.ports import Blocking, EntryRows, StoredRow, UowFactory
 from ..service.writes import Writes
 from ..streaming.tail import Tails
 from ..streaming.watch import HeadWatcher
-from . import wire
+from . import page_tokens, wire
 from .convert import (
     account_to_proto,
+    asset_balance,
     batch_from_request,
     entry_to_proto,
     ledger_to_proto,
     new_entry_from_request,
+    post_response,
+    reverse_response,
 )
 from .errors import ShuttingDown
 
@@ -107,9 +119,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             result = await self._committer.post(entry, timeout)
         else:
             result = await self._writes.one(entry, timeout)
-        return ledger_pb2.PostEntryResponse(
-            entry=entry_to_proto(result.entry), replayed=result.replayed
-        )
+        return post_response(result)
 
     async def PostEntries(
         self, request: ledger_pb2.PostEntriesRequest, context: Context
@@ -123,6 +133,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     r.entry.sequence,
                     r.entry.created_at,
                     r.replayed,
+                    r.balances,
                 )
                 for r in results
             ]
@@ -131,9 +142,89 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def GetAccount(
         self, request: ledger_pb2.GetAccountRequest, context: Context
     ) -> ledger_pb2.GetAccountResponse:
-        validate_account_query(request.ledger, request.account)
-        view = await self._run(use_cases.get_account, self._uow, request.ledger, request.account)
+        validate_as_of(request.ledger, request.account, request.as_of_sequence)
+        view = await self._run(
+            use_cases.get_account,
+            self._uow,
+            request.ledger,
+            request.account,
+            request.as_of_sequence,
+        )
         return account_to_proto(view)
+
+    async def SetAccountLimits(
+        self, request: ledger_pb2.SetAccountLimitsRequest, context: Context
+    ) -> ledger_pb2.SetAccountLimitsResponse:
+        limits = Limits(
+            request.max_net_debit if request.HasField("max_net_debit") else None,
+            request.max_net_credit if request.HasField("max_net_credit") else None,
+        )
+        validate_limits_request(
+            request.ledger,
+            request.account,
+            request.asset,
+            limits.max_net_debit,
+            limits.max_net_credit,
+        )
+        totals, as_of = await self._run(
+            use_cases.set_account_limits,
+            self._uow,
+            request.ledger,
+            request.account,
+            request.asset,
+            limits,
+        )
+        return ledger_pb2.SetAccountLimitsResponse(
+            ledger=request.ledger,
+            account=request.account,
+            balance=asset_balance(totals),
+            as_of_sequence=as_of,
+        )
+
+    async def ReverseEntry(
+        self, request: ledger_pb2.ReverseEntryRequest, context: Context
+    ) -> ledger_pb2.ReverseEntryResponse:
+        validate_reversal(
+            request.ledger, request.sequence, request.idempotency_key, request.description
+        )
+        result = await self._writes.reverse(
+            request.ledger,
+            request.sequence,
+            request.idempotency_key,
+            request.description,
+            _caller(),
+            _remaining(context),
+        )
+        return reverse_response(result)
+
+    async def GetEntry(
+        self, request: ledger_pb2.GetEntryRequest, context: Context
+    ) -> ledger_pb2.GetEntryResponse:
+        which = request.WhichOneof("selector")
+        sequence = request.sequence if which == "sequence" else None
+        key = request.idempotency_key if which == "idempotency_key" else None
+        validate_entry_lookup(request.ledger, sequence, key)
+        entry = await self._run(use_cases.get_entry, self._uow, request.ledger, sequence, key)
+        return ledger_pb2.GetEntryResponse(entry=entry_to_proto(entry))
+
+    async def ListAccounts(
+        self, request: ledger_pb2.ListAccountsRequest, context: Context
+    ) -> ledger_pb2.ListAccountsResponse:
+        page_size = validate_page_size(request.ledger, request.page_size) or LIST_PAGE_DEFAULT
+        after = page_tokens.decode(request.ledger, request.page_token)
+        accounts, as_of, more = await self._run(
+            use_cases.list_accounts, self._uow, request.ledger, after, page_size
+        )
+        return ledger_pb2.ListAccountsResponse(
+            accounts=[
+                ledger_pb2.AccountSummary(
+                    account=name, balances=[asset_balance(b) for b in balances]
+                )
+                for name, balances in accounts
+            ],
+            next_page_token=page_tokens.encode(request.ledger, accounts[-1][0]) if more else "",
+            as_of_sequence=as_of,
+        )
 
     async def GetLedger(
         self, request: ledger_pb2.GetLedgerRequest, context: Context
@@ -225,15 +316,24 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     def _messages(
         self, rows: list[StoredRow], head: int, *, caught_up: bool
     ) -> Iterator[ledger_pb2.StreamEntriesResponse]:
-        """Messages of at most message_size entries; `caught_up` marks the last."""
+        """Messages of at most message_size entries and about
+        STREAM_MESSAGE_MAX_BYTES; `caught_up` marks the last."""
         size = self._streams.message_size
-        for start in range(0, len(rows), size):
-            chunk = rows[start : start + size]
+        start = 0
+        while start < len(rows):
+            end, total = start, 0
+            while end < len(rows) and end - start < size:
+                total += len(rows[end][2])
+                if total > STREAM_MESSAGE_MAX_BYTES and end > start:
+                    break  # entries of many postings: keep under the client's limit
+                end += 1
+            chunk = rows[start:end]
             # Assembled from the stored encodings, not built entry by entry.
             message = wire.stream_message(chunk)
             message.head_sequence = max(head, chunk[-1][0])
-            if caught_up and start + size >= len(rows):
+            if caught_up and end >= len(rows):
                 message.caught_up = True
+            start = end
             yield message
 
     def _read_ahead(self, ledger: str, after: int, limit: int) -> asyncio.Future[EntryRows]:

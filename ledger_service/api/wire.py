@@ -16,6 +16,7 @@ data) are encoded from their columns instead.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
@@ -23,13 +24,19 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ledger.v1 import ledger_pb2
 
 from ..domain.chain import hash_field
-from ..domain.entries import Entry, NewEntry, epoch_micros
+from ..domain.entries import Balance, Entry, NewEntry, epoch_micros
 
 _ENTRIES_TAG = b"\x0a"  # field 1, length-delimited (entries, results, entry)
 _REPLAYED_TRUE = b"\x10\x01"  # PostedEntry.replayed = true
 _SEQUENCE_TAG = b"\x10"  # Entry.sequence: field 2, varint
 _CREATED_AT_TAG = b"\x5a"  # Entry.created_at: field 11, length-delimited
 _POSTED_BY_TAG = b"\x62"  # Entry.posted_by: field 12, length-delimited
+_POSTINGS_TAG = b"\x72"  # Entry.postings: field 14, length-delimited
+_BALANCES_TAG = b"\x1a"  # PostedEntry.balances: field 3, length-delimited
+# AccountAssetBalance's totals: fields 3, 4, 5, each a tag and a sfixed64.
+_TOTALS_STRUCT = struct.Struct("<BqBqBq")
+_TOTALS, _TOTALS_SIZE = _TOTALS_STRUCT.pack, _TOTALS_STRUCT.size
+_DEBITS, _CREDITS, _BALANCE = 0x19, 0x21, 0x29
 
 
 def _varint(value: int) -> bytes:
@@ -37,6 +44,8 @@ def _varint(value: int) -> bytes:
         return _ONE_BYTE[value]
     if value < 0:  # int64 two's complement, as protobuf encodes negative varints
         value += 1 << 64
+    if value < 0x4000:  # two bytes: lengths, small totals
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while True:
         bits = value & 0x7F
@@ -59,6 +68,26 @@ def posted_by_field(posted_by: str) -> bytes:
     return _POSTED_BY_TAG + _varint(len(name)) + name
 
 
+def _text_field(tag: bytes, value: str) -> bytes:
+    if not value:
+        return b""
+    raw = value.encode()
+    return tag + _varint(len(raw)) + raw
+
+
+def posting_field(debit_account: str, credit_account: str, amount: int, asset: str) -> bytes:
+    """Entry.postings holding one posting, encoded: a one-posting entry's
+    request bytes lack it, and Entry lists every posting."""
+    posting = (
+        _text_field(b"\x0a", debit_account)
+        + _text_field(b"\x12", credit_account)
+        + b"\x18"
+        + _varint(amount)
+        + _text_field(b"\x22", asset)
+    )
+    return _POSTINGS_TAG + _varint(len(posting)) + posting
+
+
 def payload(entry: NewEntry) -> bytes:
     """Encoding of every Entry field except sequence and created_at."""
     if entry.encoded is not None:  # the request's own bytes (see ledger.proto)
@@ -74,6 +103,8 @@ def payload(entry: NewEntry) -> bytes:
         description=entry.description,
         metadata=entry.metadata,
         posted_by=entry.posted_by,
+        postings=[ledger_pb2.Posting(**p._asdict()) for p in entry.all_postings()],
+        reverses_sequence=entry.reverses_sequence,
     ).SerializeToString()
 
 
@@ -100,14 +131,17 @@ def entry_message(payload_bytes: bytes, sequence: int, created_at: datetime) -> 
 
 
 def posted_entries_message(
-    results: Sequence[tuple[bytes, int, datetime, bool]],
+    results: Sequence[tuple[bytes, int, datetime, bool, Sequence[Balance]]],
 ) -> ledger_pb2.PostEntriesResponse:
-    """A PostEntriesResponse of (payload, sequence, created_at, replayed)
-    results, encoded here and parsed once. The entries of one transaction
-    share their created_at, so its encoding is made once per distinct value."""
+    """A PostEntriesResponse of (payload, sequence, created_at, replayed,
+    balances) results, encoded here and parsed once. The entries of one
+    transaction share their created_at, so its encoding is made once per
+    distinct value; an account's name and asset are encoded once too, and
+    each balance then takes one pack of its fixed-width totals."""
     stamps: dict[datetime, bytes] = {}
+    heads: dict[tuple[str, str], bytes] = {}
     parts = []
-    for payload_bytes, sequence, created_at, replayed in results:
+    for payload_bytes, sequence, created_at, replayed, balances in results:
         stamp = stamps.get(created_at)
         if stamp is None:
             stamp = stamps[created_at] = _created_at_field(epoch_micros(created_at))
@@ -115,8 +149,20 @@ def posted_entries_message(
         posted = _ENTRIES_TAG + _varint(len(entry)) + entry  # PostedEntry.entry
         if replayed:
             posted += _REPLAYED_TRUE
+        for account, asset, debits, credits in balances:
+            head = heads.get((account, asset))
+            if head is None:
+                head = heads[(account, asset)] = _balance_head(account, asset)
+            posted += head + _TOTALS(_DEBITS, debits, _CREDITS, credits, _BALANCE, debits - credits)
         parts.append(_ENTRIES_TAG + _varint(len(posted)) + posted)  # PostEntriesResponse.results
     return ledger_pb2.PostEntriesResponse.FromString(b"".join(parts))
+
+
+def _balance_head(account: str, asset: str) -> bytes:
+    """PostedEntry.balances' tag and length, then AccountAssetBalance's
+    account and asset: all but its totals, whose size is fixed."""
+    name = _text_field(b"\x0a", account) + _text_field(b"\x12", asset)
+    return _BALANCES_TAG + _varint(len(name) + _TOTALS_SIZE) + name
 
 
 def _created_at_field(micros: int) -> bytes:

@@ -1,7 +1,8 @@
 """Roles, per ledger, and what each RPC needs: one table, deny by default.
 
     admin              everything, on every ledger, InitializeCounter included
-    writer:<ledger>    PostEntry, PostEntries, and every read of that ledger
+    writer:<ledger>    PostEntry, PostEntries, ReverseEntry, SetAccountLimits,
+                       and every read of that ledger
     reader:<ledger>    the reads of that ledger (StreamEntries, GetAccount, ...)
 
 `<ledger>` may be `*`.
@@ -32,6 +33,10 @@ NEEDS: dict[str, Access] = {
     "StreamEntries": Access.READ,
     "GetAccount": Access.READ,
     "GetLedger": Access.READ,
+    "SetAccountLimits": Access.WRITE,
+    "ReverseEntry": Access.WRITE,
+    "GetEntry": Access.READ,
+    "ListAccounts": Access.READ,
 }
 
 

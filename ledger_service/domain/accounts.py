@@ -10,6 +10,8 @@ class AssetTotals:
     asset: str
     debits: int
     credits: int
+    max_net_debit: int | None = None
+    max_net_credit: int | None = None
 
     @property
     def balance(self) -> int:

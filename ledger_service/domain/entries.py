@@ -8,11 +8,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
+
+
+class Posting(NamedTuple):
+    """One movement of an entry: `amount` of `asset` from credit to debit."""
+
+    debit_account: str
+    credit_account: str
+    amount: int
+    asset: str
 
 
 @dataclass(slots=True)
 class NewEntry:
-    """A validated entry that has no number yet."""
+    """A validated entry that has no number yet: either the single pair of
+    fields (debit_account .. asset), or `postings` with those fields empty."""
 
     ledger: str
     idempotency_key: str
@@ -29,9 +40,20 @@ class NewEntry:
     # The principal that posts it (empty: auth is off). Not part of the
     # payload a replay compares: the same key and payload replay whoever asks.
     posted_by: str = ""
+    # The multi-posting form (empty: the single pair above), in order.
+    postings: tuple[Posting, ...] = ()
+    # The entry it reverses (ReverseEntry); 0: none.
+    reverses_sequence: int = 0
+
+    def all_postings(self) -> tuple[Posting, ...]:
+        """Every posting, whichever form the entry was posted in."""
+        if self.postings:
+            return self.postings
+        return (Posting(self.debit_account, self.credit_account, self.amount, self.asset),)
 
     def differing_fields(self, other: NewEntry) -> list[str]:
-        """Payload fields (not ledger or key) whose values differ from `other`."""
+        """Payload fields (not ledger or key) whose values differ from `other`.
+        The same postings in the same order are the same payload."""
         names = (
             "debit_account",
             "credit_account",
@@ -39,6 +61,8 @@ class NewEntry:
             "asset",
             "entry_type",
             "description",
+            "postings",
+            "reverses_sequence",
         )
         fields = [n for n in names if getattr(self, n) != getattr(other, n)]
         if dict(self.metadata) != dict(other.metadata):
@@ -61,10 +85,26 @@ class Entry:
     hash: bytes = b""
 
 
+class Balance(NamedTuple):
+    """An account's totals in one asset right after some entry (a tuple:
+    a batch makes two per entry, and tuples are cheap to make and sort)."""
+
+    account: str
+    asset: str
+    debits: int
+    credits: int
+
+    @property
+    def balance(self) -> int:
+        return self.debits - self.credits
+
+
 @dataclass(slots=True)
 class PostResult:
     entry: Entry
     replayed: bool
+    # The touched accounts' totals right after `entry`, by (account, asset).
+    balances: tuple[Balance, ...] = ()
 
 
 @dataclass(frozen=True)

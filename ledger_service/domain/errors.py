@@ -77,12 +77,70 @@ class Overloaded(LedgerError):
 
 
 class PositionAhead(LedgerError):
-    def __init__(self, ledger: str, after_sequence: int, head: int) -> None:
+    def __init__(
+        self, ledger: str, after_sequence: int, head: int, field: str = "after_sequence"
+    ) -> None:
         super().__init__(
-            f"after_sequence {after_sequence} is beyond ledger {ledger!r}'s last entry {head}: "
+            f"{field} {after_sequence} is beyond ledger {ledger!r}'s last entry {head}: "
             "this position does not belong to this ledger's history",
             {"ledger": ledger, "head_sequence": str(head)},
         )
+
+
+class BalanceLimitExceeded(LedgerError):
+    """A post would take an account beyond a balance limit (or a new limit
+    is already broken); nothing was written."""
+
+    def __init__(
+        self,
+        ledger: str,
+        account: str,
+        asset: str,
+        limit_name: str,
+        limit: int,
+        would_reach: int,
+        index: int | None = None,
+        *,
+        already: bool = False,
+    ) -> None:
+        what = "debits - credits" if limit_name == "max_net_debit" else "credits - debits"
+        where = "" if index is None else f"entries[{index}]: "
+        if already:
+            text = (
+                f"account {account!r} {asset} in ledger {ledger!r}: {what} is {would_reach}"
+                f" now, which already breaks the new {limit_name} {limit}; nothing was changed"
+            )
+        else:
+            text = (
+                f"{where}account {account!r} {asset} in ledger {ledger!r}: {what} would reach"
+                f" {would_reach}, beyond its {limit_name} {limit}; nothing was written"
+            )
+        metadata = {
+            "ledger": ledger,
+            "account": account,
+            "asset": asset,
+            limit_name: str(limit),
+            "limit": limit_name,
+            "would_reach": str(would_reach),
+        }
+        if index is not None:
+            metadata["index"] = str(index)
+        super().__init__(text, metadata)
+        self.index = index
+
+
+class AlreadyReversed(LedgerError):
+    def __init__(self, ledger: str, sequence: int, reversed_by: int) -> None:
+        super().__init__(
+            f"entry {sequence} of ledger {ledger!r} was already reversed by entry {reversed_by}"
+            " (with another idempotency key); an entry is reversed at most once",
+            {"ledger": ledger, "sequence": str(sequence), "reversed_by": str(reversed_by)},
+        )
+
+
+class EntryNotFound(LedgerError):
+    def __init__(self, ledger: str, which: str) -> None:
+        super().__init__(f"ledger {ledger!r} has no entry with {which}", {"ledger": ledger})
 
 
 class StorageUnavailable(LedgerError):

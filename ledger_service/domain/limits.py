@@ -96,9 +96,15 @@ AMOUNT_MAX = INT64_MAX  # minor units; an amount is > 0
 METADATA_MAX_PAIRS = 32
 METADATA_MAX_BYTES = 4096  # keys and values, UTF-8
 BATCH_MAX_ENTRIES = 1000
+POSTINGS_MAX = 64  # per multi-posting entry
+LIST_PAGE_DEFAULT = 100  # ListAccounts
+LIST_PAGE_MAX = 1000
 # The worst-case entry the limits allow is ~10.5 KiB, so a stream message of
 # this many stays well under gRPC's 4 MiB default.
 STREAM_MESSAGE_MAX_ENTRIES = 256
+# Entries of many postings are larger: a message also stops at about this
+# many bytes of entries, under gRPC's 4 MiB default receive limit.
+STREAM_MESSAGE_MAX_BYTES = 3 << 20
 
 
 def max_request_bytes() -> int:
@@ -135,6 +141,10 @@ def describe() -> list[str]:
         f"`metadata`: at most {METADATA_MAX_PAIRS} pairs; keys {METADATA_KEY.describe()};"
         f" values {METADATA_VALUE.describe()}; at most {METADATA_MAX_BYTES} bytes of UTF-8"
         " in all",
+        f"`postings`: 1 to {POSTINGS_MAX} per entry, each with the accounts, `amount` and"
+        " `asset` rules above; an entry uses them or the single pair of fields, not both",
         f"`PostEntries`: 1 to {BATCH_MAX_ENTRIES} entries",
+        f"`ListAccounts` `page_size`: 0 (default {LIST_PAGE_DEFAULT}) to {LIST_PAGE_MAX};"
+        " above it, taken as that",
         f"a `StreamEntries` message: at most {STREAM_MESSAGE_MAX_ENTRIES} entries",
     ]

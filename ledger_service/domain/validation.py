@@ -8,7 +8,7 @@ import operator
 from collections.abc import Mapping, Sequence
 from itertools import repeat
 
-from .entries import EntryFields, NewEntry
+from .entries import EntryFields, NewEntry, Posting
 from .errors import FieldViolation, InvalidArgument
 from .limits import (
     ACCOUNT,
@@ -20,10 +20,12 @@ from .limits import (
     ENTRY_TYPE,
     IDEMPOTENCY_KEY,
     LEDGER,
+    LIST_PAGE_MAX,
     METADATA_KEY,
     METADATA_MAX_BYTES,
     METADATA_MAX_PAIRS,
     METADATA_VALUE,
+    POSTINGS_MAX,
     Text,
 )
 
@@ -53,6 +55,65 @@ def validate_account_query(ledger: str, account: str) -> None:
     _raise_if(out)
 
 
+def validate_as_of(ledger: str, account: str, as_of_sequence: int) -> None:
+    out: list[FieldViolation] = []
+    _check(out, "ledger", ledger, LEDGER)
+    _check(out, "account", account, ACCOUNT)
+    if as_of_sequence < 0:
+        out.append(FieldViolation("as_of_sequence", "must be >= 0 (0: now)"))
+    _raise_if(out)
+
+
+def validate_limits_request(
+    ledger: str,
+    account: str,
+    asset: str,
+    max_net_debit: int | None,
+    max_net_credit: int | None,
+) -> None:
+    out: list[FieldViolation] = []
+    _check(out, "ledger", ledger, LEDGER)
+    _check(out, "account", account, ACCOUNT)
+    _check(out, "asset", asset, ASSET)
+    for name, value in (("max_net_debit", max_net_debit), ("max_net_credit", max_net_credit)):
+        # -2^63 would make the checks' negation overflow; no balance reaches it.
+        if value is not None and value < -AMOUNT_MAX:
+            out.append(FieldViolation(name, f"must be at least {-AMOUNT_MAX}"))
+    _raise_if(out)
+
+
+def validate_entry_lookup(ledger: str, sequence: int | None, idempotency_key: str | None) -> None:
+    out: list[FieldViolation] = []
+    _check(out, "ledger", ledger, LEDGER)
+    if sequence is None and idempotency_key is None:
+        out.append(FieldViolation("sequence", "set sequence or idempotency_key"))
+    elif sequence is not None and sequence < 1:
+        out.append(FieldViolation("sequence", "must be >= 1"))
+    elif idempotency_key is not None:
+        _check(out, "idempotency_key", idempotency_key, IDEMPOTENCY_KEY)
+    _raise_if(out)
+
+
+def validate_reversal(ledger: str, sequence: int, idempotency_key: str, description: str) -> None:
+    out: list[FieldViolation] = []
+    _check(out, "ledger", ledger, LEDGER)
+    if sequence < 1:
+        out.append(FieldViolation("sequence", "must be >= 1"))
+    _check(out, "idempotency_key", idempotency_key, IDEMPOTENCY_KEY)
+    _check(out, "description", description, DESCRIPTION)
+    _raise_if(out)
+
+
+def validate_page_size(ledger: str, page_size: int) -> int:
+    """The page size to use (0: the default; above the maximum: the maximum)."""
+    out: list[FieldViolation] = []
+    _check(out, "ledger", ledger, LEDGER)
+    if page_size < 0:
+        out.append(FieldViolation("page_size", "must be >= 0 (0: the default)"))
+    _raise_if(out)
+    return min(page_size, LIST_PAGE_MAX)
+
+
 def validate_stream_request(ledger: str, after_sequence: int) -> None:
     out: list[FieldViolation] = []
     _check(out, "ledger", ledger, LEDGER)
@@ -74,6 +135,7 @@ def validate_new_entry(
     metadata: Mapping[str, str] | None = None,
     encoded: bytes | None = None,
     posted_by: str = "",
+    postings: Sequence[Posting] = (),
 ) -> NewEntry:
     """Checks every field and reports every violation at once."""
     out: list[FieldViolation] = []
@@ -91,6 +153,7 @@ def validate_new_entry(
         metadata,
         encoded,
         posted_by,
+        postings,
     )
     _raise_if(out)
     return entry
@@ -109,9 +172,23 @@ def _checked_entry(
     metadata: Mapping[str, str] | None = None,
     encoded: bytes | None = None,
     posted_by: str = "",
+    postings: Sequence[Posting] = (),
 ) -> NewEntry:
     """Appends the violations of every field but `ledger` (checked by the caller,
     once per batch) to `out`; returns the entry, meaningful only if none."""
+    if postings:
+        return _checked_postings_entry(
+            out,
+            ledger,
+            idempotency_key,
+            (debit_account, credit_account, amount, asset),
+            entry_type,
+            description,
+            metadata,
+            encoded,
+            posted_by,
+            postings,
+        )
     if (
         # The plainly valid entry, the common one, in one pass; anything
         # else takes the detailed checks below, which decide.
@@ -167,6 +244,56 @@ def _checked_entry(
     )
 
 
+def _checked_postings_entry(
+    out: list[FieldViolation],
+    ledger: str,
+    idempotency_key: str,
+    single_pair: tuple[str, str, int, str],
+    entry_type: str,
+    description: str,
+    metadata: Mapping[str, str] | None,
+    encoded: bytes | None,
+    posted_by: str,
+    postings: Sequence[Posting],
+) -> NewEntry:
+    """An entry in the multi-posting form: its single-pair fields empty."""
+    _check(out, "idempotency_key", idempotency_key, IDEMPOTENCY_KEY)
+    for name, value in zip(
+        ("debit_account", "credit_account", "amount", "asset"), single_pair, strict=True
+    ):
+        if value:
+            out.append(FieldViolation(name, "must be empty when postings are given"))
+    if len(postings) > POSTINGS_MAX:
+        out.append(FieldViolation("postings", f"must hold at most {POSTINGS_MAX} postings"))
+    for j, p in enumerate(postings[:POSTINGS_MAX]):
+        where = f"postings[{j}]"
+        _check(out, f"{where}.debit_account", p.debit_account, ACCOUNT)
+        _check(out, f"{where}.credit_account", p.credit_account, ACCOUNT)
+        if p.debit_account and p.debit_account == p.credit_account:
+            out.append(FieldViolation(f"{where}.credit_account", "must differ from debit_account"))
+        if p.amount <= 0:
+            out.append(FieldViolation(f"{where}.amount", "must be > 0 (minor units)"))
+        _check(out, f"{where}.asset", p.asset, ASSET)
+    _check(out, "entry_type", entry_type, ENTRY_TYPE)
+    _check(out, "description", description, DESCRIPTION)
+    meta = dict(metadata or {})
+    _check_metadata(out, meta)
+    return NewEntry(
+        ledger=ledger,
+        idempotency_key=idempotency_key,
+        debit_account="",
+        credit_account="",
+        amount=0,
+        asset="",
+        entry_type=entry_type,
+        description=description,
+        metadata=meta,
+        encoded=encoded,
+        posted_by=posted_by,
+        postings=tuple(postings),
+    )
+
+
 def _check_metadata(out: list[FieldViolation], meta: dict[str, str]) -> None:
     if len(meta) > METADATA_MAX_PAIRS:
         out.append(FieldViolation("metadata", f"must have at most {METADATA_MAX_PAIRS} pairs"))
@@ -190,9 +317,15 @@ def _check_metadata(out: list[FieldViolation], meta: dict[str, str]) -> None:
         )
 
 
-def validate_batch(ledger: str, rows: Sequence[EntryFields], posted_by: str = "") -> list[NewEntry]:
+def validate_batch(
+    ledger: str,
+    rows: Sequence[EntryFields],
+    posted_by: str = "",
+    postings: Sequence[Sequence[Posting]] | None = None,
+) -> list[NewEntry]:
     """Validates an atomic batch of entries of `ledger`, posted by
-    `posted_by`; violations are named `entries[i].field`, all at once."""
+    `posted_by`; violations are named `entries[i].field`, all at once.
+    `postings`: each entry's, when any entry has some (None: none has)."""
     out: list[FieldViolation] = []
     _check(out, "ledger", ledger, LEDGER)
     if not rows:
@@ -200,7 +333,7 @@ def validate_batch(ledger: str, rows: Sequence[EntryFields], posted_by: str = ""
     elif len(rows) > BATCH_MAX_ENTRIES:
         out.append(FieldViolation("entries", f"must contain at most {BATCH_MAX_ENTRIES} entries"))
     _raise_if(out)
-    if _plainly_valid(rows):
+    if postings is None and _plainly_valid(rows):
         n = len(rows)
         return list(
             map(NewEntry, repeat(ledger, n), *zip(*rows, strict=True), repeat(posted_by, n))
@@ -209,7 +342,8 @@ def validate_batch(ledger: str, rows: Sequence[EntryFields], posted_by: str = ""
     first_index: dict[str, int] = {}
     for i, row in enumerate(rows):
         mine: list[FieldViolation] = []
-        batch.append(_checked_entry(mine, ledger, *row, posted_by))
+        own = () if postings is None else postings[i]
+        batch.append(_checked_entry(mine, ledger, *row, posted_by, own))
         if mine:
             out.extend(FieldViolation(f"entries[{i}].{v.field}", v.description) for v in mine)
             continue

@@ -3,8 +3,10 @@ straight from the database (docs/integrity.md).
 
 Per ledger: the numbers are exactly 1..N (N: the counter's value), every hash
 recomputes from the entry's columns and chains to the previous entry's stored
-hash, the counter's head hash is entry N's, and every account total equals
-the sum of its entries. Entries are read in keyset pages, so memory stays
+hash, the counter's head hash is entry N's, every account total equals the
+sum of its entries, and every account's history (its totals right after each
+entry that touched it) equals the running sums of its entries. Entries are
+read in keyset pages and the sums compared in the database, so memory stays
 bounded whatever the ledger's size. On Postgres the canonical bytes and the
 hashes are computed by the database, in the query (a second implementation
 of the encoding, held to the same test vectors as the clients'); on SQLite,
@@ -25,14 +27,17 @@ from typing import Any, TextIO
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from ..domain.chain import GENESIS, body_of, chain_hash
-from ..domain.entries import epoch_micros
+from ..domain.chain import GENESIS, body_of, chain_hash, version_of
+from ..domain.entries import NewEntry, Posting, epoch_micros
+from ..domain.limits import INT64_MAX
 from ..storage import dialect
-from ..storage.repository import entry_from_row
-from ..storage.schema import account_totals, counters, entries
+from ..storage.schema import counters, entries
 
 PAGE = 50_000
 WORKERS = max(1, min(os.cpu_count() or 1, 4))
+# History problems named per account and asset; beyond them, only a count
+# (one early damage makes every later row of the account differ).
+HISTORY_SHOWN = 3
 
 # progress(ledger, entries checked so far, entries to check)
 Progress = Callable[[str, int, int], None]
@@ -53,6 +58,55 @@ def _text(column: str) -> str:
     return f"int4send(octet_length({column})) || textsend({column})"
 
 
+def _int64_pg(value: str) -> str:
+    """A JSON number that is an int64 (`value`: a JSONB expression) as
+    BIGINT; NULL for anything else (damage), without an error: each test
+    runs only once the one before it held."""
+    n = f"({value})::NUMERIC"
+    return (
+        f"CASE WHEN jsonb_typeof({value}) = 'number' THEN"
+        f" CASE WHEN {n} BETWEEN -9223372036854775808 AND 9223372036854775807"
+        f" AND {n} = trunc({n}) THEN {n}::BIGINT END END"
+    )
+
+
+def _multi_pg(column: str) -> str:
+    """Whether an entry has several postings (`column`, its postings, a
+    non-empty JSON array). NULL (never true), an empty array or any other
+    JSON: the single pair of columns, as _postings_of reads them."""
+    return f"(jsonb_typeof({column}) = 'array' AND {column} <> '[]'::JSONB)"
+
+
+# One posting `p` (a JSONB element of postings) as its canonical bytes: NULL
+# unless it is [debit, credit, amount, asset] with strings and an int64.
+_POSTING_PG = (
+    "CASE WHEN jsonb_typeof(p) = 'array' AND p->4 IS NULL"
+    " AND jsonb_typeof(p->0) = 'string' AND jsonb_typeof(p->1) = 'string'"
+    " AND jsonb_typeof(p->3) = 'string'"
+    f" THEN {_text('p->>0')} || {_text('p->>1')} || int8send({_int64_pg('p->2')})"
+    f" || {_text('p->>3')} END"
+)
+
+# Field 6, postings. The single pair of columns as one posting, the common
+# case, touches no JSONB function. A multi-posting entry's postings in order
+# (its single-pair columns must be empty, else it is not what was chained);
+# NULL, and so a hash mismatch, when any of them is malformed.
+_POSTINGS_PG = f"""CASE
+        WHEN postings IS NULL OR NOT {_multi_pg("postings")} THEN
+            '\\x00000001'::BYTEA || {_text("debit_account")} || {_text("credit_account")}
+            || int8send(amount) || {_text("asset")}
+        WHEN debit_account = '' AND credit_account = '' AND amount = 0 AND asset = '' THEN
+            (SELECT CASE WHEN count(*) = count(b) THEN
+                        int4send(count(*)::INT) || string_agg(b, ''::BYTEA ORDER BY o) END
+             FROM (SELECT o, {_POSTING_PG} AS b
+                   FROM jsonb_array_elements(postings) WITH ORDINALITY AS x(p, o)) AS y)
+        END"""
+
+# Version 2 (docs/integrity.md) for a reversal: its version byte, and its
+# reverses_sequence after posted_by. NULL and 0 alike are no reversal, as a
+# reader (proto3) and domain.chain.version_of see them.
+_REVERSAL_PG = "COALESCE(reverses_sequence, 0) = 0"
+
 # One page of a ledger's entries, checked: for each entry the number before
 # it and whether its stored hash is SHA-256(previous stored hash || canonical
 # bytes), the canonical bytes built column by column as docs/integrity.md
@@ -60,15 +114,15 @@ def _text(column: str) -> str:
 _CHECK_PAGE_PG = f"""
     WITH page AS (
         SELECT sequence, hash,
-               '\\x01'::BYTEA || int8send(sequence)
+               CASE WHEN {_REVERSAL_PG} THEN '\\x01'::BYTEA ELSE '\\x02'::BYTEA END
+               || int8send(sequence)
                -- Microseconds since the epoch, exactly, without numeric
                -- arithmetic: whole seconds, then the microseconds within.
                || int8send(date_part('epoch', date_trunc('second', created_at))::BIGINT
                            * 1000000 + date_part('microseconds', created_at)::BIGINT %% 1000000)
                -- The WHERE clause fixes the ledger: its bytes are the parameter's.
                || %(ledger_text)s::BYTEA || {_text("idempotency_key")}
-               || '\\x00000001'::BYTEA || {_text("debit_account")} || {_text("credit_account")}
-               || int8send(amount) || {_text("asset")}
+               || {_POSTINGS_PG}
                || {_text("entry_type")} || {_text("description")}
                || CASE jsonb_array_length(pairs)
                       WHEN 0 THEN '\\x00000000'::BYTEA
@@ -79,7 +133,9 @@ _CHECK_PAGE_PG = f"""
                                 {_text("key")} || {_text("value")}, ''::BYTEA
                                 ORDER BY textsend(key))
                             FROM jsonb_each_text(metadata)) END
-               || {_text("posted_by")} AS canonical
+               || {_text("posted_by")}
+               || CASE WHEN {_REVERSAL_PG} THEN ''::BYTEA
+                       ELSE int8send(reverses_sequence) END AS canonical
         FROM ledger_entries,
              LATERAL jsonb_path_query_array(metadata, '$.keyvalue()') AS pairs
         WHERE ledger = %(ledger)s AND sequence > %(after)s AND sequence <= %(through)s
@@ -99,6 +155,155 @@ _CHECK_PAGE_PG = f"""
     (SELECT sequence, hash, sequence - 1, true FROM page ORDER BY sequence DESC LIMIT 1)
 """
 
+# What each entry of a ledger moves, one row per posting side: (sequence,
+# account, asset, debits, credits). A multi-posting entry's postings, else the
+# single pair of columns, as the chain reads them; a malformed posting's
+# parts are NULL (the chain names the entry), never an error.
+_MOVES_PG = f"""
+    SELECT e.sequence, m.account, e.asset, m.debits, m.credits
+    FROM ledger_entries AS e,
+         LATERAL (VALUES (e.debit_account, e.amount, 0::BIGINT),
+                         (e.credit_account, 0::BIGINT, e.amount)) AS m(account, debits, credits)
+    WHERE e.ledger = :ledger AND (e.postings IS NULL OR NOT {_multi_pg("e.postings")})
+    UNION ALL
+    SELECT e.sequence, m.account, x.p->>3, m.debits, m.credits
+    FROM ledger_entries AS e, jsonb_array_elements(e.postings) AS x(p),
+         LATERAL (SELECT {_int64_pg("x.p->2")} AS amount) AS a,
+         LATERAL (VALUES (x.p->>0, a.amount, 0::BIGINT),
+                         (x.p->>1, 0::BIGINT, a.amount)) AS m(account, debits, credits)
+    WHERE e.ledger = :ledger AND {_multi_pg("e.postings")}
+"""
+
+_MULTI_SQLITE = "COALESCE(json_type(e.postings) = 'array' AND json_array_length(e.postings) > 0, 0)"
+
+
+def _element_sqlite(i: int) -> str:
+    return f"CASE WHEN x.type = 'array' THEN json_extract(x.value, '$[{i}]') END"
+
+
+_AMOUNT_SQLITE = (
+    "CASE WHEN x.type = 'array' THEN CASE WHEN json_type(x.value, '$[2]') = 'integer'"
+    " THEN json_extract(x.value, '$[2]') END END"
+)
+
+_MOVES_SQLITE = f"""
+    SELECT e.sequence, e.debit_account AS account, e.asset, e.amount AS debits, 0 AS credits
+    FROM ledger_entries AS e WHERE e.ledger = :ledger AND NOT {_MULTI_SQLITE}
+    UNION ALL
+    SELECT e.sequence, e.credit_account, e.asset, 0, e.amount
+    FROM ledger_entries AS e WHERE e.ledger = :ledger AND NOT {_MULTI_SQLITE}
+    UNION ALL
+    SELECT e.sequence, {_element_sqlite(0)}, {_element_sqlite(3)}, {_AMOUNT_SQLITE}, 0
+    FROM ledger_entries AS e, json_each(e.postings) AS x
+    WHERE e.ledger = :ledger AND {_MULTI_SQLITE}
+    UNION ALL
+    SELECT e.sequence, {_element_sqlite(1)}, {_element_sqlite(3)}, 0, {_AMOUNT_SQLITE}
+    FROM ledger_entries AS e, json_each(e.postings) AS x
+    WHERE e.ledger = :ledger AND {_MULTI_SQLITE}
+"""
+
+# Stored totals beside the sums of the entries, both ways round: a total
+# without entries, and entries without a total.
+_TOTALS = """
+    WITH moves (sequence, account, asset, debits, credits) AS ({moves}),
+    summed AS (
+        SELECT account, asset, sum(debits) AS debits, sum(credits) AS credits
+        FROM moves GROUP BY account, asset
+    ), stored AS (
+        SELECT account, asset, debits, credits FROM ledger_account_totals WHERE ledger = :ledger
+    )
+    SELECT COALESCE(t.account, s.account) AS account, COALESCE(t.asset, s.asset) AS asset,
+           t.debits, t.credits, s.debits, s.credits
+    FROM stored AS t FULL JOIN summed AS s ON s.account = t.account AND s.asset = t.asset
+    ORDER BY 1, 2
+"""
+
+# Postgres: whether the history holds, cheaply (no sort: the history in its
+# index's order, joined to its entries by number), as a screen before
+# _HISTORY, which sorts the entries' moves to name the problems (twice the
+# time). Each history row must be touched by its entry, its change from the
+# account's row before it (0 before the first) exactly what the entry moved
+# on that account and asset; and there must be as many rows as (entry,
+# account, asset) the entries touch. Then the rows are those the entries
+# touch, one each, and by induction each holds the running totals. NULL (a
+# malformed posting) never holds: then _HISTORY decides.
+_HISTORY_HOLDS_PG = f"""
+    WITH h AS (
+        SELECT account, asset, sequence,
+               debits - lag(debits, 1, 0::BIGINT) OVER w AS debits,
+               credits - lag(credits, 1, 0::BIGINT) OVER w AS credits
+        FROM ledger_account_history WHERE ledger = :ledger
+        WINDOW w AS (PARTITION BY account, asset ORDER BY sequence)
+    )
+    SELECT count(*) FILTER (WHERE NOT COALESCE(holds, FALSE)) = 0 AND count(*) = (
+               SELECT COALESCE(sum(CASE
+                   WHEN postings IS NULL OR NOT {_multi_pg("postings")} THEN
+                       CASE WHEN debit_account = credit_account THEN 1 ELSE 2 END
+                   ELSE (SELECT count(*) FROM (
+                             SELECT DISTINCT m.account, x.p->>3
+                             FROM jsonb_array_elements(postings) AS x(p),
+                                  LATERAL (VALUES (x.p->>0), (x.p->>1)) AS m(account)) AS k)
+                   END), 0)
+               FROM ledger_entries WHERE ledger = :ledger)
+    FROM (
+        SELECT CASE
+            WHEN e.sequence IS NULL THEN FALSE
+            WHEN e.postings IS NULL OR NOT {_multi_pg("e.postings")} THEN
+                -- (An entry debiting the account it credits is left to _HISTORY.)
+                h.asset = e.asset AND e.debit_account <> e.credit_account
+                AND ((h.account = e.debit_account AND h.debits = e.amount AND h.credits = 0)
+                     OR (h.account = e.credit_account AND h.debits = 0 AND h.credits = e.amount))
+            ELSE (SELECT count(*) > 0 AND sum(m.debits) = h.debits AND sum(m.credits) = h.credits
+                  FROM jsonb_array_elements(e.postings) AS x(p),
+                       LATERAL (SELECT {_int64_pg("x.p->2")} AS amount) AS a,
+                       LATERAL (VALUES (x.p->>0, a.amount, 0::BIGINT),
+                                       (x.p->>1, 0::BIGINT, a.amount))
+                           AS m(account, debits, credits)
+                  WHERE m.account = h.account AND x.p->>3 = h.asset)
+            END AS holds
+        FROM h LEFT JOIN ledger_entries AS e ON e.ledger = :ledger AND e.sequence = h.sequence
+    ) AS checked
+"""
+
+# Each account's totals in an asset right after each entry that touched it,
+# summed from the entries (an entry's postings on one account and asset are
+# one row), against ledger_account_history: the rows that differ, are
+# missing, or have no entry, the first :shown of each account and asset with
+# how many there are in all. Only those come back.
+_HISTORY = """
+    WITH moves (sequence, account, asset, debits, credits) AS ({moves}),
+    per_entry AS (
+        SELECT account, asset, sequence, sum(debits) AS debits, sum(credits) AS credits
+        FROM moves GROUP BY account, asset, sequence
+    ), running AS (
+        SELECT account, asset, sequence,
+               sum(debits) OVER w AS debits, sum(credits) OVER w AS credits
+        FROM per_entry
+        WINDOW w AS (PARTITION BY account, asset ORDER BY sequence ROWS UNBOUNDED PRECEDING)
+    ), stored AS (
+        SELECT account, asset, sequence, debits, credits
+        FROM ledger_account_history WHERE ledger = :ledger
+    ), wrong AS (
+        SELECT COALESCE(h.account, r.account) AS account, COALESCE(h.asset, r.asset) AS asset,
+               COALESCE(h.sequence, r.sequence) AS sequence,
+               h.sequence IS NOT NULL AS has_row, r.sequence IS NOT NULL AS has_entry,
+               h.debits AS debits, h.credits AS credits,
+               r.debits AS summed_debits, r.credits AS summed_credits
+        FROM stored AS h FULL JOIN running AS r
+             ON r.account = h.account AND r.asset = h.asset AND r.sequence = h.sequence
+        WHERE NOT COALESCE(h.debits = r.debits AND h.credits = r.credits, FALSE)
+    ), counted AS (
+        SELECT wrong.*,
+               row_number() OVER (PARTITION BY account, asset ORDER BY sequence) AS nth,
+               count(*) OVER (PARTITION BY account, asset) AS found
+        FROM wrong
+    )
+    SELECT account, asset, sequence, has_row, has_entry, debits, credits,
+           summed_debits, summed_credits, nth, found
+    FROM counted WHERE nth <= :shown
+    ORDER BY account, asset, sequence
+"""
+
 
 def verify(
     engine: Engine,
@@ -110,9 +315,10 @@ def verify(
 ) -> Iterator[Problem]:
     """The problems of `ledgers` (None: every ledger), in order; none when the
     books hold. `from_sequence` > 1 checks the chain from that entry on,
-    trusting the stored hash of the one before it, and skips the totals,
-    which need every entry. On Postgres a large ledger is checked in
-    `workers` ranges at once (each on a connection of its own)."""
+    trusting the stored hash of the one before it, and skips the totals and
+    the history, which need every entry. On Postgres a large ledger is
+    checked in `workers` ranges at once, beside the totals and the history
+    (each on a connection of its own)."""
     with engine.connect() as conn:
         if ledgers is None:
             ledgers = list(
@@ -169,20 +375,34 @@ def _ledger(
         anchor = (start, start_hash) if i == 0 else None
         return _check_range(engine, ledger, cuts[i], cuts[i + 1], anchor, pages, counted)
 
-    def totals() -> list[str]:
-        if from_sequence > 1:
-            return []
-        with engine.connect() as own:
-            return list(_totals(own, ledger))
+    def sums(check_sums: Callable[[Connection, str], Iterator[str]]) -> Callable[[], list[str]]:
+        def checked() -> list[str]:
+            if from_sequence > 1:  # the sums need every entry
+                return []
+            with engine.connect() as own:
+                return list(check_sums(own, ledger))
 
-    if n == 1:
-        ranges, totals_problems = [check(0)], totals()
+        return checked
+
+    if in_sql:
+        # The history screened first and, when it holds, the totals against
+        # its last rows (cheap); else both summed from the entries. Beside
+        # the ranges, on the cores a range leaves idle.
+        both = sums(_totals_and_history_pg)
+        if n == 1:
+            ranges, found = [check(0)], both()
+        else:
+            with ThreadPoolExecutor(n + 1, thread_name_prefix="verify") as pool:
+                summed = pool.submit(both)
+                ranges = list(pool.map(check, range(n)))
+                found = summed.result()
+        totals_problems = [p for p in found if not p.startswith(_HISTORY_MARK)]
+        history_problems = [
+            p.removeprefix(_HISTORY_MARK) for p in found if p not in totals_problems
+        ]
     else:
-        # The totals too, at once: they fill the cores a range leaves idle.
-        with ThreadPoolExecutor(n + 1, thread_name_prefix="verify") as pool:
-            summed = pool.submit(totals)
-            ranges = list(pool.map(check, range(n)))
-            totals_problems = summed.result()
+        ranges = [check(0)]
+        totals_problems, history_problems = sums(_totals)(), sums(_history)()
     for r in ranges:
         yield from (Problem(ledger, p) for p in r.problems)
     last, last_hash = start, start_hash
@@ -197,6 +417,7 @@ def _ledger(
     if last == head and (counter.head_hash or GENESIS) != last_hash:
         yield Problem(ledger, f"head hash differs from entry {head}'s hash")
     yield from (Problem(ledger, p) for p in totals_problems)
+    yield from (Problem(ledger, p) for p in history_problems)
 
 
 def _beyond_the_counter(conn: Connection, ledger: str) -> str | None:
@@ -280,6 +501,11 @@ def _pages_pg(
     # A page (about 250 bytes a row) then stays in memory, not a temporary
     # file: a tenth faster, and still bounded per connection.
     raw.execute("SET work_mem = '64MB'")
+    # No JIT: the planner counts the CASE branches' subqueries (several
+    # postings, several metadata pairs) for every row, and above its cost
+    # thresholds JIT inlining and optimization took longer (0.7 s a page)
+    # than the page's check itself; without any JIT the page is faster still.
+    raw.execute("SET jit = off")
     while True:
         params = {
             "ledger": ledger,
@@ -327,17 +553,70 @@ def _pages_python(
         for row in rows:
             if row.sequence != after + 1:
                 problems.append(_missing(after + 1, row.sequence - 1))
-            elif row.hash != _recomputed(row, previous_hash):
+            elif row.hash is None or row.hash != _recomputed(row, previous_hash):
                 problems.append(_mismatch(row.sequence, row.hash))
             after, previous_hash = row.sequence, row.hash or b""
         yield problems, len(rows), (after, previous_hash)
 
 
-def _recomputed(row: Any, previous_hash: bytes) -> bytes:
-    entry = entry_from_row(row)
-    return chain_hash(
-        previous_hash, entry.sequence, epoch_micros(entry.created_at), body_of(entry.payload)
+def _recomputed(row: Any, previous_hash: bytes) -> bytes | None:
+    """The hash of `row` chained to `previous_hash`; None when its postings
+    are not what the server writes (and so not what it chained)."""
+    postings = _postings_of(row.postings)
+    if postings is None:
+        return None
+    if postings and (row.debit_account, row.credit_account, row.amount, row.asset) != (
+        "",
+        "",
+        0,
+        "",
+    ):
+        return None  # its single-pair columns are not covered by its hash: they must be empty
+    entry = NewEntry(
+        ledger=row.ledger,
+        idempotency_key=row.idempotency_key,
+        debit_account=row.debit_account,
+        credit_account=row.credit_account,
+        amount=row.amount,
+        asset=row.asset,
+        entry_type=row.entry_type,
+        description=row.description,
+        metadata=dict(row.metadata or {}),
+        posted_by=row.posted_by,
+        postings=postings,
+        reverses_sequence=row.reverses_sequence or 0,
     )
+    return chain_hash(
+        previous_hash,
+        row.sequence,
+        epoch_micros(row.created_at),
+        body_of(entry),
+        version_of(entry),
+    )
+
+
+def _postings_of(value: Any) -> tuple[Posting, ...] | None:
+    """The postings column read as _CHECK_PAGE_PG reads it: () for the single
+    pair of columns (NULL, an empty array, any other JSON), the postings of a
+    non-empty array, None when one of them is not [debit, credit, amount,
+    asset] with strings and an int64."""
+    if not isinstance(value, list) or not value:
+        return ()
+    postings = []
+    for p in value:
+        if not (isinstance(p, list) and len(p) == 4):
+            return None
+        debit, credit, amount, asset = p
+        if not (isinstance(debit, str) and isinstance(credit, str) and isinstance(asset, str)):
+            return None
+        if isinstance(amount, float) and amount.is_integer():
+            amount = int(amount)  # JSON 100.0: the number 100, as Postgres reads it
+        if isinstance(amount, bool) or not isinstance(amount, int):
+            return None
+        if not -INT64_MAX - 1 <= amount <= INT64_MAX:
+            return None
+        postings.append(Posting(debit, credit, amount, asset))
+    return tuple(postings)
 
 
 def _missing(first: int, last: int) -> str:
@@ -348,60 +627,20 @@ def _mismatch(sequence: int, entry_hash: bytes | None) -> str:
     return f"entry {sequence}: " + ("hash missing" if entry_hash is None else "hash mismatch")
 
 
+def _streamed(sql: str) -> sa.TextClause:
+    """A statement whose rows come in batches (a server-side cursor on
+    Postgres): however many accounts, memory stays bounded."""
+    return sa.text(sql).execution_options(stream_results=True, max_row_buffer=1000)
+
+
+def _moves(conn: Connection) -> str:
+    return _MOVES_PG if dialect.name_of(conn) == dialect.POSTGRES else _MOVES_SQLITE
+
+
 def _totals(conn: Connection, ledger: str) -> Iterator[str]:
     """Accounts whose stored totals differ from the sums of their entries."""
-    e = entries
-    moves = sa.union_all(
-        sa.select(
-            e.c.debit_account.label("account"),
-            e.c.asset,
-            e.c.amount.label("debits"),
-            sa.literal(0, sa.BigInteger).label("credits"),
-        ).where(e.c.ledger == ledger),
-        sa.select(
-            e.c.credit_account.label("account"),
-            e.c.asset,
-            sa.literal(0, sa.BigInteger).label("debits"),
-            e.c.amount.label("credits"),
-        ).where(e.c.ledger == ledger),
-    ).subquery()
-    sums = (
-        sa.select(
-            moves.c.account,
-            moves.c.asset,
-            sa.func.sum(moves.c.debits).label("debits"),
-            sa.func.sum(moves.c.credits).label("credits"),
-        )
-        .group_by(moves.c.account, moves.c.asset)
-        .subquery()
-    )
-    t = sa.select(account_totals).where(account_totals.c.ledger == ledger).subquery()
-    # Both ways round: a total without entries, and entries without a total.
-    on = sa.and_(sums.c.account == t.c.account, sums.c.asset == t.c.asset)
-    stored_side = sa.select(
-        t.c.account.label("account"),
-        t.c.asset.label("asset"),
-        t.c.debits.label("debits"),
-        t.c.credits.label("credits"),
-        sums.c.debits.label("summed_debits"),
-        sums.c.credits.label("summed_credits"),
-    ).select_from(t.outerjoin(sums, on))
-    summed_only = (
-        sa.select(
-            sums.c.account,
-            sums.c.asset,
-            sa.null(),
-            sa.null(),
-            sums.c.debits,
-            sums.c.credits,
-        )
-        .select_from(sums.outerjoin(t, on))
-        .where(t.c.account.is_(None))
-    )
-    both = sa.union_all(stored_side, summed_only).subquery()
-    for account, asset, debits, credits, summed_debits, summed_credits in conn.execute(
-        sa.select(both).order_by(both.c.account, both.c.asset)
-    ):
+    rows = conn.execute(_streamed(_TOTALS.format(moves=_moves(conn))), {"ledger": ledger})
+    for account, asset, debits, credits, summed_debits, summed_credits in rows:
         summed_d, summed_c = int(summed_debits or 0), int(summed_credits or 0)
         if debits is None:
             yield (
@@ -413,6 +652,114 @@ def _totals(conn: Connection, ledger: str) -> Iterator[str]:
             yield f"account {account} {asset}: debits {debits} != {summed_d} summed from entries"
         if credits != summed_c:
             yield f"account {account} {asset}: credits {credits} != {summed_c} summed from entries"
+
+
+def _history_holds_pg(conn: Connection, ledger: str) -> bool:
+    """_HISTORY_HOLDS_PG: True only if _HISTORY would find nothing."""
+    try:
+        with conn.begin_nested():
+            return bool(conn.execute(sa.text(_HISTORY_HOLDS_PG), {"ledger": ledger}).scalar())
+    except sa.exc.DataError:
+        return False  # rows doctored beyond int64 arithmetic: _HISTORY's sums tell
+
+
+def _history(conn: Connection, ledger: str) -> Iterator[str]:
+    """Accounts whose history (ledger_account_history: the totals right after
+    each entry that touched them) differs from the running sums of their
+    entries. On Postgres a screen first: when it holds, nothing to name."""
+    if dialect.name_of(conn) == dialect.POSTGRES:
+        # The sorts stay in memory, bounded per connection, and no JIT (as
+        # the pages').
+        conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
+        conn.exec_driver_sql("SET LOCAL jit = off")
+        if _history_holds_pg(conn, ledger):
+            return
+    yield from _history_problems(conn, ledger)
+
+
+# Postgres, once the history holds: each stored total against its account's
+# last history row (one probe each), and the history's (account, asset)
+# keys counted by a skip scan of its index, which must all have a total.
+# The history holds the running sums of the entries, so its last rows are
+# their sums: this checks the totals as _TOTALS does, without summing.
+_TOTALS_BY_HISTORY_PG = """
+    WITH RECURSIVE keys AS (
+        (SELECT account, asset FROM ledger_account_history WHERE ledger = :ledger
+         ORDER BY account, asset LIMIT 1)
+        UNION ALL
+        SELECT n.account, n.asset FROM keys AS k, LATERAL (
+            SELECT account, asset FROM ledger_account_history
+            WHERE ledger = :ledger AND (account, asset) > (k.account, k.asset)
+            ORDER BY account, asset LIMIT 1) AS n
+    ), checked AS (
+        SELECT t.account, t.asset, t.debits, t.credits, h.debits AS last_debits,
+               h.credits AS last_credits
+        FROM ledger_account_totals AS t LEFT JOIN LATERAL (
+            SELECT debits, credits FROM ledger_account_history AS h
+            WHERE h.ledger = t.ledger AND h.account = t.account AND h.asset = t.asset
+            ORDER BY h.sequence DESC LIMIT 1) AS h ON true
+        WHERE t.ledger = :ledger
+    )
+    SELECT account, asset, debits, credits, COALESCE(last_debits, 0), COALESCE(last_credits, 0),
+           (SELECT count(*) FROM keys) - (SELECT count(*) FROM checked
+                                          WHERE last_debits IS NOT NULL) AS untotalled
+    FROM checked
+    WHERE debits <> COALESCE(last_debits, 0) OR credits <> COALESCE(last_credits, 0)
+    UNION ALL
+    SELECT NULL, NULL, NULL, NULL, NULL, NULL,
+           (SELECT count(*) FROM keys) - (SELECT count(*) FROM checked
+                                          WHERE last_debits IS NOT NULL)
+"""
+
+# Marks the history's problems among _totals_and_history_pg's.
+_HISTORY_MARK = "\x00history:"
+
+
+def _totals_and_history_pg(conn: Connection, ledger: str) -> Iterator[str]:
+    """Both sums' problems, the history's marked: when the history holds
+    (the screen), the totals against it; else both summed from the entries."""
+    conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
+    conn.exec_driver_sql("SET LOCAL jit = off")
+    if not _history_holds_pg(conn, ledger):
+        yield from _totals(conn, ledger)
+        yield from (_HISTORY_MARK + p for p in _history_problems(conn, ledger))
+        return
+    rows = conn.execute(sa.text(_TOTALS_BY_HISTORY_PG), {"ledger": ledger}).all()
+    if rows[-1].untotalled:  # entries on an account without totals: name it
+        yield from _totals(conn, ledger)
+        return
+    for account, asset, debits, credits, summed_d, summed_c, _ in rows[:-1]:
+        if debits != summed_d:
+            yield f"account {account} {asset}: debits {debits} != {summed_d} summed from entries"
+        if credits != summed_c:
+            yield f"account {account} {asset}: credits {credits} != {summed_c} summed from entries"
+
+
+def _history_problems(conn: Connection, ledger: str) -> Iterator[str]:
+    """_HISTORY's findings: the first HISTORY_SHOWN rows of each account and
+    asset that differ, are missing or have no entry, then how many more."""
+    rows = conn.execute(
+        _streamed(_HISTORY.format(moves=_moves(conn))), {"ledger": ledger, "shown": HISTORY_SHOWN}
+    )
+    for row in rows:
+        where = f"account {row.account} {row.asset}"
+        summed = {"debits": int(row.summed_debits or 0), "credits": int(row.summed_credits or 0)}
+        if not row.has_entry:
+            yield f"{where}: history row at entry {row.sequence} without an entry"
+        elif not row.has_row:
+            yield (
+                f"{where}: no history at entry {row.sequence}, entries sum to"
+                f" debits {summed['debits']}, credits {summed['credits']}"
+            )
+        else:
+            for side, stored in (("debits", row.debits), ("credits", row.credits)):
+                if stored != summed[side]:
+                    yield (
+                        f"{where}: history at entry {row.sequence}:"
+                        f" {side} {stored} != {summed[side]} summed from entries"
+                    )
+        if row.nth == HISTORY_SHOWN and row.found > row.nth:
+            yield f"{where}: history wrong at {row.found - row.nth} more entries"
 
 
 def run(

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
-from ..domain.accounts import AccountView
-from ..domain.entries import Counter, Entry, NewEntry
+from ..domain.accounts import AccountView, AssetTotals
+from ..domain.balances import Breach, Limits
+from ..domain.entries import Balance, Counter, Entry, NewEntry, PostResult
 
 
 class DuplicateIdempotencyKey(Exception):
@@ -19,6 +20,28 @@ class DuplicateIdempotencyKey(Exception):
 
 class TotalsOutOfRange(Exception):
     """An account total would pass int64."""
+
+
+class LimitBreached(Exception):
+    """The batch would take an account beyond a balance limit; `breach` says
+    where (None: a limit's last guard in the database refused it)."""
+
+    def __init__(self, breach: Breach | None) -> None:
+        super().__init__(breach)
+        self.breach = breach
+
+
+class ReversalTaken(Exception):
+    """An entry of the batch reverses one that a committed entry reverses."""
+
+
+class LimitsBroken(Exception):
+    """New limits that the account's current totals already break."""
+
+    def __init__(self, debits: int, credits: int) -> None:
+        super().__init__(debits, credits)
+        self.debits = debits
+        self.credits = credits
 
 
 # (sequence, created_at in epoch microseconds, the entry's stored encoding)
@@ -43,6 +66,9 @@ class NumberedBatch(Protocol):
 
     def entries(self) -> list[Entry]: ...
 
+    def results(self) -> list[PostResult]:
+        """The entries, new, each with its accounts' totals right after it."""
+
 
 class LedgerRepository(Protocol):
     """The ledger's tables, on the connection of a unit of work."""
@@ -63,7 +89,33 @@ class LedgerRepository(Protocol):
 
     def rows_after(self, ledger: str, after_sequence: int, limit: int) -> EntryRows: ...
 
-    def account_view(self, ledger: str, account: str) -> AccountView | None: ...
+    def account_view(
+        self, ledger: str, account: str, as_of_sequence: int = 0
+    ) -> AccountView | None:
+        """Totals and limits per asset, as of entry `as_of_sequence` (0:
+        now); None without a counter. With as_of_sequence above the head,
+        the view's as_of_sequence is the head and its balances empty."""
+
+    def entry(
+        self, ledger: str, sequence: int | None = None, idempotency_key: str | None = None
+    ) -> Entry | None: ...
+
+    def reversal_of(self, ledger: str, sequence: int) -> Entry | None:
+        """The entry that reverses entry `sequence`, if any."""
+
+    def balances_at(self, entry: Entry) -> tuple[Balance, ...]:
+        """The totals of `entry`'s accounts right after it."""
+
+    def set_limits(self, ledger: str, account: str, asset: str, limits: Limits) -> bool:
+        """Sets the limits (creating the totals row at zero); False without
+        a counter. Raises LimitsBroken when the current totals break them."""
+
+    def list_accounts(
+        self, ledger: str, after_account: str, limit: int
+    ) -> tuple[list[tuple[str, list[AssetTotals]]], int] | None:
+        """Up to `limit` accounts after `after_account`, by name, with their
+        totals, and the counter value of the same snapshot; None without a
+        counter."""
 
 
 class UnitOfWork(Protocol):

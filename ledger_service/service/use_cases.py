@@ -7,12 +7,17 @@ thread pool.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
-from ..domain.accounts import AccountView
-from ..domain.entries import Counter, Entry, NewEntry, PostResult
+from ..domain.accounts import AccountView, AssetTotals
+from ..domain.balances import Limits
+from ..domain.entries import Counter, Entry, NewEntry, Posting, PostResult
 from ..domain.errors import (
     AccountTotalOverflow,
+    AlreadyReversed,
+    BalanceLimitExceeded,
     CounterNotInitialized,
+    EntryNotFound,
     IdempotencyConflict,
     LedgerError,
     PositionAhead,
@@ -20,7 +25,10 @@ from ..domain.errors import (
 from .ports import (
     DuplicateIdempotencyKey,
     EntryRows,
+    LimitBreached,
+    LimitsBroken,
     NewEntryWriter,
+    ReversalTaken,
     TotalsOutOfRange,
     UowFactory,
 )
@@ -119,7 +127,7 @@ async def post_new(
     numbered = await writer.add_new_entries(batch[0].ledger, batch, time_left)
     if numbered is None:
         return None
-    return [PostResult(entry, replayed=False) for entry in numbered.entries()]
+    return numbered.results()
 
 
 def _post_one(uow_factory: UowFactory, entry: NewEntry, timeout: float | None) -> Outcome:
@@ -182,11 +190,13 @@ def _write(
                 outcome = _replay(existing, entry, i if atomic else None)
                 if atomic and isinstance(outcome, LedgerError):
                     raise outcome
+                if isinstance(outcome, PostResult):
+                    outcome.balances = uow.ledger.balances_at(existing)
                 outcomes[i] = outcome
             elif entry.idempotency_key not in first_of_key:
                 first_of_key[entry.idempotency_key] = i
                 fresh.append(i)
-        if fresh:
+        while fresh:
             new = [batch[i] for i in fresh]
             try:
                 appended = uow.ledger.add_entries(ledger, new)
@@ -198,23 +208,59 @@ def _write(
                 raise _SplitBatch() from exc
             except DuplicateIdempotencyKey as exc:
                 raise (_LookUpFirst() if optimistic else _SplitBatch()) from exc
+            except ReversalTaken as exc:
+                if optimistic:
+                    raise _LookUpFirst() from exc
+                if len(batch) > 1:
+                    raise _SplitBatch() from exc
+                winner = uow.ledger.reversal_of(ledger, batch[0].reverses_sequence)
+                if winner is None:  # rolled back meanwhile: _post_one tries again
+                    raise _SplitBatch() from exc
+                raise AlreadyReversed(ledger, batch[0].reverses_sequence, winner.sequence) from exc
+            except LimitBreached as exc:
+                if optimistic:
+                    raise _LookUpFirst() from exc  # a replay's amount may have been counted
+                where = None if exc.breach is None else fresh[exc.breach.index]
+                error = _limit_error(ledger, exc, where if atomic else None)
+                if atomic or len(batch) == 1:
+                    raise error from exc
+                if where is None:
+                    raise _SplitBatch() from exc
+                # Only that post fails; the others are written without it.
+                outcomes[where] = error
+                fresh.remove(where)
+                continue
             if appended is None and optimistic:
                 raise _LookUpFirst()
             if appended is None:
                 raise CounterNotInitialized(ledger) if atomic or len(batch) == 1 else _SplitBatch()
             uow.commit()
-            for i, entry_ in zip(fresh, appended.entries(), strict=True):
-                outcomes[i] = PostResult(entry_, replayed=False)
+            for i, result in zip(fresh, appended.results(), strict=True):
+                outcomes[i] = result
+            break
     # A key repeated within one group: later copies replay the first (or
     # conflict with it), exactly as if they had arrived after it.
     for i, entry in enumerate(batch):
         if outcomes[i] is None:
             first = outcomes[first_of_key[entry.idempotency_key]]
             assert first is not None
-            outcomes[i] = (
-                _replay(first.entry, entry, None) if isinstance(first, PostResult) else first
-            )
+            if isinstance(first, PostResult):
+                again = _replay(first.entry, entry, None)
+                if isinstance(again, PostResult):
+                    again.balances = first.balances
+                outcomes[i] = again
+            else:
+                outcomes[i] = first
     return [o for o in outcomes if o is not None]
+
+
+def _limit_error(ledger: str, exc: LimitBreached, index: int | None) -> BalanceLimitExceeded:
+    b = exc.breach
+    if b is None:
+        return BalanceLimitExceeded(ledger, "?", "?", "max_net_debit", 0, 0, index)
+    return BalanceLimitExceeded(
+        ledger, b.account, b.asset, b.limit_name, b.limit, b.would_reach, index
+    )
 
 
 def _replay(existing: Entry, requested: NewEntry, index: int | None) -> Outcome:
@@ -243,12 +289,120 @@ def read_rows(uow_factory: UowFactory, ledger: str, after_sequence: int, limit: 
         return uow.ledger.rows_after(ledger, after_sequence, limit)
 
 
-def get_account(uow_factory: UowFactory, ledger: str, account: str) -> AccountView:
+def get_account(
+    uow_factory: UowFactory, ledger: str, account: str, as_of_sequence: int = 0
+) -> AccountView:
+    """An account's totals per asset, now or as of entry `as_of_sequence`."""
     with uow_factory() as uow:
-        view = uow.ledger.account_view(ledger, account)
+        view = uow.ledger.account_view(ledger, account, as_of_sequence)
     if view is None:
         raise CounterNotInitialized(ledger)
+    if as_of_sequence > view.as_of_sequence:
+        raise PositionAhead(ledger, as_of_sequence, view.as_of_sequence, "as_of_sequence")
     return view
+
+
+def set_account_limits(
+    uow_factory: UowFactory, ledger: str, account: str, asset: str, limits: Limits
+) -> tuple[AssetTotals, int]:
+    """Creates or replaces the account's limits in `asset`; returns its totals
+    with them and the number they are as of."""
+    with uow_factory(write=True) as uow:
+        try:
+            created = uow.ledger.set_limits(ledger, account, asset, limits)
+        except LimitsBroken as exc:
+            name, limit, value = limits.breach(exc.debits, exc.credits) or (
+                "max_net_debit",
+                limits.max_net_debit or 0,
+                exc.debits - exc.credits,
+            )
+            raise BalanceLimitExceeded(
+                ledger, account, asset, name, limit, value, already=True
+            ) from exc
+        if not created:
+            raise CounterNotInitialized(ledger)
+        uow.commit()
+    view = get_account(uow_factory, ledger, account)
+    totals = next(b for b in view.balances if b.asset == asset)
+    return totals, view.as_of_sequence
+
+
+def get_entry(
+    uow_factory: UowFactory,
+    ledger: str,
+    sequence: int | None = None,
+    idempotency_key: str | None = None,
+) -> Entry:
+    with uow_factory() as uow:
+        entry = uow.ledger.entry(ledger, sequence, idempotency_key)
+        if entry is None and uow.ledger.counter_value(ledger) is None:
+            raise CounterNotInitialized(ledger)
+    if entry is None:
+        which = f"sequence {sequence}" if sequence is not None else f"key {idempotency_key!r}"
+        raise EntryNotFound(ledger, which)
+    return entry
+
+
+def reverse_entry(
+    uow_factory: UowFactory,
+    ledger: str,
+    sequence: int,
+    idempotency_key: str,
+    description: str = "",
+    posted_by: str = "",
+    timeout: float | None = None,
+) -> PostResult:
+    """Posts the reversal of entry `sequence`: every posting swapped, with
+    reverses_sequence set. At most one per entry (the database's unique
+    index decides races); the same key replays."""
+    with uow_factory() as uow:
+        original = uow.ledger.entry(ledger, sequence)
+        if original is None:
+            if uow.ledger.counter_value(ledger) is None:
+                raise CounterNotInitialized(ledger)
+            raise EntryNotFound(ledger, f"sequence {sequence}")
+        earlier = uow.ledger.reversal_of(ledger, sequence)
+    if earlier is not None and earlier.payload.idempotency_key != idempotency_key:
+        raise AlreadyReversed(ledger, sequence, earlier.sequence)
+    reversal = reversal_of(original, idempotency_key, description, posted_by)
+    return post_entry(uow_factory, reversal, timeout)
+
+
+def reversal_of(
+    original: Entry, idempotency_key: str, description: str, posted_by: str
+) -> NewEntry:
+    """The entry that undoes `original`: the same postings, debit and credit
+    exchanged, in the same form. Its type and metadata are its own (empty):
+    `reverses_sequence` says what it is."""
+    p = original.payload
+    return replace(
+        p,
+        idempotency_key=idempotency_key,
+        debit_account=p.credit_account,
+        credit_account=p.debit_account,
+        entry_type="",
+        description=description,
+        metadata={},
+        encoded=None,
+        posted_by=posted_by,
+        postings=tuple(
+            Posting(x.credit_account, x.debit_account, x.amount, x.asset) for x in p.postings
+        ),
+        reverses_sequence=original.sequence,
+    )
+
+
+def list_accounts(
+    uow_factory: UowFactory, ledger: str, after_account: str, page_size: int
+) -> tuple[list[tuple[str, list[AssetTotals]]], int, bool]:
+    """A page of accounts after `after_account`, the number it is as of, and
+    whether more follow."""
+    with uow_factory() as uow:
+        page = uow.ledger.list_accounts(ledger, after_account, page_size + 1)
+    if page is None:
+        raise CounterNotInitialized(ledger)
+    accounts, head = page
+    return accounts[:page_size], head, len(accounts) > page_size
 
 
 def get_ledger(uow_factory: UowFactory, ledger: str) -> Counter:

@@ -75,6 +75,33 @@ class Writes:
             self._published(entry.ledger)
         return result
 
+    async def reverse(
+        self,
+        ledger: str,
+        sequence: int,
+        idempotency_key: str,
+        description: str,
+        posted_by: str,
+        time_left: float | None,
+    ) -> PostResult:
+        """ReverseEntry: one transaction of its own (the careful path)."""
+        start = time.perf_counter()
+        result: PostResult = await self._run(
+            use_cases.reverse_entry,
+            self._uow,
+            ledger,
+            sequence,
+            idempotency_key,
+            description,
+            posted_by,
+            time_left,
+        )
+        posted = 0 if result.replayed else 1
+        self._observe("single", time.perf_counter() - start, posted, 1 - posted)
+        if not result.replayed:
+            self._published(ledger)
+        return result
+
     async def _write(
         self,
         careful: Callable[..., list[R]],

@@ -82,6 +82,17 @@ def is_idempotency_key_violation(exc: BaseException) -> bool:
     return text == "uq_ledger_entries_idempotency_key" or "ledger_entries.idempotency_key" in text
 
 
+def is_reversal_violation(exc: BaseException) -> bool:
+    text = violated_constraint(exc)
+    return text == "uq_ledger_entries_reverses" or "ledger_entries.reverses_sequence" in text
+
+
+def is_limit_violation(exc: BaseException) -> bool:
+    """A balance limit's check on the account totals refused a write."""
+    text = violated_constraint(exc)
+    return "ck_ledger_account_totals_max_net_" in text or text == "ledger_balance_limit"
+
+
 def sqlstate(exc: BaseException) -> str | None:
     """The SQLSTATE of a database error; None for errors of the client side
     (a connection lost, refused or timed out) and for SQLite."""

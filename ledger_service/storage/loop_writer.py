@@ -31,9 +31,9 @@ from ..domain.entries import NewEntry
 from ..domain.errors import DeadlineExceeded, StorageUnavailable, check_deadline
 from ..service.ports import TotalsOutOfRange
 from .dialect import is_connection_lost
-from .numbering import TAKE_AND_INSERT_PG, Numbered, statement_params
+from .numbering import TAKE_AND_INSERT_PG, Numbered, numbered_from, statement_params
 from .pg import lock_timeout
-from .repository import totals_of
+from .repository import movements_of
 from .timeouts import DEFAULT_TIMEOUTS, AsyncConnections, DbTimeouts, abandoned_error
 from .uow import APPLICATION_NAME, translate_error, unreachable
 from .watchdog import WATCHDOG, Watchdog
@@ -87,13 +87,13 @@ class LoopWriter:
         bounds every lock wait of the statement, and the wait for its answer."""
         deadline = None if time_left is None else time.monotonic() + time_left
         try:
-            totals = totals_of(ledger, batch)
+            moves = movements_of(ledger, batch)
         except TotalsOutOfRange:
             return None
         params, payloads = statement_params(
             ledger,
             batch,
-            totals,
+            moves,
             lock_timeout=lock_timeout(self._timeouts.statement_time(time_left)),
         )
         # In a task of its own: a caller that goes away is answered at once,
@@ -103,10 +103,8 @@ class LoopWriter:
         self._writes.add(write)
         write.add_done_callback(self._written)
         rows = await asyncio.shield(write)
-        if not rows:
-            return None  # no counter, a key already stored, an overflowing total
-        ((last, at, hashes),) = rows
-        return Numbered(batch, payloads, last, at, hashes)
+        # None: no counter, a key already stored, an overflowing total, a limit.
+        return numbered_from(batch, payloads, moves, rows or [])
 
     def _written(self, write: asyncio.Task[Rows | None]) -> None:
         self._writes.discard(write)

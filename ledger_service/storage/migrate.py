@@ -30,6 +30,14 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         command.upgrade(cfg, revision)
 
 
+def downgrade(engine: Engine, revision: str) -> None:
+    """Back to `revision` (stop the servers first: they run the newer schema)."""
+    cfg = _config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+
+
 def is_current(engine: Engine) -> bool:
     """True when the database is at the newest revision."""
     head = ScriptDirectory.from_config(_config()).get_current_head()

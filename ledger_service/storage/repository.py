@@ -15,31 +15,54 @@ from sqlalchemy.engine import Connection
 
 from ..api import wire
 from ..domain.accounts import AccountView, AssetTotals
-from ..domain.entries import Counter, Entry, NewEntry
+from ..domain.balances import Breach, Limits, Movements, SumOutOfRange
+from ..domain.entries import Balance, Counter, Entry, NewEntry, Posting
 from ..domain.limits import INT64_MAX
-from ..service.ports import DuplicateIdempotencyKey, EntryRows, TotalsOutOfRange
+from ..service.ports import (
+    DuplicateIdempotencyKey,
+    EntryRows,
+    LimitBreached,
+    LimitsBroken,
+    ReversalTaken,
+    TotalsOutOfRange,
+)
 from . import dialect, pg
-from .numbering import Numbered, as_utc, number_and_insert_pg, number_and_insert_sqlite
-from .schema import account_totals, counters, entries
+from .numbering import (
+    Numbered,
+    as_utc,
+    number_and_insert_pg,
+    number_and_insert_sqlite,
+    refused_limits,
+)
+from .schema import account_history, account_totals, counters, entries
 
 
-def totals_of(ledger: str, batch: Sequence[NewEntry]) -> list[tuple[str, str, int, int]]:
-    """What `batch` adds to its accounts: (account, asset, debits, credits),
-    one per (account, asset), sorted, so that concurrent writers lock account
-    rows in the same order and cannot deadlock. Raises TotalsOutOfRange when a
-    sum alone passes int64."""
-    sums: dict[tuple[str, str], list[int]] = {}
-    for e in batch:
-        sums.setdefault((e.debit_account, e.asset), [0, 0])[0] += e.amount
-        sums.setdefault((e.credit_account, e.asset), [0, 0])[1] += e.amount
-    totals = [(account, asset, d, c) for (account, asset), (d, c) in sorted(sums.items())]
-    if any(d > INT64_MAX or c > INT64_MAX for _, _, d, c in totals):
-        raise TotalsOutOfRange(ledger)
-    return totals
+def movements_of(ledger: str, batch: Sequence[NewEntry]) -> Movements:
+    """What `batch` does to its accounts (domain/balances.py); raises
+    TotalsOutOfRange when a sum alone passes int64."""
+    try:
+        return Movements(batch)
+    except SumOutOfRange:
+        raise TotalsOutOfRange(ledger) from None
+
+
+def first_breach(
+    moves: Movements, refused: Sequence[tuple[tuple[str, str], tuple[int, int], Limits]]
+) -> Breach | None:
+    """The first entry that crosses a limit, from accounts' totals after the
+    batch (`refused`: those the database found beyond a limit)."""
+    found = []
+    for key, (debits, credits), limits in refused:
+        added_d, added_c = moves.sums(key)
+        breach = moves.first_breach(key, (debits - added_d, credits - added_c), limits)
+        if breach is not None:
+            found.append(breach)
+    return min(found, key=lambda b: b.index) if found else None
 
 
 def entry_from_row(row: Any) -> Entry:
     created_at = as_utc(row.created_at)
+    postings = row.postings
     return Entry(
         sequence=row.sequence,
         created_at=created_at,
@@ -55,6 +78,8 @@ def entry_from_row(row: Any) -> Entry:
             description=row.description,
             metadata=dict(row.metadata or {}),
             posted_by=row.posted_by,
+            postings=tuple(Posting(d, c, int(a), s) for d, c, a, s in postings) if postings else (),
+            reverses_sequence=row.reverses_sequence or 0,
         ),
         hash=row.hash or b"",
     )
@@ -97,6 +122,53 @@ _ADD_TOTALS_SQLITE = _sqlite_totals.on_conflict_do_update(
         account_totals.c.credits <= INT64_MAX - _sqlite_totals.excluded.credits,
     ),
 ).returning(account_totals.c.account)
+
+
+def _account_statement(as_of: bool) -> sa.Select[Any]:
+    """An account's totals and limits per asset, and the counter, in one
+    statement (one snapshot). As of a number: each asset's history row at
+    or before it, one index probe per column."""
+    t, h = account_totals, account_history
+    debits: sa.ColumnElement[Any] = t.c.debits
+    credits: sa.ColumnElement[Any] = t.c.credits
+    if as_of:
+
+        def at(column: sa.Column[int]) -> sa.ScalarSelect[int]:
+            return (
+                sa.select(column)
+                .where(
+                    h.c.ledger == sa.bindparam("ledger"),
+                    h.c.account == sa.bindparam("account"),
+                    h.c.asset == t.c.asset,
+                    h.c.sequence <= sa.bindparam("as_of"),
+                )
+                .order_by(h.c.sequence.desc())
+                .limit(1)
+                .scalar_subquery()
+            )
+
+        debits, credits = at(h.c.debits), at(h.c.credits)
+    return (
+        sa.select(
+            counters.c.value,
+            t.c.asset,
+            debits.label("debits"),
+            credits.label("credits"),
+            t.c.max_net_debit,
+            t.c.max_net_credit,
+        )
+        .select_from(
+            counters.outerjoin(
+                t, sa.and_(t.c.ledger == counters.c.ledger, t.c.account == sa.bindparam("account"))
+            )
+        )
+        .where(counters.c.ledger == sa.bindparam("ledger"))
+        .order_by(t.c.asset)
+    )
+
+
+_ACCOUNT_NOW = _account_statement(as_of=False)
+_ACCOUNT_AS_OF = _account_statement(as_of=True)
 
 
 def _rows_statement(dialect_name: str) -> sa.Select[Any]:
@@ -207,12 +279,13 @@ class SqlLedgerRepository:
         Postgres: one statement, committed with it (the unit of work's
         WriteTransaction), all or nothing. SQLite: in the open transaction.
         """
-        totals = totals_of(ledger, batch)
+        moves = movements_of(ledger, batch)
         try:
             if self.tx is not None:
-                return number_and_insert_pg(self.tx, ledger, batch, totals)
+                return number_and_insert_pg(self.tx, ledger, batch, moves)
+            self._check_limits_sqlite(ledger, moves)
             # SQLite: one row per statement (the write lock is held anyway).
-            for account, asset, debit, credit in totals:
+            for account, asset, debit, credit in moves.totals:
                 params = {
                     "ledger": ledger,
                     "account": account,
@@ -222,13 +295,55 @@ class SqlLedgerRepository:
                 }
                 if self.conn.execute(_ADD_TOTALS_SQLITE, params).first() is None:
                     raise TotalsOutOfRange(ledger)
-            return number_and_insert_sqlite(self.conn, ledger, batch)
+            return number_and_insert_sqlite(self.conn, ledger, batch, moves)
         except (sa.exc.IntegrityError, psycopg.IntegrityError) as exc:
             if dialect.is_idempotency_key_violation(exc):
                 raise DuplicateIdempotencyKey(ledger) from exc
+            if dialect.is_reversal_violation(exc):
+                raise ReversalTaken(ledger) from exc
+            refused = refused_limits(exc)
+            if refused is not None:
+                raise LimitBreached(first_breach(moves, refused)) from exc
+            if dialect.is_limit_violation(exc):  # the last guard: should not happen
+                raise LimitBreached(None) from exc
             raise
         except psycopg.errors.NumericValueOutOfRange as exc:
             raise TotalsOutOfRange(ledger) from exc
+
+    def _check_limits_sqlite(self, ledger: str, moves: Movements) -> None:
+        """SQLite: the batch's accounts that have limits, checked entry by
+        entry here, under the write lock, before anything is written."""
+        t = account_totals
+        keys = {(a, s) for a, s, _, _ in moves.totals}
+        rows = self.conn.execute(
+            sa.select(
+                t.c.account,
+                t.c.asset,
+                t.c.debits,
+                t.c.credits,
+                t.c.max_net_debit,
+                t.c.max_net_credit,
+            ).where(
+                t.c.ledger == ledger,
+                t.c.account.in_({a for a, _ in keys}),
+                sa.or_(t.c.max_net_debit.is_not(None), t.c.max_net_credit.is_not(None)),
+            )
+        ).all()
+        found = [
+            breach
+            for r in rows
+            if (r.account, r.asset) in keys
+            and (
+                breach := moves.first_breach(
+                    (r.account, r.asset),
+                    (r.debits, r.credits),
+                    Limits(r.max_net_debit, r.max_net_credit),
+                )
+            )
+            is not None
+        ]
+        if found:
+            raise LimitBreached(min(found, key=lambda b: b.index))
 
     def rows_after(self, ledger: str, after_sequence: int, limit: int) -> EntryRows:
         """Up to `limit` entries above `after_sequence`, by keyset on the
@@ -254,25 +369,159 @@ class SqlLedgerRepository:
         return EntryRows(read, rows[-1][3] if rows else self.counter_value(ledger))
 
     # -- accounts ---------------------------------------------------------
-    def account_view(self, ledger: str, account: str) -> AccountView | None:
+    def account_view(
+        self, ledger: str, account: str, as_of_sequence: int = 0
+    ) -> AccountView | None:
         """Totals and the counter in ONE statement, hence one snapshot: the
-        totals include exactly entries 1..as_of_sequence."""
-        t = account_totals
+        totals include exactly entries 1..as_of_sequence. As of an earlier
+        number, each asset's totals are those of its history row at or
+        before it (one index probe per asset)."""
+        statement = _ACCOUNT_AS_OF if as_of_sequence else _ACCOUNT_NOW
         rows = self.conn.execute(
-            sa.select(counters.c.value, t.c.asset, t.c.debits, t.c.credits)
-            .select_from(
-                counters.outerjoin(
-                    t, sa.and_(t.c.ledger == counters.c.ledger, t.c.account == account)
-                )
-            )
-            .where(counters.c.ledger == ledger)
-            .order_by(t.c.asset)
+            statement, {"ledger": ledger, "account": account, "as_of": as_of_sequence}
         ).all()
         if not rows:
             return None
+        head = rows[0].value
+        if as_of_sequence > head:
+            return AccountView(ledger, account, [], as_of_sequence=head)
         balances = [
-            AssetTotals(asset=r.asset, debits=r.debits, credits=r.credits)
+            AssetTotals(r.asset, r.debits, r.credits, r.max_net_debit, r.max_net_credit)
             for r in rows
-            if r.asset is not None
+            if r.asset is not None and r.debits is not None
         ]
-        return AccountView(ledger, account, balances, as_of_sequence=rows[0].value)
+        return AccountView(ledger, account, balances, as_of_sequence=as_of_sequence or head)
+
+    def set_limits(self, ledger: str, account: str, asset: str, limits: Limits) -> bool:
+        """One upsert under the row's lock; the table's checks refuse limits
+        the current totals break (so no post can slip in between)."""
+        t = account_totals
+        values = {
+            "max_net_debit": limits.max_net_debit,
+            "max_net_credit": limits.max_net_credit,
+        }
+        seed = sa.select(
+            sa.literal(ledger, sa.String),
+            sa.literal(account, sa.String),
+            sa.literal(asset, sa.String),
+            sa.literal(0, sa.BigInteger),
+            sa.literal(0, sa.BigInteger),
+            sa.literal(limits.max_net_debit, sa.BigInteger),
+            sa.literal(limits.max_net_credit, sa.BigInteger),
+        ).where(sa.exists().where(counters.c.ledger == ledger))
+        insert = dialect.insert(self.dialect, t).from_select(
+            ["ledger", "account", "asset", "debits", "credits", "max_net_debit", "max_net_credit"],
+            seed,
+        )
+        stmt = insert.on_conflict_do_update(
+            index_elements=["ledger", "account", "asset"], set_=values
+        ).returning(t.c.debits)
+        try:
+            row = self.conn.execute(stmt).first()
+        except (sa.exc.IntegrityError, psycopg.IntegrityError) as exc:
+            if not dialect.is_limit_violation(exc):
+                raise
+            if self.dialect != dialect.POSTGRES:
+                self.conn.rollback()
+            current = self.conn.execute(
+                sa.select(t.c.debits, t.c.credits).where(
+                    t.c.ledger == ledger, t.c.account == account, t.c.asset == asset
+                )
+            ).first()
+            debits, credits = (0, 0) if current is None else (current.debits, current.credits)
+            raise LimitsBroken(debits, credits) from exc
+        return row is not None
+
+    def list_accounts(
+        self, ledger: str, after_account: str, limit: int
+    ) -> tuple[list[tuple[str, list[AssetTotals]]], int] | None:
+        t = account_totals
+        page = (
+            sa.select(t.c.account)
+            .where(t.c.ledger == ledger, t.c.account > after_account)
+            .group_by(t.c.account)
+            .order_by(t.c.account)
+            .limit(limit)
+            .subquery()
+        )
+        # The counter, outer-joined to the page's rows: one snapshot, and a
+        # row even when the page is empty.
+        head = sa.select(counters.c.value.label("head")).where(counters.c.ledger == ledger)
+        head_q = head.subquery()
+        rows_q = (
+            sa.select(t)
+            .join(page, page.c.account == t.c.account)
+            .where(t.c.ledger == ledger)
+            .subquery()
+        )
+        rows = self.conn.execute(
+            sa.select(
+                head_q.c.head,
+                rows_q.c.account,
+                rows_q.c.asset,
+                rows_q.c.debits,
+                rows_q.c.credits,
+                rows_q.c.max_net_debit,
+                rows_q.c.max_net_credit,
+            )
+            .select_from(head_q.outerjoin(rows_q, sa.true()))
+            .order_by(rows_q.c.account, rows_q.c.asset)
+        ).all()
+        if not rows or rows[0].head is None:
+            return None
+        accounts: list[tuple[str, list[AssetTotals]]] = []
+        for r in rows:
+            if r.account is None:
+                continue
+            if not accounts or accounts[-1][0] != r.account:
+                accounts.append((r.account, []))
+            accounts[-1][1].append(
+                AssetTotals(r.asset, r.debits, r.credits, r.max_net_debit, r.max_net_credit)
+            )
+        return accounts, rows[0].head
+
+    # -- single entries -----------------------------------------------------
+    def entry(
+        self, ledger: str, sequence: int | None = None, idempotency_key: str | None = None
+    ) -> Entry | None:
+        where = (
+            entries.c.sequence == sequence
+            if sequence is not None
+            else entries.c.idempotency_key == idempotency_key
+        )
+        row = self.conn.execute(
+            sa.select(entries).where(entries.c.ledger == ledger, where)
+        ).one_or_none()
+        return None if row is None else entry_from_row(row)
+
+    def reversal_of(self, ledger: str, sequence: int) -> Entry | None:
+        row = self.conn.execute(
+            sa.select(entries).where(
+                entries.c.ledger == ledger, entries.c.reverses_sequence == sequence
+            )
+        ).one_or_none()
+        return None if row is None else entry_from_row(row)
+
+    def balances_at(self, entry: Entry) -> tuple[Balance, ...]:
+        """From the history rows of `entry` (one probe per account and asset)."""
+        h = account_history
+        keys = {(p.debit_account, p.asset) for p in entry.payload.all_postings()} | {
+            (p.credit_account, p.asset) for p in entry.payload.all_postings()
+        }
+        rows = self.conn.execute(
+            sa.select(h.c.account, h.c.asset, h.c.debits, h.c.credits).where(
+                h.c.ledger == entry.payload.ledger,
+                h.c.sequence == entry.sequence,
+                h.c.account.in_({a for a, _ in keys}),
+            )
+        ).all()
+        return tuple(
+            sorted(
+                (
+                    Balance(r.account, r.asset, r.debits, r.credits)
+                    for r in rows
+                    if (r.account, r.asset) in keys
+                ),
+                key=lambda b: (b.account, b.asset),
+            )
+        )

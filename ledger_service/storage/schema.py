@@ -9,6 +9,10 @@ metadata = sa.MetaData()
 
 # JSONB on Postgres (compact, indexable); plain JSON text on SQLite.
 JsonMap = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+# The same, where Python's None is SQL NULL (not JSON 'null').
+JsonOrNull = sa.JSON(none_as_null=True).with_variant(
+    postgresql.JSONB(none_as_null=True), "postgresql"
+)
 
 # One row per ledger: `value` is the last number handed out. Updated in the
 # same transaction as the entries it numbers (see storage/numbering.py).
@@ -50,9 +54,25 @@ entries = sa.Table(
     # ledger.v1.Entry encoding without sequence and created_at, hash included
     # (api/wire.py); NULL for rows written by other means, encoded when read.
     sa.Column("wire", sa.LargeBinary, nullable=True),
+    # A multi-posting entry's postings, [[debit, credit, amount, asset], ...]
+    # (its single-pair columns then empty, amount 0); NULL: one posting, the
+    # columns above.
+    sa.Column("postings", JsonOrNull, nullable=True),
+    # The entry this one reverses (ReverseEntry); at most one reversal each.
+    sa.Column("reverses_sequence", sa.BigInteger, nullable=True),
     sa.UniqueConstraint("ledger", "idempotency_key", name="uq_ledger_entries_idempotency_key"),
     sa.CheckConstraint("sequence > 0", name="ck_ledger_entries_sequence_positive"),
-    sa.CheckConstraint("amount > 0", name="ck_ledger_entries_amount_positive"),
+    sa.CheckConstraint(
+        "amount > 0 OR postings IS NOT NULL", name="ck_ledger_entries_amount_positive"
+    ),
+    sa.Index(
+        "uq_ledger_entries_reverses",
+        "ledger",
+        "reverses_sequence",
+        unique=True,
+        postgresql_where=sa.text("reverses_sequence IS NOT NULL"),
+        sqlite_where=sa.text("reverses_sequence IS NOT NULL"),
+    ),
 )
 
 # Running totals per (ledger, account, asset), updated in the entry's
@@ -65,6 +85,32 @@ account_totals = sa.Table(
     sa.Column("asset", sa.String(32), primary_key=True),
     sa.Column("debits", sa.BigInteger, nullable=False),
     sa.Column("credits", sa.BigInteger, nullable=False),
+    # Balance limits (SetAccountLimits); NULL: none. The write statement
+    # refuses a post that would cross one; the checks are the last guard.
+    sa.Column("max_net_debit", sa.BigInteger, nullable=True),
+    sa.Column("max_net_credit", sa.BigInteger, nullable=True),
     sa.CheckConstraint("debits >= 0", name="ck_ledger_account_totals_debits_nonnegative"),
     sa.CheckConstraint("credits >= 0", name="ck_ledger_account_totals_credits_nonnegative"),
+    sa.CheckConstraint(
+        "max_net_debit IS NULL OR debits - credits <= max_net_debit",
+        name="ck_ledger_account_totals_max_net_debit",
+    ),
+    sa.CheckConstraint(
+        "max_net_credit IS NULL OR credits - debits <= max_net_credit",
+        name="ck_ledger_account_totals_max_net_credit",
+    ),
+)
+
+# An account's totals in an asset right after each entry that touched it:
+# balances as of any number in one index probe, and the balances a replay
+# returns. Written by the statement that writes the entries.
+account_history = sa.Table(
+    "ledger_account_history",
+    metadata,
+    sa.Column("ledger", sa.String(64), primary_key=True),
+    sa.Column("account", sa.String(128), primary_key=True),
+    sa.Column("asset", sa.String(32), primary_key=True),
+    sa.Column("sequence", sa.BigInteger, primary_key=True),
+    sa.Column("debits", sa.BigInteger, nullable=False),
+    sa.Column("credits", sa.BigInteger, nullable=False),
 )

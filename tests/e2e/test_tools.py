@@ -64,6 +64,12 @@ EXPECTED = [
     ['"sequence": "4"', '"idempotencyKey": "order-1002"', '"replayed": false'],
     ['"totalDebits": "0"', '"totalCredits": "1379"', '"balance": "-1379"', '"asOfSequence": "4"'],
     ['"sequence": "2"', '"sequence": "4"', '"caughtUp": true'],
+    ['"sequence": "5"', '"account": "tax"', '"balance": "-100"', '"debit_account": ""'],
+    ['"account": "sales"', '"max_net_debit": "0"', '"balance": "-2279"'],
+    ['"sequence": "6"', '"reverses_sequence": "5"', '"replayed": false'],
+    ['"sequence": "5"', '"idempotency_key": "order-1005"', '"credit_account": "tax"'],
+    ['"account": "cash"', '"account": "sales"', '"next_page_token": "', '"as_of_sequence": "6"'],
+    ['"total_debits": "1280"', '"as_of_sequence": "3"'],
 ]
 
 

@@ -23,7 +23,7 @@ from ledger_service.integrity.verify import run, verify
 from ledger_service.service import use_cases
 from ledger_service.storage import migrate
 from ledger_service.storage.numbering import as_utc
-from ledger_service.storage.schema import account_totals, counters, entries
+from ledger_service.storage.schema import account_history, account_totals, counters, entries
 from ledger_service.storage.uow import create_engine
 
 from ..conftest import throwaway_pg_database
@@ -128,11 +128,19 @@ def _entry(ledger: str, sequence: int) -> Any:
 
 def test_verify_names_an_edited_amount(engine: Engine, books: str) -> None:
     _execute(engine, sa.update(entries).where(_entry(books, 4)).values(amount=400))
-    # The totals no longer add up either: both are named.
+    # The totals no longer add up either, nor the history from entry 4 on:
+    # all are named, the history a few rows per account, then a count.
     assert _problems(engine, books) == [
         "entry 4: hash mismatch",
         "account a1 USD: debits 22 != 418 summed from entries",
         "account z USD: credits 55 != 451 summed from entries",
+        "account a1 USD: history at entry 4: debits 5 != 401 summed from entries",
+        "account a1 USD: history at entry 7: debits 12 != 408 summed from entries",
+        "account a1 USD: history at entry 10: debits 22 != 418 summed from entries",
+        "account z USD: history at entry 4: credits 10 != 406 summed from entries",
+        "account z USD: history at entry 5: credits 15 != 411 summed from entries",
+        "account z USD: history at entry 6: credits 21 != 417 summed from entries",
+        "account z USD: history wrong at 4 more entries",
     ]
 
 
@@ -149,6 +157,17 @@ def test_verify_names_deleted_entries(engine: Engine, books: str) -> None:
         "account a1 USD: debits 22 != 12 summed from entries",
         "account a2 USD: debits 15 != 10 summed from entries",
         "account z USD: credits 55 != 34 summed from entries",
+        # The history rows of the deleted entries have no entry now, and the
+        # accounts' later rows no longer add up.
+        "account a0 USD: history row at entry 6 without an entry",
+        "account a0 USD: history at entry 9: debits 18 != 12 summed from entries",
+        "account a1 USD: history row at entry 10 without an entry",
+        "account a2 USD: history row at entry 5 without an entry",
+        "account a2 USD: history at entry 8: debits 15 != 10 summed from entries",
+        "account z USD: history row at entry 5 without an entry",
+        "account z USD: history row at entry 6 without an entry",
+        "account z USD: history at entry 7: credits 28 != 17 summed from entries",
+        "account z USD: history wrong at 3 more entries",
     ]
 
 
@@ -173,8 +192,22 @@ def test_verify_names_two_rows_whose_contents_were_swapped(engine: Engine, books
         conn.execute(sa.update(entries).where(_entry(books, 2)).values(idempotency_key="tmp"))
         conn.execute(sa.update(entries).where(_entry(books, 7)).values(**two._asdict()))
         conn.execute(sa.update(entries).where(_entry(books, 2)).values(**seven._asdict()))
-    # Totals still add up (same entries, other places): only the chain tells.
-    assert _problems(engine, books) == ["entry 2: hash mismatch", "entry 7: hash mismatch"]
+    # Totals still add up (same entries, other places); the chain tells, and
+    # the history: entries 2 and 7 now touch each other's accounts.
+    assert _problems(engine, books) == [
+        "entry 2: hash mismatch",
+        "entry 7: hash mismatch",
+        "account a1 USD: no history at entry 2, entries sum to debits 8, credits 0",
+        "account a1 USD: history at entry 4: debits 5 != 12 summed from entries",
+        "account a1 USD: history row at entry 7 without an entry",
+        "account a2 USD: history row at entry 2 without an entry",
+        "account a2 USD: history at entry 5: debits 7 != 5 summed from entries",
+        "account a2 USD: no history at entry 7, entries sum to debits 7, credits 0",
+        "account z USD: history at entry 2: credits 3 != 8 summed from entries",
+        "account z USD: history at entry 3: credits 6 != 11 summed from entries",
+        "account z USD: history at entry 4: credits 10 != 15 summed from entries",
+        "account z USD: history wrong at 2 more entries",
+    ]
 
 
 def test_verify_names_a_counter_ahead_of_its_entries_and_a_wrong_head(
@@ -208,7 +241,11 @@ def test_the_python_encoding_matches_the_vectors_and_its_own_definition() -> Non
         canonical = integrity.message_canonical(message)
         assert canonical.hex() == vector["canonical"]
         assert integrity.chain_hash(
-            previous, message.sequence, int(vector["created_at_micros"]), canonical[17:]
+            previous,
+            message.sequence,
+            int(vector["created_at_micros"]),
+            canonical[17:],
+            integrity.format_version(message.reverses_sequence),
         ) == bytes.fromhex(vector["hash"])
         previous = bytes.fromhex(vector["hash"])
 
@@ -238,11 +275,16 @@ def test_the_python_encoding_matches_the_vectors_and_its_own_definition() -> Non
 
 
 def _store_vectors(engine: Engine) -> None:
-    """The vectors' entries as rows, with their hashes and matching totals."""
+    """The vectors' entries as rows, with their hashes, the totals and the
+    history that match them (as the write statements store them: a
+    multi-posting entry's postings as JSON, its single-pair columns empty)."""
     totals: dict[tuple[str, str], list[int]] = {}
     with engine.begin() as conn:
         for v in VECTORS["entries"]:
-            amount = int(v["amount"])
+            postings = [
+                [p["debit_account"], p["credit_account"], int(p["amount"]), p["asset"]]
+                for p in v["postings"]
+            ]
             conn.execute(
                 sa.insert(entries).values(
                     ledger=v["ledger"],
@@ -250,7 +292,7 @@ def _store_vectors(engine: Engine) -> None:
                     idempotency_key=v["idempotency_key"],
                     debit_account=v["debit_account"],
                     credit_account=v["credit_account"],
-                    amount=amount,
+                    amount=int(v["amount"]),
                     asset=v["asset"],
                     entry_type=v["entry_type"],
                     description=v["description"],
@@ -258,10 +300,27 @@ def _store_vectors(engine: Engine) -> None:
                     created_at=_EPOCH + timedelta(microseconds=int(v["created_at_micros"])),
                     posted_by=v["posted_by"],
                     hash=bytes.fromhex(v["hash"]),
+                    postings=postings if v["debit_account"] == "" else sa.null(),
+                    reverses_sequence=int(v["reverses_sequence"]) or None,
                 )
             )
-            totals.setdefault((v["debit_account"], v["asset"]), [0, 0])[0] += amount
-            totals.setdefault((v["credit_account"], v["asset"]), [0, 0])[1] += amount
+            touched: dict[tuple[str, str], None] = {}
+            for debit, credit, amount, asset in postings:
+                totals.setdefault((debit, asset), [0, 0])[0] += amount
+                totals.setdefault((credit, asset), [0, 0])[1] += amount
+                touched |= {(debit, asset): None, (credit, asset): None}
+            for account, asset in touched:
+                debits, credits = totals[(account, asset)]
+                conn.execute(
+                    sa.insert(account_history).values(
+                        ledger="books",
+                        account=account,
+                        asset=asset,
+                        sequence=v["sequence"],
+                        debits=debits,
+                        credits=credits,
+                    )
+                )
         for (account, asset), (debits, credits) in totals.items():
             conn.execute(
                 sa.insert(account_totals).values(
@@ -271,7 +330,7 @@ def _store_vectors(engine: Engine) -> None:
         conn.execute(
             sa.insert(counters).values(
                 ledger="books",
-                value=3,
+                value=len(VECTORS["entries"]),
                 created_at=datetime.now(UTC),
                 head_hash=bytes.fromhex(VECTORS["entries"][-1]["hash"]),
             )
@@ -299,9 +358,12 @@ def test_verify_recomputes_the_vectors_and_catches_a_changed_metadata_value(
     fresh_db: Engine,
 ) -> None:
     # On Postgres verify builds the canonical bytes in SQL: a second
-    # implementation, held to the same vectors.
+    # implementation, held to the same vectors (both versions, one and
+    # several postings, an int64 maximum amount inside the postings JSON).
     _store_vectors(fresh_db)
     assert _problems(fresh_db, "books") == []
+    assert [v["sequence"] for v in VECTORS["entries"]] == [1, 2, 3, 4, 5]
+    assert VECTORS["entries"][4]["reverses_sequence"] == "4"
     with fresh_db.begin() as conn:
         conn.execute(
             sa.update(entries)
@@ -316,14 +378,15 @@ def test_the_write_statements_sql_chain_matches_the_vectors(pg_url: str) -> None
     previous = bytes.fromhex(VECTORS["genesis"])
     with engine.connect() as conn:
         for vector in VECTORS["entries"]:
-            body = integrity.message_canonical(entry_of(vector))[17:]
+            canonical = integrity.message_canonical(entry_of(vector))
             (hashes,) = conn.exec_driver_sql(
-                "SELECT ledger_chain(%(p)s, %(s)s, %(t)s, ARRAY[%(b)s])",
+                "SELECT ledger_chain(%(p)s, %(s)s, %(t)s, ARRAY[%(b)s], %(v)s)",
                 {
                     "p": previous,
                     "s": vector["sequence"],
                     "t": int(vector["created_at_micros"]),
-                    "b": body,
+                    "b": canonical[17:],
+                    "v": canonical[:1],  # the format version byte
                 },
             ).one()
             assert [bytes(h) for h in hashes] == [bytes.fromhex(vector["hash"])]

@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING
 
 from ledger_service.api import wire
 from ledger_service.domain.accounts import AccountView, AssetTotals
-from ledger_service.domain.entries import Counter, Entry, NewEntry, epoch_micros
+from ledger_service.domain.balances import Limits, Movements
+from ledger_service.domain.entries import (
+    Balance,
+    Counter,
+    Entry,
+    NewEntry,
+    PostResult,
+    epoch_micros,
+)
 from ledger_service.domain.limits import INT64_MAX
 from ledger_service.service.ports import (
     DuplicateIdempotencyKey,
@@ -43,11 +51,17 @@ Call = tuple[str, tuple[str, ...]]
 class FakeNumbered:
     """service.ports.NumberedBatch: the entries as numbered."""
 
-    def __init__(self, entries: list[Entry]) -> None:
+    def __init__(
+        self, entries: list[Entry], balances: list[tuple[Balance, ...]] | None = None
+    ) -> None:
         self._entries = entries
+        self._balances = balances or [() for _ in entries]
 
     def entries(self) -> list[Entry]:
         return list(self._entries)
+
+    def results(self) -> list[PostResult]:
+        return [PostResult(e, False, b) for e, b in zip(self._entries, self._balances, strict=True)]
 
 
 class FakeStore:
@@ -140,7 +154,9 @@ class FakeRepository:
         self._counters[ledger] = value + len(batch)
         self._entries.update(((ledger, e.payload.idempotency_key), e) for e in numbered)
         self._totals.update(new_totals)
-        return FakeNumbered(numbered)
+        moves = Movements(batch)
+        after = {(acc, asset): v for (_, acc, asset), v in new_totals.items()}
+        return FakeNumbered(numbered, moves.balances(after))
 
     def rows_after(self, ledger: str, after_sequence: int, limit: int) -> EntryRows:
         self._log("rows_after")
@@ -151,7 +167,32 @@ class FakeRepository:
         rows = [(e.sequence, epoch_micros(e.created_at), wire.stored_payload(e)) for e in after]
         return EntryRows(rows, self._counter(ledger))
 
-    def account_view(self, ledger: str, account: str) -> AccountView | None:
+    def entry(
+        self, ledger: str, sequence: int | None = None, idempotency_key: str | None = None
+    ) -> Entry | None:
+        for e in self._ledger_entries(ledger):
+            if e.sequence == sequence or e.payload.idempotency_key == idempotency_key:
+                return e
+        return None
+
+    def reversal_of(self, ledger: str, sequence: int) -> Entry | None:
+        found = [e for e in self._ledger_entries(ledger) if e.payload.reverses_sequence == sequence]
+        return found[0] if found else None
+
+    def balances_at(self, entry: Entry) -> tuple[Balance, ...]:
+        return ()
+
+    def set_limits(self, ledger: str, account: str, asset: str, limits: Limits) -> bool:
+        raise NotImplementedError("limits are tested against real databases")
+
+    def list_accounts(
+        self, ledger: str, after_account: str, limit: int
+    ) -> tuple[list[tuple[str, list[AssetTotals]]], int] | None:
+        raise NotImplementedError("listings are tested against real databases")
+
+    def account_view(
+        self, ledger: str, account: str, as_of_sequence: int = 0
+    ) -> AccountView | None:
         self._log("account_view")
         head = self._counter(ledger)
         if head is None:

@@ -40,7 +40,11 @@ def breaking(tmp_path: Path, old: str, new: str) -> subprocess.CompletedProcess[
             "  int64 amount = 6;\n  // Asset code, e.g.",
             "  int32 amount = 6;\n  // Asset code, e.g.",
         ),
-        ("removed", "  bool replayed = 2;\n}", "}"),
+        (
+            "removed",
+            "  bool replayed = 2;\n  // The totals of every account",
+            "  // The totals of every account",
+        ),
     ],
 )
 def test_a_breaking_change_fails_the_guard(tmp_path: Path, change: str, old: str, new: str) -> None:

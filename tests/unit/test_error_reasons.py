@@ -36,6 +36,9 @@ WIRE_REASONS = {
     "UNAUTHENTICATED",
     "PERMISSION_DENIED",
     "TOO_MANY_STREAMS",
+    "BALANCE_LIMIT_EXCEEDED",
+    "ALREADY_REVERSED",
+    "ENTRY_NOT_FOUND",
 }
 
 
@@ -120,7 +123,9 @@ def test_each_enum_comment_names_the_status_code_of_its_row() -> None:
     for line in body.splitlines():
         line = line.strip()
         if line.startswith("//"):
-            comment.append(line.removeprefix("//"))
+            # Stripped, so "Status" ending one line and its code starting
+            # the next read as "Status CODE".
+            comment.append(line.removeprefix("//").strip())
         elif value := re.fullmatch(rf"{PREFIX}([A-Z_]+) = \d+;", line):
             documented[value[1]] = re.findall(r"\bStatus ([A-Z_]+)", " ".join(comment))
             comment = []

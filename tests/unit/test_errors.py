@@ -79,6 +79,10 @@ class _Failing:
     InitializeCounter = ledger_pb2_grpc.LedgerServiceServicer.InitializeCounter
     PostEntries = ledger_pb2_grpc.LedgerServiceServicer.PostEntries
     GetLedger = ledger_pb2_grpc.LedgerServiceServicer.GetLedger
+    SetAccountLimits = ledger_pb2_grpc.LedgerServiceServicer.SetAccountLimits
+    ReverseEntry = ledger_pb2_grpc.LedgerServiceServicer.ReverseEntry
+    GetEntry = ledger_pb2_grpc.LedgerServiceServicer.GetEntry
+    ListAccounts = ledger_pb2_grpc.LedgerServiceServicer.ListAccounts
 
     async def PostEntry(self, request: Any, context: Any) -> Any:
         raise RuntimeError("secret connection string")

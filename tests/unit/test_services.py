@@ -13,7 +13,14 @@ import pytest
 
 from ledger_service.api import wire
 from ledger_service.domain.accounts import AccountView, AssetTotals
-from ledger_service.domain.entries import Counter, Entry, NewEntry, PostResult, epoch_micros
+from ledger_service.domain.entries import (
+    Balance,
+    Counter,
+    Entry,
+    NewEntry,
+    PostResult,
+    epoch_micros,
+)
 from ledger_service.domain.errors import (
     AccountTotalOverflow,
     CounterNotInitialized,
@@ -423,9 +430,13 @@ def test_a_key_repeated_within_a_group_replays_its_first_copy(uows: FakeUowFacto
     outcomes = post_group(uows, [new("a"), new("b"), new("a")])
 
     assert summary(outcomes) == [(1, False), (2, False), (1, True)]
-    first = outcomes[0]
-    assert isinstance(first, PostResult)
-    assert outcomes[2] == PostResult(first.entry, replayed=True)
+    first, second = outcomes[0], outcomes[1]
+    assert isinstance(first, PostResult) and isinstance(second, PostResult)
+    # The copy's balances are the first copy's, as of entry 1, not the
+    # group's end (entry 2 moved the same accounts again).
+    assert first.balances == (Balance("cash", "USD", 10, 0), Balance("sales", "USD", 0, 10))
+    assert second.balances == (Balance("cash", "USD", 20, 0), Balance("sales", "USD", 0, 20))
+    assert outcomes[2] == PostResult(first.entry, replayed=True, balances=first.balances)
     assert uows.store.calls == [add("a", "b")]
     assert uows.store.sequences(LEDGER) == {1: "a", 2: "b"}
 

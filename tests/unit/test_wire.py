@@ -9,7 +9,7 @@ import pytest
 from ledger.v1 import ledger_pb2
 
 from ledger_service.api import wire
-from ledger_service.domain.entries import epoch_micros
+from ledger_service.domain.entries import Balance, epoch_micros
 from ledger_service.domain.validation import validate_new_entry
 
 ENTRY = validate_new_entry(
@@ -46,6 +46,13 @@ def test_encoded_entry_parses_to_the_same_message(created_at: datetime) -> None:
         entry_type=ENTRY.entry_type,
         description=ENTRY.description,
         metadata=ENTRY.metadata,
+        # A one-posting entry lists its one posting too: Entry.postings
+        # always holds every posting.
+        postings=[
+            ledger_pb2.Posting(
+                debit_account="cash", credit_account="sales", amount=2**62 + 1, asset="EUR/2"
+            )
+        ],
     )
     expected.created_at.FromDatetime(created_at)
     assert wire.entry_message(wire.payload(ENTRY), 300, created_at) == expected
@@ -63,16 +70,23 @@ def test_stream_messages_are_assembled_from_payloads() -> None:
     assert message.entries[1] == wire.entry_message(wire.payload(ENTRY), 2, at)
 
 
+BALANCES = (Balance("cash", "USD", 0, 2**62), Balance("sales", "USD", 5, 0))
+
+
 def test_posted_entries_carry_replayed_flags_and_their_own_times() -> None:
     at = datetime(2026, 11, 27, 1, 2, 3, 456789, tzinfo=UTC)
     earlier = datetime(1969, 12, 31, 23, 59, 59, 1, tzinfo=UTC)  # negative seconds
     message = wire.posted_entries_message(
         [
-            (wire.payload(ENTRY), 7, at, False),
-            (wire.payload(ENTRY), 3, earlier, True),
-            (wire.payload(ENTRY), 2**40, at, False),
+            (wire.payload(ENTRY), 7, at, False, ()),
+            (wire.payload(ENTRY), 3, earlier, True, BALANCES),
+            (wire.payload(ENTRY), 2**40, at, False, ()),
         ]
     )
+    assert [
+        (b.account, b.asset, b.total_debits, b.total_credits, b.balance)
+        for b in message.results[1].balances
+    ] == [("cash", "USD", 0, 2**62, -(2**62)), ("sales", "USD", 5, 0, 5)]
     assert [(r.entry.sequence, r.replayed) for r in message.results] == [
         (7, False),
         (3, True),

@@ -9,6 +9,11 @@ import { createHash } from "node:crypto";
 import type { Entry } from "./gen/ledger/v1/ledger_pb.js";
 
 export const FORMAT_VERSION = 1;
+/**
+ * Version 2: version 1 plus the entry's `reverses_sequence`, for the entries
+ * that have one (ReverseEntry).
+ */
+export const REVERSAL_FORMAT_VERSION = 2;
 export const HASH_SIZE = 32;
 /** The "previous hash" of entry 1. */
 export const GENESIS: Uint8Array = new Uint8Array(HASH_SIZE);
@@ -65,21 +70,75 @@ class Writer {
   }
 }
 
-/** The canonical bytes (format version 1) of an Entry as a reader received it. */
+/** One posting as the canonical bytes take it. */
+export interface CanonicalPosting {
+  debitAccount: string;
+  creditAccount: string;
+  amount: bigint;
+  asset: string;
+}
+
+/** The canonical bytes' version for an entry: 2 for a reversal, else 1. */
+export function formatVersion(reversesSequence: bigint): number {
+  return reversesSequence !== 0n ? REVERSAL_FORMAT_VERSION : FORMAT_VERSION;
+}
+
+/**
+ * An Entry's postings: `postings` when the server listed them, else the
+ * single pair of fields as one posting (an older server's entries).
+ */
+export function entryPostings(entry: Entry): CanonicalPosting[] {
+  if (entry.postings.length > 0) {
+    return entry.postings.map(({ debitAccount, creditAccount, amount, asset }) => ({
+      debitAccount,
+      creditAccount,
+      amount,
+      asset,
+    }));
+  }
+  const { debitAccount, creditAccount, amount, asset } = entry;
+  return [{ debitAccount, creditAccount, amount, asset }];
+}
+
+/**
+ * The hash covers `postings`; the single-pair fields, outside it, must be
+ * empty or repeat the entry's one posting (else they could be changed unseen).
+ */
+export function singlePairAgrees(entry: Entry): boolean {
+  const { debitAccount, creditAccount, amount, asset } = entry;
+  if (entry.postings.length === 0) return true;
+  if (debitAccount === "" && creditAccount === "" && amount === 0n && asset === "") return true;
+  const [only] = entry.postings;
+  return (
+    entry.postings.length === 1 &&
+    only.debitAccount === debitAccount &&
+    only.creditAccount === creditAccount &&
+    only.amount === amount &&
+    only.asset === asset
+  );
+}
+
+/**
+ * The canonical bytes of an Entry as a reader received it: format version 2
+ * for a reversal (`reversesSequence` set, then appended), else version 1.
+ */
 export function canonicalBytes(entry: Entry): Uint8Array {
   const seconds = entry.createdAt?.seconds ?? 0n;
   const nanos = entry.createdAt?.nanos ?? 0;
   const w = new Writer();
-  w.u8(FORMAT_VERSION);
+  w.u8(formatVersion(entry.reversesSequence));
   w.i64(entry.sequence);
   w.i64(seconds * 1_000_000n + BigInt(Math.floor(nanos / 1000)));
   w.text(entry.ledger);
   w.text(entry.idempotencyKey);
-  w.u32(1); // an Entry's single pair of fields is one posting
-  w.text(entry.debitAccount);
-  w.text(entry.creditAccount);
-  w.i64(entry.amount);
-  w.text(entry.asset);
+  const postings = entryPostings(entry);
+  w.u32(postings.length);
+  for (const posting of postings) {
+    w.text(posting.debitAccount);
+    w.text(posting.creditAccount);
+    w.i64(posting.amount);
+    w.text(posting.asset);
+  }
   w.text(entry.entryType);
   w.text(entry.description);
   // By the keys' UTF-8 bytes, the same order in every language; JavaScript's
@@ -92,6 +151,7 @@ export function canonicalBytes(entry: Entry): Uint8Array {
     w.text(value);
   }
   w.text(entry.postedBy);
+  if (entry.reversesSequence !== 0n) w.i64(entry.reversesSequence);
   return w.done();
 }
 
@@ -143,6 +203,9 @@ export class ChainVerifier {
   check(entry: Entry): void {
     const problem = orderProblem(this.last, entry.sequence);
     if (problem !== undefined) throw new ChainBroken(entry.ledger, entry.sequence, problem);
+    if (!singlePairAgrees(entry)) {
+      throw new ChainBroken(entry.ledger, entry.sequence, "single-pair fields disagree with postings");
+    }
     const expected = chainHash(this.head, entry);
     if (Buffer.compare(expected, entry.hash) !== 0) {
       throw new ChainBroken(entry.ledger, entry.sequence, "hash mismatch");

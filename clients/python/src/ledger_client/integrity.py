@@ -17,6 +17,9 @@ from ledger.v1 import ledger_pb2
 
 GENESIS = bytes(32)  # the "previous hash" of entry 1
 FORMAT_VERSION = 1
+# Version 2: version 1 plus the entry's `reverses_sequence`, for the entries
+# that have one (ReverseEntry).
+REVERSAL_FORMAT_VERSION = 2
 HASH_SIZE = 32
 
 _HEADER = struct.Struct(">Bqq")  # version, sequence, created_at (microseconds)
@@ -50,15 +53,25 @@ def entry_body(
     description: str,
     metadata: Mapping[str, str],
     posted_by: str,
+    reverses_sequence: int = 0,
 ) -> bytes:
     """The canonical bytes after the fixed header (version, sequence,
-    created_at): everything the entry says that is known before it is numbered."""
+    created_at): everything the entry says that is known before it is
+    numbered. With `reverses_sequence`, the header's version is 2
+    (format_version)."""
     listed = list(postings)
     parts = [_text(ledger), _text(idempotency_key), _U32(len(listed))]
     for debit, credit, amount, asset in listed:
         parts += (_text(debit), _text(credit), _I64(amount), _text(asset))
     parts += (_text(entry_type), _text(description), _metadata(metadata), _text(posted_by))
+    if reverses_sequence:
+        parts.append(_I64(reverses_sequence))
     return b"".join(parts)
+
+
+def format_version(reverses_sequence: int) -> int:
+    """The canonical bytes' version for an entry: 2 for a reversal, else 1."""
+    return REVERSAL_FORMAT_VERSION if reverses_sequence else FORMAT_VERSION
 
 
 def single_posting_body(
@@ -118,18 +131,41 @@ def _metadata(metadata: Mapping[str, str]) -> bytes:
     return _U32(len(pairs)) + b"".join(_U32(len(k)) + k + _U32(len(v)) + v for k, v in pairs)
 
 
-def canonical_bytes(sequence: int, created_at_micros: int, body: bytes) -> bytes:
-    return _HEADER.pack(FORMAT_VERSION, sequence, created_at_micros) + body
+def canonical_bytes(
+    sequence: int, created_at_micros: int, body: bytes, version: int = FORMAT_VERSION
+) -> bytes:
+    return _HEADER.pack(version, sequence, created_at_micros) + body
 
 
-def chain_hash(previous: bytes, sequence: int, created_at_micros: int, body: bytes) -> bytes:
+def chain_hash(
+    previous: bytes,
+    sequence: int,
+    created_at_micros: int,
+    body: bytes,
+    version: int = FORMAT_VERSION,
+) -> bytes:
     """SHA-256(previous || canonical bytes)."""
-    return hashlib.sha256(previous + canonical_bytes(sequence, created_at_micros, body)).digest()
+    return hashlib.sha256(
+        previous + canonical_bytes(sequence, created_at_micros, body, version)
+    ).digest()
 
 
 def message_postings(entry: ledger_pb2.Entry) -> list[Posting]:
-    """An Entry's postings: the single pair of fields, as one posting."""
+    """An Entry's postings: `postings` when the server listed them, else the
+    single pair of fields as one posting (an older server's entries)."""
+    if entry.postings:
+        return [(p.debit_account, p.credit_account, p.amount, p.asset) for p in entry.postings]
     return [(entry.debit_account, entry.credit_account, entry.amount, entry.asset)]
+
+
+def single_pair_agrees(entry: ledger_pb2.Entry) -> bool:
+    """The hash covers `postings`; the single-pair fields, outside it, must
+    be empty or repeat the entry's one posting (else they could be changed
+    unseen)."""
+    pair = (entry.debit_account, entry.credit_account, entry.amount, entry.asset)
+    if not entry.postings or pair == ("", "", 0, ""):
+        return True
+    return len(entry.postings) == 1 and pair == message_postings(entry)[0]
 
 
 def message_canonical(entry: ledger_pb2.Entry) -> bytes:
@@ -143,8 +179,9 @@ def message_canonical(entry: ledger_pb2.Entry) -> bytes:
         entry.description,
         entry.metadata,
         entry.posted_by,
+        entry.reverses_sequence,
     )
-    return canonical_bytes(entry.sequence, micros, body)
+    return canonical_bytes(entry.sequence, micros, body, format_version(entry.reverses_sequence))
 
 
 class ChainVerifier:
@@ -173,6 +210,10 @@ class ChainVerifier:
                 else f"out of order after entry {self.sequence}"
             )
             raise ChainBroken(entry.ledger, entry.sequence, problem)
+        if not single_pair_agrees(entry):
+            raise ChainBroken(
+                entry.ledger, entry.sequence, "single-pair fields disagree with postings"
+            )
         expected = hashlib.sha256(self.hash + message_canonical(entry)).digest()
         if entry.hash != expected:
             raise ChainBroken(entry.ledger, entry.sequence, "hash mismatch")

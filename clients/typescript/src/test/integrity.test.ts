@@ -12,13 +12,25 @@ import {
   ChainVerifier,
   type Entry,
   EntrySchema,
+  FORMAT_VERSION,
   GENESIS,
   LedgerClient,
+  PostingSchema,
+  REVERSAL_FORMAT_VERSION,
   type StreamEntriesResponse,
   StreamEntriesResponseSchema,
   canonicalBytes,
   chainHash,
+  entryPostings,
+  formatVersion,
 } from "../index.js";
+
+interface VectorPosting {
+  debit_account: string;
+  credit_account: string;
+  amount: string;
+  asset: string;
+}
 
 interface Vector {
   ledger: string;
@@ -33,6 +45,8 @@ interface Vector {
   metadata: Record<string, string>;
   created_at_micros: string;
   posted_by: string;
+  postings: VectorPosting[];
+  reverses_sequence: string;
   previous_hash: string;
   canonical: string;
   hash: string;
@@ -64,7 +78,24 @@ function entryOf(v: Vector): Entry {
     }),
     postedBy: v.posted_by,
     hash: unhex(v.hash),
+    postings: v.postings.map((p) =>
+      create(PostingSchema, {
+        debitAccount: p.debit_account,
+        creditAccount: p.credit_account,
+        amount: BigInt(p.amount),
+        asset: p.asset,
+      }),
+    ),
+    reversesSequence: BigInt(v.reverses_sequence),
   });
+}
+
+// The vector's entry as an older server sent it, without `postings`: for a
+// one-posting entry, the same canonical bytes from the single pair of fields.
+function legacyEntryOf(v: Vector): Entry {
+  const entry = entryOf(v);
+  entry.postings = [];
+  return entry;
 }
 
 const chain = (): Entry[] => vectors.entries.map(entryOf);
@@ -83,10 +114,66 @@ function rejects(entries: Entry[], sequence: bigint, problem: string, verifier =
 
 test("canonical bytes and hashes match the shared vectors", () => {
   assert.equal(hex(GENESIS), vectors.genesis);
+  assert.equal(vectors.entries.length, 5);
+  let previous = vectors.genesis;
   for (const v of vectors.entries) {
     const entry = entryOf(v);
+    assert.equal(v.previous_hash, previous, `entry ${v.sequence} chains to the one before`);
     assert.equal(hex(canonicalBytes(entry)), v.canonical, `entry ${v.sequence}`);
     assert.equal(hex(chainHash(unhex(v.previous_hash), entry)), v.hash, `entry ${v.sequence}`);
+    previous = v.hash;
+  }
+});
+
+test("the vectors cover several postings, an int64 maximum amount and a reversal (version 2)", () => {
+  const [, two, , four, five] = chain() as [Entry, Entry, Entry, Entry, Entry];
+  assert.equal(two.amount, 2n ** 63n - 1n);
+  // Entry 4: three postings in two assets, its single-pair fields empty.
+  assert.equal(four.postings.length, 3);
+  assert.deepEqual(new Set(four.postings.map((p) => p.asset)), new Set(["USD", "EUR/2"]));
+  assert.ok(four.postings.some((p) => p.amount === 2n ** 63n - 1n));
+  assert.deepEqual([four.debitAccount, four.creditAccount, four.amount, four.asset], ["", "", 0n, ""]);
+  assert.deepEqual(
+    entryPostings(four).map((p) => [p.debitAccount, p.creditAccount, p.amount, p.asset]),
+    four.postings.map((p) => [p.debitAccount, p.creditAccount, p.amount, p.asset]),
+  );
+  // Entry 5 reverses it: the same postings swapped, and version 2.
+  assert.equal(five.reversesSequence, 4n);
+  assert.deepEqual(
+    five.postings.map((p) => [p.debitAccount, p.creditAccount, p.amount, p.asset]),
+    four.postings.map((p) => [p.creditAccount, p.debitAccount, p.amount, p.asset]),
+  );
+  assert.equal(formatVersion(0n), FORMAT_VERSION);
+  assert.equal(formatVersion(4n), REVERSAL_FORMAT_VERSION);
+  for (const [i, entry] of chain().entries()) {
+    const version = canonicalBytes(entry)[0];
+    assert.equal(version, i === 4 ? 2 : 1, `entry ${entry.sequence}'s version byte`);
+  }
+  // Version 2 ends with reverses_sequence, after posted_by.
+  assert.equal(hex(canonicalBytes(five).subarray(-8)), "0000000000000004");
+});
+
+test("an older server's one-posting entries, without postings, hash the same", () => {
+  for (const v of vectors.entries.filter((v) => v.postings.length === 1)) {
+    const entry = legacyEntryOf(v);
+    assert.equal(entry.postings.length, 0);
+    assert.equal(hex(canonicalBytes(entry)), v.canonical, `entry ${v.sequence}`);
+    assert.equal(hex(chainHash(unhex(v.previous_hash), entry)), v.hash, `entry ${v.sequence}`);
+  }
+  // The single pair of fields is then what is hashed.
+  const entries = vectors.entries.map((v) => (v.postings.length === 1 ? legacyEntryOf(v) : entryOf(v)));
+  const verifier = new ChainVerifier();
+  for (const entry of entries) verifier.check(entry);
+  const changes: Array<(entry: Entry) => void> = [
+    (e) => (e.debitAccount = "bank"),
+    (e) => (e.creditAccount = "cash"),
+    (e) => (e.amount -= 1n),
+    (e) => (e.asset = "EUR/3"),
+  ];
+  for (const change of changes) {
+    const changed = vectors.entries.map(legacyEntryOf);
+    change(changed[1]!);
+    rejects(changed, 2n, "hash mismatch");
   }
 });
 
@@ -100,22 +187,43 @@ test("a verifier accepts the chain, from the start or after an entry with its ha
   const entries = chain();
   const verifier = new ChainVerifier();
   for (const entry of entries) verifier.check(entry);
-  assert.equal(verifier.sequence, 3n);
-  assert.equal(hex(verifier.hash), vectors.entries[2]!.hash);
+  assert.equal(verifier.sequence, 5n);
+  assert.equal(hex(verifier.hash), vectors.entries[4]!.hash);
   const resumed = new ChainVerifier(1n, entries[0]!.hash);
-  resumed.check(entries[1]!);
-  resumed.check(entries[2]!);
+  for (const entry of entries.slice(1)) resumed.check(entry);
+  const reversal = new ChainVerifier(4n, entries[3]!.hash);
+  reversal.check(entries[4]!);
+  assert.equal(hex(reversal.hash), vectors.entries[4]!.hash);
   assert.throws(() => new ChainVerifier(1n), /needs entry N's hash/);
   assert.throws(() => new ChainVerifier(0n, new Uint8Array(31)), /32 bytes, not 31/);
+});
+
+test("single-pair fields that do not repeat the one posting are refused", () => {
+  const changes: Array<(entry: Entry) => void> = [
+    (e) => (e.debitAccount = "someone-else"), // outside the hash: checked against postings
+    (e) => (e.amount += 1n),
+    (e) => e.postings.push(create(PostingSchema, { debitAccount: "x", creditAccount: "y", amount: 1n, asset: "USD" })),
+  ];
+  for (const change of changes) {
+    const entries = chain();
+    change(entries[1]!);
+    rejects(entries, 2n, "single-pair fields disagree with postings");
+  }
 });
 
 test("a verifier rejects any changed field, naming the entry", () => {
   const changes: Array<(entry: Entry) => void> = [
     (e) => (e.idempotencyKey += "x"),
-    (e) => (e.debitAccount = "bank"),
-    (e) => (e.creditAccount = "cash"),
-    (e) => (e.amount -= 1n),
-    (e) => (e.asset = "EUR/3"),
+    // A one-posting entry repeats its posting in the single pair: changed together.
+    (e) => (e.postings[0]!.debitAccount = e.debitAccount = "bank"),
+    (e) => (e.postings[0]!.creditAccount = e.creditAccount = "cash"),
+    (e) => (e.postings[0]!.amount = e.amount -= 1n),
+    (e) => (e.postings[0]!.asset = e.asset = "EUR/3"),
+    (e) => {
+      e.postings.push(create(PostingSchema, { debitAccount: "x", creditAccount: "y", amount: 1n, asset: "USD" }));
+      Object.assign(e, { debitAccount: "", creditAccount: "", amount: 0n, asset: "" });
+    },
+    (e) => (e.reversesSequence = 1n), // version 2, and one more field
     (e) => (e.entryType = "refund"),
     (e) => (e.description = e.description.normalize("NFD")), // same text to a reader, other bytes
     (e) => (e.metadata = { ...e.metadata, a: "First" }),
@@ -130,9 +238,33 @@ test("a verifier rejects any changed field, naming the entry", () => {
     change(entries[1]!);
     rejects(entries, 2n, "hash mismatch");
   }
+  // In entries of several postings, and in a reversal, likewise.
+  const postingChanges: Array<(entry: Entry) => void> = [
+    (e) => (e.postings[2]!.amount -= 1n),
+    (e) => (e.postings[1]!.creditAccount = "tax:gst"),
+    (e) => (e.postings[2]!.asset = "USD"),
+    (e) => e.postings.reverse(), // the order is hashed
+    (e) => e.postings.pop(),
+    (e) => (e.postings = e.postings.map((p) => create(PostingSchema, { ...p, debitAccount: p.creditAccount, creditAccount: p.debitAccount }))),
+  ];
+  for (const index of [3, 4]) {
+    for (const change of [...postingChanges, (e: Entry) => (e.reversesSequence += 1n), (e: Entry) => (e.description += ".")]) {
+      const entries = chain();
+      change(entries[index]!);
+      rejects(entries, BigInt(index + 1), "hash mismatch");
+    }
+  }
+  // A reversal passed off as a plain entry (version 1), or the other way round.
+  const unreversed = chain();
+  unreversed[4]!.reversesSequence = 0n;
+  rejects(unreversed, 5n, "hash mismatch");
+  const reversed = chain();
+  reversed[3]!.reversesSequence = 3n;
+  rejects(reversed, 4n, "hash mismatch");
+
   // A changed entry breaks the next one too, whose hash commits to it.
   const entries = chain();
-  entries[0]!.amount += 1n;
+  entries[0]!.postings[0]!.amount = entries[0]!.amount += 1n;
   entries[0]!.hash = chainHash(GENESIS, entries[0]!);
   rejects(entries, 2n, "hash mismatch");
   // The ledger is hashed, and named in the error as the entry says.
@@ -193,8 +325,15 @@ test("a verifying stream checks every entry across a reconnect", async () => {
   assert.deepEqual(await collect(client.streamEntries("books", { verify: true })), [1n, 2n, 3n]);
   assert.deepEqual(requested, [0n, 1n]);
 
+  // Entries of several postings and a reversal (version 2) too.
+  const [, , , four, five] = chain() as [Entry, Entry, Entry, Entry, Entry];
+  const longer = stubbed([{ messages: [[one, two], [three]], then: dropped() }, { messages: [[four], [five]] }]);
+  assert.deepEqual(await collect(longer.client.streamEntries("books", { verify: true })), [1n, 2n, 3n, 4n, 5n]);
+  assert.deepEqual(longer.requested, [0n, 3n]);
+
   // A changed entry after the reconnect throws, and is not retried.
-  const changed = entryOf({ ...vectors.entries[2]!, amount: "2" });
+  const third = vectors.entries[2]!;
+  const changed = entryOf({ ...third, amount: "2", postings: [{ ...third.postings[0]!, amount: "2" }] });
   const broken = stubbed([{ messages: [[one]], then: dropped() }, { messages: [[two, changed]] }]);
   const seen: bigint[] = [];
   await assert.rejects(

@@ -96,6 +96,24 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     principal may (`--max-follows-per-principal`). Status RESOURCE_EXHAUSTED;
     metadata "limit". Retry: after closing one, or on another server.
     """
+    ERROR_REASON_BALANCE_LIMIT_EXCEEDED: _ErrorReason.ValueType  # 14
+    """The post (or reversal) would take an account's balance beyond a limit
+    set with SetAccountLimits, or SetAccountLimits' new limit is already
+    broken by the current balance. Status FAILED_PRECONDITION; nothing was
+    written. The message and metadata name the account, asset, limit
+    ("max_net_debit" or "max_net_credit", "limit") and the balance it would
+    reach ("would_reach"); in PostEntries, "index" the entry. Retry: not as
+    is; after the balance changed or the limit was raised.
+    """
+    ERROR_REASON_ALREADY_REVERSED: _ErrorReason.ValueType  # 15
+    """ReverseEntry: the entry was already reversed, by another key. Status
+    FAILED_PRECONDITION; metadata "reversed_by" is the reversing entry's
+    number. Retry: no.
+    """
+    ERROR_REASON_ENTRY_NOT_FOUND: _ErrorReason.ValueType  # 16
+    """GetEntry or ReverseEntry: no such entry in the ledger. Status NOT_FOUND;
+    metadata "ledger". Retry: no.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reasons of the errors LedgerService returns.
@@ -183,7 +201,63 @@ ERROR_REASON_TOO_MANY_STREAMS: ErrorReason.ValueType  # 13
 principal may (`--max-follows-per-principal`). Status RESOURCE_EXHAUSTED;
 metadata "limit". Retry: after closing one, or on another server.
 """
+ERROR_REASON_BALANCE_LIMIT_EXCEEDED: ErrorReason.ValueType  # 14
+"""The post (or reversal) would take an account's balance beyond a limit
+set with SetAccountLimits, or SetAccountLimits' new limit is already
+broken by the current balance. Status FAILED_PRECONDITION; nothing was
+written. The message and metadata name the account, asset, limit
+("max_net_debit" or "max_net_credit", "limit") and the balance it would
+reach ("would_reach"); in PostEntries, "index" the entry. Retry: not as
+is; after the balance changed or the limit was raised.
+"""
+ERROR_REASON_ALREADY_REVERSED: ErrorReason.ValueType  # 15
+"""ReverseEntry: the entry was already reversed, by another key. Status
+FAILED_PRECONDITION; metadata "reversed_by" is the reversing entry's
+number. Retry: no.
+"""
+ERROR_REASON_ENTRY_NOT_FOUND: ErrorReason.ValueType  # 16
+"""GetEntry or ReverseEntry: no such entry in the ledger. Status NOT_FOUND;
+metadata "ledger". Retry: no.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
+
+@_typing.final
+class Posting(_message.Message):
+    """One movement of an entry: `amount` of `asset` moves from `credit_account`
+    to `debit_account`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEBIT_ACCOUNT_FIELD_NUMBER: _builtins.int
+    CREDIT_ACCOUNT_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    debit_account: _builtins.str
+    """The account debited: 1-128 characters, no control characters."""
+    credit_account: _builtins.str
+    """The account credited: 1-128 characters, no control characters; must
+    differ from `debit_account`.
+    """
+    amount: _builtins.int
+    """Amount in minor units of `asset`: 1 to 9223372036854775807."""
+    asset: _builtins.str
+    """Asset code, as in PostEntryRequest.asset."""
+    def __init__(
+        self,
+        *,
+        debit_account: _builtins.str = ...,
+        credit_account: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        asset: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "credit_account", b"credit_account", "debit_account", b"debit_account"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Posting: _TypeAlias = Posting  # noqa: Y015
 
 @_typing.final
 class Entry(_message.Message):
@@ -226,6 +300,8 @@ class Entry(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     POSTED_BY_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
+    POSTINGS_FIELD_NUMBER: _builtins.int
+    REVERSES_SEQUENCE_FIELD_NUMBER: _builtins.int
     ledger: _builtins.str
     """The ledger this entry belongs to."""
     sequence: _builtins.int
@@ -258,6 +334,10 @@ class Entry(_message.Message):
     bytes. 32 bytes. Set by the server in the transaction that numbers the
     entry, so chain order is number order.
     """
+    reverses_sequence: _builtins.int
+    """The number of the entry this one reverses (ReverseEntry); 0 for an
+    entry that reverses none.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller-defined key/value pairs; may be empty."""
@@ -265,6 +345,15 @@ class Entry(_message.Message):
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the entry was committed, from the database clock (UTC)."""
+
+    @_builtins.property
+    def postings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Posting]:
+        """Every posting of the entry, in the order posted: one for an entry posted
+        with the single pair of fields (which then also fill `debit_account`,
+        `credit_account`, `amount` and `asset`), 1 to 64 for an entry posted
+        with `postings`, whose single-pair fields are then empty (amount 0).
+        Read this field to handle both forms.
+        """
 
     def __init__(
         self,
@@ -282,10 +371,12 @@ class Entry(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         posted_by: _builtins.str = ...,
         hash: _builtins.bytes = ...,
+        postings: _abc.Iterable[Global___Posting] | None = ...,
+        reverses_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "created_at", b"created_at", "credit_account", b"credit_account", "debit_account", b"debit_account", "description", b"description", "entry_type", b"entry_type", "hash", b"hash", "idempotency_key", b"idempotency_key", "ledger", b"ledger", "metadata", b"metadata", "posted_by", b"posted_by", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "created_at", b"created_at", "credit_account", b"credit_account", "debit_account", b"debit_account", "description", b"description", "entry_type", b"entry_type", "hash", b"hash", "idempotency_key", b"idempotency_key", "ledger", b"ledger", "metadata", b"metadata", "posted_by", b"posted_by", "postings", b"postings", "reverses_sequence", b"reverses_sequence", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -401,6 +492,7 @@ class PostEntryRequest(_message.Message):
     ENTRY_TYPE_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    POSTINGS_FIELD_NUMBER: _builtins.int
     ledger: _builtins.str
     """Ledger name (see InitializeCounterRequest.ledger). Its counter must have
     been initialized.
@@ -433,6 +525,14 @@ class PostEntryRequest(_message.Message):
         of UTF-8.
         """
 
+    @_builtins.property
+    def postings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Posting]:
+        """The alternative to the single pair of fields above: 1 to 64 postings,
+        applied together under the entry's one number. An entry uses exactly
+        one of the two forms (INVALID_ARGUMENT otherwise). Limits are checked
+        on the entry's net effect per account and asset.
+        """
+
     def __init__(
         self,
         *,
@@ -445,10 +545,11 @@ class PostEntryRequest(_message.Message):
         entry_type: _builtins.str = ...,
         description: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        postings: _abc.Iterable[Global___Posting] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "credit_account", b"credit_account", "debit_account", b"debit_account", "description", b"description", "entry_type", b"entry_type", "idempotency_key", b"idempotency_key", "ledger", b"ledger", "metadata", b"metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "credit_account", b"credit_account", "debit_account", b"debit_account", "description", b"description", "entry_type", b"entry_type", "idempotency_key", b"idempotency_key", "ledger", b"ledger", "metadata", b"metadata", "postings", b"postings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -462,6 +563,7 @@ class PostEntryResponse(_message.Message):
 
     ENTRY_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    BALANCES_FIELD_NUMBER: _builtins.int
     replayed: _builtins.bool
     """True when the idempotency key had already been posted with the same
     payload: `entry` is the original and no number was consumed.
@@ -470,19 +572,69 @@ class PostEntryResponse(_message.Message):
     def entry(self) -> Global___Entry:
         """The stored entry, with its number."""
 
+    @_builtins.property
+    def balances(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountAssetBalance]:
+        """The totals of every account and asset the entry touched, right after
+        this entry (as of its number, also within a group commit and on a
+        replay), ordered by account then asset.
+        """
+
     def __init__(
         self,
         *,
         entry: Global___Entry | None = ...,
         replayed: _builtins.bool = ...,
+        balances: _abc.Iterable[Global___AccountAssetBalance] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "replayed", b"replayed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balances", b"balances", "entry", b"entry", "replayed", b"replayed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PostEntryResponse: _TypeAlias = PostEntryResponse  # noqa: Y015
+
+@_typing.final
+class AccountAssetBalance(_message.Message):
+    """An account's totals in one asset at a given entry. The totals are
+    fixed-width (sfixed64: the same values and JSON as int64): the server
+    encodes two of these per entry it writes, and fixed width is the cheaper
+    encoding to make.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    TOTAL_DEBITS_FIELD_NUMBER: _builtins.int
+    TOTAL_CREDITS_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    account: _builtins.str
+    """Account name."""
+    asset: _builtins.str
+    """Asset code."""
+    total_debits: _builtins.int
+    """Sum of the amounts debited to the account, minor units."""
+    total_credits: _builtins.int
+    """Sum of the amounts credited to the account, minor units."""
+    balance: _builtins.int
+    """total_debits - total_credits, minor units."""
+    def __init__(
+        self,
+        *,
+        account: _builtins.str = ...,
+        asset: _builtins.str = ...,
+        total_debits: _builtins.int = ...,
+        total_credits: _builtins.int = ...,
+        balance: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "asset", b"asset", "balance", b"balance", "total_credits", b"total_credits", "total_debits", b"total_debits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountAssetBalance: _TypeAlias = AccountAssetBalance  # noqa: Y015
 
 @_typing.final
 class EntryInput(_message.Message):
@@ -521,6 +673,7 @@ class EntryInput(_message.Message):
     ENTRY_TYPE_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    POSTINGS_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Caller-chosen key, 1-128 characters; unique per ledger and within the
     request.
@@ -541,6 +694,12 @@ class EntryInput(_message.Message):
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Optional, as in PostEntryRequest.metadata."""
 
+    @_builtins.property
+    def postings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Posting]:
+        """The alternative to the single pair of fields, as in
+        PostEntryRequest.postings.
+        """
+
     def __init__(
         self,
         *,
@@ -552,10 +711,11 @@ class EntryInput(_message.Message):
         entry_type: _builtins.str = ...,
         description: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        postings: _abc.Iterable[Global___Posting] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "credit_account", b"credit_account", "debit_account", b"debit_account", "description", b"description", "entry_type", b"entry_type", "idempotency_key", b"idempotency_key", "metadata", b"metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "credit_account", b"credit_account", "debit_account", b"debit_account", "description", b"description", "entry_type", b"entry_type", "idempotency_key", b"idempotency_key", "metadata", b"metadata", "postings", b"postings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -599,21 +759,29 @@ class PostedEntry(_message.Message):
 
     ENTRY_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    BALANCES_FIELD_NUMBER: _builtins.int
     replayed: _builtins.bool
     """True when the key had already been posted with the same payload."""
     @_builtins.property
     def entry(self) -> Global___Entry:
         """The stored entry, with its number."""
 
+    @_builtins.property
+    def balances(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountAssetBalance]:
+        """The totals of the accounts this entry touched, right after it (see
+        PostEntryResponse.balances).
+        """
+
     def __init__(
         self,
         *,
         entry: Global___Entry | None = ...,
         replayed: _builtins.bool = ...,
+        balances: _abc.Iterable[Global___AccountAssetBalance] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "replayed", b"replayed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balances", b"balances", "entry", b"entry", "replayed", b"replayed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -740,23 +908,31 @@ class GetAccountRequest(_message.Message):
 
     LEDGER_FIELD_NUMBER: _builtins.int
     ACCOUNT_FIELD_NUMBER: _builtins.int
+    AS_OF_SEQUENCE_FIELD_NUMBER: _builtins.int
     ledger: _builtins.str
     """Ledger name (see InitializeCounterRequest.ledger). Its counter must have
     been initialized.
     """
     account: _builtins.str
     """Account name, 1-128 characters, no control characters. An account never
-    posted to has no balances.
+    posted to has no balances, except in an asset it was given limits in
+    (SetAccountLimits): zero totals, with the limits.
+    """
+    as_of_sequence: _builtins.int
+    """The totals as of this entry: they include exactly entries
+    1..as_of_sequence. 0 means now. Above the ledger's last number:
+    OUT_OF_RANGE.
     """
     def __init__(
         self,
         *,
         ledger: _builtins.str = ...,
         account: _builtins.str = ...,
+        as_of_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "ledger", b"ledger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "as_of_sequence", b"as_of_sequence", "ledger", b"ledger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -772,6 +948,8 @@ class AssetBalance(_message.Message):
     TOTAL_DEBITS_FIELD_NUMBER: _builtins.int
     TOTAL_CREDITS_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
+    MAX_NET_DEBIT_FIELD_NUMBER: _builtins.int
+    MAX_NET_CREDIT_FIELD_NUMBER: _builtins.int
     asset: _builtins.str
     """Asset code."""
     total_debits: _builtins.int
@@ -782,6 +960,14 @@ class AssetBalance(_message.Message):
     """total_debits - total_credits, minor units (debit-normal: positive means
     a net debit).
     """
+    max_net_debit: _builtins.int
+    """The account's limit on `balance` in this asset (SetAccountLimits);
+    unset: none. The limits in force now, on an as-of read too.
+    """
+    max_net_credit: _builtins.int
+    """The account's limit on -`balance` (credits - debits) in this asset;
+    unset: none.
+    """
     def __init__(
         self,
         *,
@@ -789,12 +975,21 @@ class AssetBalance(_message.Message):
         total_debits: _builtins.int = ...,
         total_credits: _builtins.int = ...,
         balance: _builtins.int = ...,
+        max_net_debit: _builtins.int | None = ...,
+        max_net_credit: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_net_credit", b"_max_net_credit", "_max_net_debit", b"_max_net_debit", "max_net_credit", b"max_net_credit", "max_net_debit", b"max_net_debit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "balance", b"balance", "total_credits", b"total_credits", "total_debits", b"total_debits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_net_credit", b"_max_net_credit", "_max_net_debit", b"_max_net_debit", "asset", b"asset", "balance", b"balance", "max_net_credit", b"max_net_credit", "max_net_debit", b"max_net_debit", "total_credits", b"total_credits", "total_debits", b"total_debits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_net_credit: _TypeAlias = _typing.Literal["max_net_credit"]  # noqa: Y015
+    _WhichOneofArgType__max_net_credit: _TypeAlias = _typing.Literal["_max_net_credit", b"_max_net_credit"]  # noqa: Y015
+    _WhichOneofReturnType__max_net_debit: _TypeAlias = _typing.Literal["max_net_debit"]  # noqa: Y015
+    _WhichOneofArgType__max_net_debit: _TypeAlias = _typing.Literal["_max_net_debit", b"_max_net_debit"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_net_credit) -> _WhichOneofReturnType__max_net_credit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_net_debit) -> _WhichOneofReturnType__max_net_debit | None: ...
 
 Global___AssetBalance: _TypeAlias = AssetBalance  # noqa: Y015
 
@@ -900,3 +1095,309 @@ class GetLedgerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetLedgerResponse: _TypeAlias = GetLedgerResponse  # noqa: Y015
+
+@_typing.final
+class SetAccountLimitsRequest(_message.Message):
+    """Request for SetAccountLimits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEDGER_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    MAX_NET_DEBIT_FIELD_NUMBER: _builtins.int
+    MAX_NET_CREDIT_FIELD_NUMBER: _builtins.int
+    ledger: _builtins.str
+    """Ledger name (see InitializeCounterRequest.ledger). Its counter must have
+    been initialized.
+    """
+    account: _builtins.str
+    """Account name, 1-128 characters, no control characters."""
+    asset: _builtins.str
+    """Asset code, as in PostEntryRequest.asset."""
+    max_net_debit: _builtins.int
+    """Upper bound of total_debits - total_credits (the balance); unset: no
+    bound. 0 means debits must not exceed credits: an account that cannot
+    go negative. May be negative (a minimum net credit).
+    """
+    max_net_credit: _builtins.int
+    """Upper bound of total_credits - total_debits; unset: no bound."""
+    def __init__(
+        self,
+        *,
+        ledger: _builtins.str = ...,
+        account: _builtins.str = ...,
+        asset: _builtins.str = ...,
+        max_net_debit: _builtins.int | None = ...,
+        max_net_credit: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_net_credit", b"_max_net_credit", "_max_net_debit", b"_max_net_debit", "max_net_credit", b"max_net_credit", "max_net_debit", b"max_net_debit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_net_credit", b"_max_net_credit", "_max_net_debit", b"_max_net_debit", "account", b"account", "asset", b"asset", "ledger", b"ledger", "max_net_credit", b"max_net_credit", "max_net_debit", b"max_net_debit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_net_credit: _TypeAlias = _typing.Literal["max_net_credit"]  # noqa: Y015
+    _WhichOneofArgType__max_net_credit: _TypeAlias = _typing.Literal["_max_net_credit", b"_max_net_credit"]  # noqa: Y015
+    _WhichOneofReturnType__max_net_debit: _TypeAlias = _typing.Literal["max_net_debit"]  # noqa: Y015
+    _WhichOneofArgType__max_net_debit: _TypeAlias = _typing.Literal["_max_net_debit", b"_max_net_debit"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_net_credit) -> _WhichOneofReturnType__max_net_credit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_net_debit) -> _WhichOneofReturnType__max_net_debit | None: ...
+
+Global___SetAccountLimitsRequest: _TypeAlias = SetAccountLimitsRequest  # noqa: Y015
+
+@_typing.final
+class SetAccountLimitsResponse(_message.Message):
+    """Response of SetAccountLimits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEDGER_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    AS_OF_SEQUENCE_FIELD_NUMBER: _builtins.int
+    ledger: _builtins.str
+    """The ledger name, as requested."""
+    account: _builtins.str
+    """The account name, as requested."""
+    as_of_sequence: _builtins.int
+    """The totals include exactly entries 1..as_of_sequence."""
+    @_builtins.property
+    def balance(self) -> Global___AssetBalance:
+        """The account's totals in the asset, with the limits now in force."""
+
+    def __init__(
+        self,
+        *,
+        ledger: _builtins.str = ...,
+        account: _builtins.str = ...,
+        balance: Global___AssetBalance | None = ...,
+        as_of_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "as_of_sequence", b"as_of_sequence", "balance", b"balance", "ledger", b"ledger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountLimitsResponse: _TypeAlias = SetAccountLimitsResponse  # noqa: Y015
+
+@_typing.final
+class ReverseEntryRequest(_message.Message):
+    """Request for ReverseEntry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEDGER_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    ledger: _builtins.str
+    """Ledger name (see InitializeCounterRequest.ledger)."""
+    sequence: _builtins.int
+    """The number of the entry to reverse; >= 1."""
+    idempotency_key: _builtins.str
+    """The reversal's own idempotency key, as in PostEntryRequest."""
+    description: _builtins.str
+    """Optional free text of the reversal, at most 1024 characters."""
+    def __init__(
+        self,
+        *,
+        ledger: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        idempotency_key: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "idempotency_key", b"idempotency_key", "ledger", b"ledger", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReverseEntryRequest: _TypeAlias = ReverseEntryRequest  # noqa: Y015
+
+@_typing.final
+class ReverseEntryResponse(_message.Message):
+    """Response of ReverseEntry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    BALANCES_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when the key had already been used for this same reversal."""
+    @_builtins.property
+    def entry(self) -> Global___Entry:
+        """The reversing entry, with its number and `reverses_sequence`."""
+
+    @_builtins.property
+    def balances(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountAssetBalance]:
+        """The totals of the accounts it touched, right after it."""
+
+    def __init__(
+        self,
+        *,
+        entry: Global___Entry | None = ...,
+        replayed: _builtins.bool = ...,
+        balances: _abc.Iterable[Global___AccountAssetBalance] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balances", b"balances", "entry", b"entry", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReverseEntryResponse: _TypeAlias = ReverseEntryResponse  # noqa: Y015
+
+@_typing.final
+class GetEntryRequest(_message.Message):
+    """Request for GetEntry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEDGER_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    ledger: _builtins.str
+    """Ledger name (see InitializeCounterRequest.ledger)."""
+    sequence: _builtins.int
+    """Its number, >= 1."""
+    idempotency_key: _builtins.str
+    """Its idempotency key."""
+    def __init__(
+        self,
+        *,
+        ledger: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "selector", b"selector", "sequence", b"sequence"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "ledger", b"ledger", "selector", b"selector", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["sequence", "idempotency_key"]  # noqa: Y015
+    _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_selector) -> _WhichOneofReturnType_selector | None: ...
+
+Global___GetEntryRequest: _TypeAlias = GetEntryRequest  # noqa: Y015
+
+@_typing.final
+class GetEntryResponse(_message.Message):
+    """Response of GetEntry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entry(self) -> Global___Entry:
+        """The entry."""
+
+    def __init__(
+        self,
+        *,
+        entry: Global___Entry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEntryResponse: _TypeAlias = GetEntryResponse  # noqa: Y015
+
+@_typing.final
+class ListAccountsRequest(_message.Message):
+    """Request for ListAccounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEDGER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ledger: _builtins.str
+    """Ledger name (see InitializeCounterRequest.ledger)."""
+    page_size: _builtins.int
+    """Accounts per page: 0 for the default (100); above 1000 it is taken as
+    1000; negative: INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """`next_page_token` of the previous page, empty for the first. Opaque;
+    one that was altered, or is of another ledger, gets INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        ledger: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ledger", b"ledger", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAccountsRequest: _TypeAlias = ListAccountsRequest  # noqa: Y015
+
+@_typing.final
+class AccountSummary(_message.Message):
+    """One account of ListAccounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    BALANCES_FIELD_NUMBER: _builtins.int
+    account: _builtins.str
+    """Account name."""
+    @_builtins.property
+    def balances(self) -> _containers.RepeatedCompositeFieldContainer[Global___AssetBalance]:
+        """Its totals per asset, ordered by asset, limits included."""
+
+    def __init__(
+        self,
+        *,
+        account: _builtins.str = ...,
+        balances: _abc.Iterable[Global___AssetBalance] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "balances", b"balances"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountSummary: _TypeAlias = AccountSummary  # noqa: Y015
+
+@_typing.final
+class ListAccountsResponse(_message.Message):
+    """Response of ListAccounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    AS_OF_SEQUENCE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass it as `page_token` for the next page; empty on the last."""
+    as_of_sequence: _builtins.int
+    """This page's totals include exactly entries 1..as_of_sequence. Each page
+    is read in a snapshot of its own, so pages may differ.
+    """
+    @_builtins.property
+    def accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountSummary]:
+        """Accounts ordered by name, after the page token's."""
+
+    def __init__(
+        self,
+        *,
+        accounts: _abc.Iterable[Global___AccountSummary] | None = ...,
+        next_page_token: _builtins.str = ...,
+        as_of_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts", b"accounts", "as_of_sequence", b"as_of_sequence", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAccountsResponse: _TypeAlias = ListAccountsResponse  # noqa: Y015

@@ -75,6 +75,26 @@ class LedgerServiceStub:
                 request_serializer=ledger_dot_v1_dot_ledger__pb2.GetLedgerRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_ledger__pb2.GetLedgerResponse.FromString,
                 _registered_method=True)
+        self.SetAccountLimits = channel.unary_unary(
+                '/ledger.v1.LedgerService/SetAccountLimits',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.SetAccountLimitsRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.SetAccountLimitsResponse.FromString,
+                _registered_method=True)
+        self.ReverseEntry = channel.unary_unary(
+                '/ledger.v1.LedgerService/ReverseEntry',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.ReverseEntryRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.ReverseEntryResponse.FromString,
+                _registered_method=True)
+        self.GetEntry = channel.unary_unary(
+                '/ledger.v1.LedgerService/GetEntry',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.GetEntryRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.GetEntryResponse.FromString,
+                _registered_method=True)
+        self.ListAccounts = channel.unary_unary(
+                '/ledger.v1.LedgerService/ListAccounts',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.ListAccountsRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.ListAccountsResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -145,6 +165,43 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetAccountLimits(self, request, context):
+        """Creates or replaces an account's balance limits in one asset (role: a
+        writer of the ledger). Every later post, reversal included, that would
+        take the account beyond a limit fails with BALANCE_LIMIT_EXCEEDED and
+        writes nothing. Refused, with the same reason, when the current balance
+        already breaks a new limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReverseEntry(self, request, context):
+        """Reverses an entry: posts a new entry with every posting of the original
+        swapped (debit and credit accounts exchanged) and `reverses_sequence`
+        set to the original's number. An entry is reversed at most once: another
+        reversal with another key fails with ALREADY_REVERSED; the same key
+        replays. Limits apply as to any post.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEntry(self, request, context):
+        """Returns one entry, by number or by idempotency key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAccounts(self, request, context):
+        """Lists a ledger's accounts with their balances, ordered by account name,
+        a page at a time (AIP-158).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +234,26 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetLedger,
                     request_deserializer=ledger_dot_v1_dot_ledger__pb2.GetLedgerRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_ledger__pb2.GetLedgerResponse.SerializeToString,
+            ),
+            'SetAccountLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAccountLimits,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.SetAccountLimitsRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.SetAccountLimitsResponse.SerializeToString,
+            ),
+            'ReverseEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReverseEntry,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.ReverseEntryRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.ReverseEntryResponse.SerializeToString,
+            ),
+            'GetEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEntry,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.GetEntryRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.GetEntryResponse.SerializeToString,
+            ),
+            'ListAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccounts,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.ListAccountsRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.ListAccountsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +429,114 @@ class LedgerService:
             '/ledger.v1.LedgerService/GetLedger',
             ledger_dot_v1_dot_ledger__pb2.GetLedgerRequest.SerializeToString,
             ledger_dot_v1_dot_ledger__pb2.GetLedgerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAccountLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/SetAccountLimits',
+            ledger_dot_v1_dot_ledger__pb2.SetAccountLimitsRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.SetAccountLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReverseEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/ReverseEntry',
+            ledger_dot_v1_dot_ledger__pb2.ReverseEntryRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.ReverseEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/GetEntry',
+            ledger_dot_v1_dot_ledger__pb2.GetEntryRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.GetEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/ListAccounts',
+            ledger_dot_v1_dot_ledger__pb2.ListAccountsRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.ListAccountsResponse.FromString,
             options,
             channel_credentials,
             insecure,

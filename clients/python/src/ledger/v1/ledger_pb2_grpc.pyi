@@ -73,6 +73,26 @@ class LedgerServiceStub:
     """Returns a ledger's head: its last number and that entry's chain hash,
     read together, to anchor the hash chain elsewhere (docs/integrity.md).
     """
+    SetAccountLimits: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.SetAccountLimitsRequest, _ledger_pb2.SetAccountLimitsResponse]
+    """Creates or replaces an account's balance limits in one asset (role: a
+    writer of the ledger). Every later post, reversal included, that would
+    take the account beyond a limit fails with BALANCE_LIMIT_EXCEEDED and
+    writes nothing. Refused, with the same reason, when the current balance
+    already breaks a new limit.
+    """
+    ReverseEntry: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ReverseEntryRequest, _ledger_pb2.ReverseEntryResponse]
+    """Reverses an entry: posts a new entry with every posting of the original
+    swapped (debit and credit accounts exchanged) and `reverses_sequence`
+    set to the original's number. An entry is reversed at most once: another
+    reversal with another key fails with ALREADY_REVERSED; the same key
+    replays. Limits apply as to any post.
+    """
+    GetEntry: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetEntryRequest, _ledger_pb2.GetEntryResponse]
+    """Returns one entry, by number or by idempotency key."""
+    ListAccounts: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListAccountsRequest, _ledger_pb2.ListAccountsResponse]
+    """Lists a ledger's accounts with their balances, ordered by account name,
+    a page at a time (AIP-158).
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -118,6 +138,26 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     GetLedger: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetLedgerRequest, _ledger_pb2.GetLedgerResponse]  # type: ignore[assignment]
     """Returns a ledger's head: its last number and that entry's chain hash,
     read together, to anchor the hash chain elsewhere (docs/integrity.md).
+    """
+    SetAccountLimits: _aio.UnaryUnaryMultiCallable[_ledger_pb2.SetAccountLimitsRequest, _ledger_pb2.SetAccountLimitsResponse]  # type: ignore[assignment]
+    """Creates or replaces an account's balance limits in one asset (role: a
+    writer of the ledger). Every later post, reversal included, that would
+    take the account beyond a limit fails with BALANCE_LIMIT_EXCEEDED and
+    writes nothing. Refused, with the same reason, when the current balance
+    already breaks a new limit.
+    """
+    ReverseEntry: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ReverseEntryRequest, _ledger_pb2.ReverseEntryResponse]  # type: ignore[assignment]
+    """Reverses an entry: posts a new entry with every posting of the original
+    swapped (debit and credit accounts exchanged) and `reverses_sequence`
+    set to the original's number. An entry is reversed at most once: another
+    reversal with another key fails with ALREADY_REVERSED; the same key
+    replays. Limits apply as to any post.
+    """
+    GetEntry: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetEntryRequest, _ledger_pb2.GetEntryResponse]  # type: ignore[assignment]
+    """Returns one entry, by number or by idempotency key."""
+    ListAccounts: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListAccountsRequest, _ledger_pb2.ListAccountsResponse]  # type: ignore[assignment]
+    """Lists a ledger's accounts with their balances, ordered by account name,
+    a page at a time (AIP-158).
     """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -197,6 +237,50 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ledger_pb2.GetLedgerResponse, _abc.Awaitable[_ledger_pb2.GetLedgerResponse]]:
         """Returns a ledger's head: its last number and that entry's chain hash,
         read together, to anchor the hash chain elsewhere (docs/integrity.md).
+        """
+
+    @_abc_1.abstractmethod
+    def SetAccountLimits(
+        self,
+        request: _ledger_pb2.SetAccountLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.SetAccountLimitsResponse, _abc.Awaitable[_ledger_pb2.SetAccountLimitsResponse]]:
+        """Creates or replaces an account's balance limits in one asset (role: a
+        writer of the ledger). Every later post, reversal included, that would
+        take the account beyond a limit fails with BALANCE_LIMIT_EXCEEDED and
+        writes nothing. Refused, with the same reason, when the current balance
+        already breaks a new limit.
+        """
+
+    @_abc_1.abstractmethod
+    def ReverseEntry(
+        self,
+        request: _ledger_pb2.ReverseEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ReverseEntryResponse, _abc.Awaitable[_ledger_pb2.ReverseEntryResponse]]:
+        """Reverses an entry: posts a new entry with every posting of the original
+        swapped (debit and credit accounts exchanged) and `reverses_sequence`
+        set to the original's number. An entry is reversed at most once: another
+        reversal with another key fails with ALREADY_REVERSED; the same key
+        replays. Limits apply as to any post.
+        """
+
+    @_abc_1.abstractmethod
+    def GetEntry(
+        self,
+        request: _ledger_pb2.GetEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetEntryResponse, _abc.Awaitable[_ledger_pb2.GetEntryResponse]]:
+        """Returns one entry, by number or by idempotency key."""
+
+    @_abc_1.abstractmethod
+    def ListAccounts(
+        self,
+        request: _ledger_pb2.ListAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListAccountsResponse, _abc.Awaitable[_ledger_pb2.ListAccountsResponse]]:
+        """Lists a ledger's accounts with their balances, ordered by account name,
+        a page at a time (AIP-158).
         """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -12,7 +12,51 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file ledger/v1/ledger.proto.
  */
 export const file_ledger_v1_ledger: GenFile = /*@__PURE__*/
-  fileDesc("ChZsZWRnZXIvdjEvbGVkZ2VyLnByb3RvEglsZWRnZXIudjEi7QIKBUVudHJ5Eg4KBmxlZGdlchgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoAxIXCg9pZGVtcG90ZW5jeV9rZXkYAyABKAkSFQoNZGViaXRfYWNjb3VudBgEIAEoCRIWCg5jcmVkaXRfYWNjb3VudBgFIAEoCRIOCgZhbW91bnQYBiABKAMSDQoFYXNzZXQYByABKAkSEgoKZW50cnlfdHlwZRgIIAEoCRITCgtkZXNjcmlwdGlvbhgJIAEoCRIwCghtZXRhZGF0YRgKIAMoCzIeLmxlZGdlci52MS5FbnRyeS5NZXRhZGF0YUVudHJ5Ei4KCmNyZWF0ZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBvc3RlZF9ieRgMIAEoCRIMCgRoYXNoGA0gASgMGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIqChhJbml0aWFsaXplQ291bnRlclJlcXVlc3QSDgoGbGVkZ2VyGAEgASgJIpcBChlJbml0aWFsaXplQ291bnRlclJlc3BvbnNlEg4KBmxlZGdlchgBIAEoCRINCgV2YWx1ZRgCIAEoAxIPCgdjcmVhdGVkGAMgASgIEhYKDmluaXRpYWxpemVkX2J5GAQgASgJEjIKDmluaXRpYWxpemVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLJAgoQUG9zdEVudHJ5UmVxdWVzdBIOCgZsZWRnZXIYASABKAkSFwoPaWRlbXBvdGVuY3lfa2V5GAMgASgJEhUKDWRlYml0X2FjY291bnQYBCABKAkSFgoOY3JlZGl0X2FjY291bnQYBSABKAkSDgoGYW1vdW50GAYgASgDEg0KBWFzc2V0GAcgASgJEhIKCmVudHJ5X3R5cGUYCCABKAkSEwoLZGVzY3JpcHRpb24YCSABKAkSOwoIbWV0YWRhdGEYCiADKAsyKS5sZWRnZXIudjEuUG9zdEVudHJ5UmVxdWVzdC5NZXRhZGF0YUVudHJ5Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUoECAIQA0oECAsQDEoECAwQDUoECA0QDlIJcG9zdGVkX2J5UgRoYXNoIkYKEVBvc3RFbnRyeVJlc3BvbnNlEh8KBWVudHJ5GAEgASgLMhAubGVkZ2VyLnYxLkVudHJ5EhAKCHJlcGxheWVkGAIgASgIIrMCCgpFbnRyeUlucHV0EhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRIVCg1kZWJpdF9hY2NvdW50GAQgASgJEhYKDmNyZWRpdF9hY2NvdW50GAUgASgJEg4KBmFtb3VudBgGIAEoAxINCgVhc3NldBgHIAEoCRISCgplbnRyeV90eXBlGAggASgJEhMKC2Rlc2NyaXB0aW9uGAkgASgJEjUKCG1ldGFkYXRhGAogAygLMiMubGVkZ2VyLnYxLkVudHJ5SW5wdXQuTWV0YWRhdGFFbnRyeRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFKBAgBEAJKBAgCEANKBAgLEAxKBAgMEA1KBAgNEA5SCXBvc3RlZF9ieVIEaGFzaCJMChJQb3N0RW50cmllc1JlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEiYKB2VudHJpZXMYAiADKAsyFS5sZWRnZXIudjEuRW50cnlJbnB1dCJACgtQb3N0ZWRFbnRyeRIfCgVlbnRyeRgBIAEoCzIQLmxlZGdlci52MS5FbnRyeRIQCghyZXBsYXllZBgCIAEoCCI+ChNQb3N0RW50cmllc1Jlc3BvbnNlEicKB3Jlc3VsdHMYASADKAsyFi5sZWRnZXIudjEuUG9zdGVkRW50cnkiTgoUU3RyZWFtRW50cmllc1JlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEhYKDmFmdGVyX3NlcXVlbmNlGAIgASgDEg4KBmZvbGxvdxgDIAEoCCJ3ChVTdHJlYW1FbnRyaWVzUmVzcG9uc2USIQoHZW50cmllcxgBIAMoCzIQLmxlZGdlci52MS5FbnRyeRIRCgljYXVnaHRfdXAYAiABKAgSFQoNaGVhZF9zZXF1ZW5jZRgDIAEoAxIRCgloZWFydGJlYXQYBCABKAgiNAoRR2V0QWNjb3VudFJlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEg8KB2FjY291bnQYAiABKAkiWwoMQXNzZXRCYWxhbmNlEg0KBWFzc2V0GAEgASgJEhQKDHRvdGFsX2RlYml0cxgCIAEoAxIVCg10b3RhbF9jcmVkaXRzGAMgASgDEg8KB2JhbGFuY2UYBCABKAMieAoSR2V0QWNjb3VudFJlc3BvbnNlEg4KBmxlZGdlchgBIAEoCRIPCgdhY2NvdW50GAIgASgJEikKCGJhbGFuY2VzGAMgAygLMhcubGVkZ2VyLnYxLkFzc2V0QmFsYW5jZRIWCg5hc19vZl9zZXF1ZW5jZRgEIAEoAyIiChBHZXRMZWRnZXJSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCSKZAQoRR2V0TGVkZ2VyUmVzcG9uc2USDgoGbGVkZ2VyGAEgASgJEhUKDWhlYWRfc2VxdWVuY2UYAiABKAMSEQoJaGVhZF9oYXNoGAMgASgMEhYKDmluaXRpYWxpemVkX2J5GAQgASgJEjIKDmluaXRpYWxpemVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCqQBAoLRXJyb3JSZWFzb24SHAoYRVJST1JfUkVBU09OX1VOU1BFQ0lGSUVEEAASHgoaRVJST1JfUkVBU09OX0lOVkFMSURfRklFTEQQARIoCiRFUlJPUl9SRUFTT05fQ09VTlRFUl9OT1RfSU5JVElBTElaRUQQAhInCiNFUlJPUl9SRUFTT05fSURFTVBPVEVOQ1lfS0VZX1JFVVNFRBADEicKI0VSUk9SX1JFQVNPTl9BQ0NPVU5UX1RPVEFMX09WRVJGTE9XEAQSKQolRVJST1JfUkVBU09OX1BPU0lUSU9OX0FIRUFEX09GX0xFREdFUhAFEiQKIEVSUk9SX1JFQVNPTl9TVE9SQUdFX1VOQVZBSUxBQkxFEAYSJQohRVJST1JfUkVBU09OX1NFUlZFUl9TSFVUVElOR19ET1dOEAcSJwojRVJST1JfUkVBU09OX1RPT19NQU5ZX1BFTkRJTkdfUE9TVFMQCBIiCh5FUlJPUl9SRUFTT05fREVBRExJTkVfRVhDRUVERUQQCRIZChVFUlJPUl9SRUFTT05fSU5URVJOQUwQChIgChxFUlJPUl9SRUFTT05fVU5BVVRIRU5USUNBVEVEEAsSIgoeRVJST1JfUkVBU09OX1BFUk1JU1NJT05fREVOSUVEEAwSIQodRVJST1JfUkVBU09OX1RPT19NQU5ZX1NUUkVBTVMQDTLuAwoNTGVkZ2VyU2VydmljZRJeChFJbml0aWFsaXplQ291bnRlchIjLmxlZGdlci52MS5Jbml0aWFsaXplQ291bnRlclJlcXVlc3QaJC5sZWRnZXIudjEuSW5pdGlhbGl6ZUNvdW50ZXJSZXNwb25zZRJGCglQb3N0RW50cnkSGy5sZWRnZXIudjEuUG9zdEVudHJ5UmVxdWVzdBocLmxlZGdlci52MS5Qb3N0RW50cnlSZXNwb25zZRJMCgtQb3N0RW50cmllcxIdLmxlZGdlci52MS5Qb3N0RW50cmllc1JlcXVlc3QaHi5sZWRnZXIudjEuUG9zdEVudHJpZXNSZXNwb25zZRJUCg1TdHJlYW1FbnRyaWVzEh8ubGVkZ2VyLnYxLlN0cmVhbUVudHJpZXNSZXF1ZXN0GiAubGVkZ2VyLnYxLlN0cmVhbUVudHJpZXNSZXNwb25zZTABEkkKCkdldEFjY291bnQSHC5sZWRnZXIudjEuR2V0QWNjb3VudFJlcXVlc3QaHS5sZWRnZXIudjEuR2V0QWNjb3VudFJlc3BvbnNlEkYKCUdldExlZGdlchIbLmxlZGdlci52MS5HZXRMZWRnZXJSZXF1ZXN0GhwubGVkZ2VyLnYxLkdldExlZGdlclJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("ChZsZWRnZXIvdjEvbGVkZ2VyLnByb3RvEglsZWRnZXIudjEiVwoHUG9zdGluZxIVCg1kZWJpdF9hY2NvdW50GAEgASgJEhYKDmNyZWRpdF9hY2NvdW50GAIgASgJEg4KBmFtb3VudBgDIAEoAxINCgVhc3NldBgEIAEoCSKuAwoFRW50cnkSDgoGbGVkZ2VyGAEgASgJEhAKCHNlcXVlbmNlGAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRIVCg1kZWJpdF9hY2NvdW50GAQgASgJEhYKDmNyZWRpdF9hY2NvdW50GAUgASgJEg4KBmFtb3VudBgGIAEoAxINCgVhc3NldBgHIAEoCRISCgplbnRyeV90eXBlGAggASgJEhMKC2Rlc2NyaXB0aW9uGAkgASgJEjAKCG1ldGFkYXRhGAogAygLMh4ubGVkZ2VyLnYxLkVudHJ5Lk1ldGFkYXRhRW50cnkSLgoKY3JlYXRlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcG9zdGVkX2J5GAwgASgJEgwKBGhhc2gYDSABKAwSJAoIcG9zdGluZ3MYDiADKAsyEi5sZWRnZXIudjEuUG9zdGluZxIZChFyZXZlcnNlc19zZXF1ZW5jZRgPIAEoAxovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiKgoYSW5pdGlhbGl6ZUNvdW50ZXJSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCSKXAQoZSW5pdGlhbGl6ZUNvdW50ZXJSZXNwb25zZRIOCgZsZWRnZXIYASABKAkSDQoFdmFsdWUYAiABKAMSDwoHY3JlYXRlZBgDIAEoCBIWCg5pbml0aWFsaXplZF9ieRgEIAEoCRIyCg5pbml0aWFsaXplZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiiAMKEFBvc3RFbnRyeVJlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRIVCg1kZWJpdF9hY2NvdW50GAQgASgJEhYKDmNyZWRpdF9hY2NvdW50GAUgASgJEg4KBmFtb3VudBgGIAEoAxINCgVhc3NldBgHIAEoCRISCgplbnRyeV90eXBlGAggASgJEhMKC2Rlc2NyaXB0aW9uGAkgASgJEjsKCG1ldGFkYXRhGAogAygLMikubGVkZ2VyLnYxLlBvc3RFbnRyeVJlcXVlc3QuTWV0YWRhdGFFbnRyeRIkCghwb3N0aW5ncxgOIAMoCzISLmxlZGdlci52MS5Qb3N0aW5nGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUoECAIQA0oECAsQDEoECAwQDUoECA0QDkoECA8QEFIJcG9zdGVkX2J5UgRoYXNoUhFyZXZlcnNlc19zZXF1ZW5jZSJ4ChFQb3N0RW50cnlSZXNwb25zZRIfCgVlbnRyeRgBIAEoCzIQLmxlZGdlci52MS5FbnRyeRIQCghyZXBsYXllZBgCIAEoCBIwCghiYWxhbmNlcxgDIAMoCzIeLmxlZGdlci52MS5BY2NvdW50QXNzZXRCYWxhbmNlInMKE0FjY291bnRBc3NldEJhbGFuY2USDwoHYWNjb3VudBgBIAEoCRINCgVhc3NldBgCIAEoCRIUCgx0b3RhbF9kZWJpdHMYAyABKBASFQoNdG90YWxfY3JlZGl0cxgEIAEoEBIPCgdiYWxhbmNlGAUgASgQIvICCgpFbnRyeUlucHV0EhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRIVCg1kZWJpdF9hY2NvdW50GAQgASgJEhYKDmNyZWRpdF9hY2NvdW50GAUgASgJEg4KBmFtb3VudBgGIAEoAxINCgVhc3NldBgHIAEoCRISCgplbnRyeV90eXBlGAggASgJEhMKC2Rlc2NyaXB0aW9uGAkgASgJEjUKCG1ldGFkYXRhGAogAygLMiMubGVkZ2VyLnYxLkVudHJ5SW5wdXQuTWV0YWRhdGFFbnRyeRIkCghwb3N0aW5ncxgOIAMoCzISLmxlZGdlci52MS5Qb3N0aW5nGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUoECAEQAkoECAIQA0oECAsQDEoECAwQDUoECA0QDkoECA8QEFIJcG9zdGVkX2J5UgRoYXNoUhFyZXZlcnNlc19zZXF1ZW5jZSJMChJQb3N0RW50cmllc1JlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEiYKB2VudHJpZXMYAiADKAsyFS5sZWRnZXIudjEuRW50cnlJbnB1dCJyCgtQb3N0ZWRFbnRyeRIfCgVlbnRyeRgBIAEoCzIQLmxlZGdlci52MS5FbnRyeRIQCghyZXBsYXllZBgCIAEoCBIwCghiYWxhbmNlcxgDIAMoCzIeLmxlZGdlci52MS5BY2NvdW50QXNzZXRCYWxhbmNlIj4KE1Bvc3RFbnRyaWVzUmVzcG9uc2USJwoHcmVzdWx0cxgBIAMoCzIWLmxlZGdlci52MS5Qb3N0ZWRFbnRyeSJOChRTdHJlYW1FbnRyaWVzUmVxdWVzdBIOCgZsZWRnZXIYASABKAkSFgoOYWZ0ZXJfc2VxdWVuY2UYAiABKAMSDgoGZm9sbG93GAMgASgIIncKFVN0cmVhbUVudHJpZXNSZXNwb25zZRIhCgdlbnRyaWVzGAEgAygLMhAubGVkZ2VyLnYxLkVudHJ5EhEKCWNhdWdodF91cBgCIAEoCBIVCg1oZWFkX3NlcXVlbmNlGAMgASgDEhEKCWhlYXJ0YmVhdBgEIAEoCCJMChFHZXRBY2NvdW50UmVxdWVzdBIOCgZsZWRnZXIYASABKAkSDwoHYWNjb3VudBgCIAEoCRIWCg5hc19vZl9zZXF1ZW5jZRgDIAEoAyK5AQoMQXNzZXRCYWxhbmNlEg0KBWFzc2V0GAEgASgJEhQKDHRvdGFsX2RlYml0cxgCIAEoAxIVCg10b3RhbF9jcmVkaXRzGAMgASgDEg8KB2JhbGFuY2UYBCABKAMSGgoNbWF4X25ldF9kZWJpdBgFIAEoA0gAiAEBEhsKDm1heF9uZXRfY3JlZGl0GAYgASgDSAGIAQFCEAoOX21heF9uZXRfZGViaXRCEQoPX21heF9uZXRfY3JlZGl0IngKEkdldEFjY291bnRSZXNwb25zZRIOCgZsZWRnZXIYASABKAkSDwoHYWNjb3VudBgCIAEoCRIpCghiYWxhbmNlcxgDIAMoCzIXLmxlZGdlci52MS5Bc3NldEJhbGFuY2USFgoOYXNfb2Zfc2VxdWVuY2UYBCABKAMiIgoQR2V0TGVkZ2VyUmVxdWVzdBIOCgZsZWRnZXIYASABKAkimQEKEUdldExlZGdlclJlc3BvbnNlEg4KBmxlZGdlchgBIAEoCRIVCg1oZWFkX3NlcXVlbmNlGAIgASgDEhEKCWhlYWRfaGFzaBgDIAEoDBIWCg5pbml0aWFsaXplZF9ieRgEIAEoCRIyCg5pbml0aWFsaXplZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAipwEKF1NldEFjY291bnRMaW1pdHNSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCRIPCgdhY2NvdW50GAIgASgJEg0KBWFzc2V0GAMgASgJEhoKDW1heF9uZXRfZGViaXQYBCABKANIAIgBARIbCg5tYXhfbmV0X2NyZWRpdBgFIAEoA0gBiAEBQhAKDl9tYXhfbmV0X2RlYml0QhEKD19tYXhfbmV0X2NyZWRpdCJ9ChhTZXRBY2NvdW50TGltaXRzUmVzcG9uc2USDgoGbGVkZ2VyGAEgASgJEg8KB2FjY291bnQYAiABKAkSKAoHYmFsYW5jZRgDIAEoCzIXLmxlZGdlci52MS5Bc3NldEJhbGFuY2USFgoOYXNfb2Zfc2VxdWVuY2UYBCABKAMiZQoTUmV2ZXJzZUVudHJ5UmVxdWVzdBIOCgZsZWRnZXIYASABKAkSEAoIc2VxdWVuY2UYAiABKAMSFwoPaWRlbXBvdGVuY3lfa2V5GAMgASgJEhMKC2Rlc2NyaXB0aW9uGAQgASgJInsKFFJldmVyc2VFbnRyeVJlc3BvbnNlEh8KBWVudHJ5GAEgASgLMhAubGVkZ2VyLnYxLkVudHJ5EhAKCHJlcGxheWVkGAIgASgIEjAKCGJhbGFuY2VzGAMgAygLMh4ubGVkZ2VyLnYxLkFjY291bnRBc3NldEJhbGFuY2UiXAoPR2V0RW50cnlSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCRISCghzZXF1ZW5jZRgCIAEoA0gAEhkKD2lkZW1wb3RlbmN5X2tleRgDIAEoCUgAQgoKCHNlbGVjdG9yIjMKEEdldEVudHJ5UmVzcG9uc2USHwoFZW50cnkYASABKAsyEC5sZWRnZXIudjEuRW50cnkiTAoTTGlzdEFjY291bnRzUmVxdWVzdBIOCgZsZWRnZXIYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiTAoOQWNjb3VudFN1bW1hcnkSDwoHYWNjb3VudBgBIAEoCRIpCghiYWxhbmNlcxgCIAMoCzIXLmxlZGdlci52MS5Bc3NldEJhbGFuY2UidAoUTGlzdEFjY291bnRzUmVzcG9uc2USKwoIYWNjb3VudHMYASADKAsyGS5sZWRnZXIudjEuQWNjb3VudFN1bW1hcnkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEhYKDmFzX29mX3NlcXVlbmNlGAMgASgDKv4ECgtFcnJvclJlYXNvbhIcChhFUlJPUl9SRUFTT05fVU5TUEVDSUZJRUQQABIeChpFUlJPUl9SRUFTT05fSU5WQUxJRF9GSUVMRBABEigKJEVSUk9SX1JFQVNPTl9DT1VOVEVSX05PVF9JTklUSUFMSVpFRBACEicKI0VSUk9SX1JFQVNPTl9JREVNUE9URU5DWV9LRVlfUkVVU0VEEAMSJwojRVJST1JfUkVBU09OX0FDQ09VTlRfVE9UQUxfT1ZFUkZMT1cQBBIpCiVFUlJPUl9SRUFTT05fUE9TSVRJT05fQUhFQURfT0ZfTEVER0VSEAUSJAogRVJST1JfUkVBU09OX1NUT1JBR0VfVU5BVkFJTEFCTEUQBhIlCiFFUlJPUl9SRUFTT05fU0VSVkVSX1NIVVRUSU5HX0RPV04QBxInCiNFUlJPUl9SRUFTT05fVE9PX01BTllfUEVORElOR19QT1NUUxAIEiIKHkVSUk9SX1JFQVNPTl9ERUFETElORV9FWENFRURFRBAJEhkKFUVSUk9SX1JFQVNPTl9JTlRFUk5BTBAKEiAKHEVSUk9SX1JFQVNPTl9VTkFVVEhFTlRJQ0FURUQQCxIiCh5FUlJPUl9SRUFTT05fUEVSTUlTU0lPTl9ERU5JRUQQDBIhCh1FUlJPUl9SRUFTT05fVE9PX01BTllfU1RSRUFNUxANEicKI0VSUk9SX1JFQVNPTl9CQUxBTkNFX0xJTUlUX0VYQ0VFREVEEA4SIQodRVJST1JfUkVBU09OX0FMUkVBRFlfUkVWRVJTRUQQDxIgChxFUlJPUl9SRUFTT05fRU5UUllfTk9UX0ZPVU5EEBAysgYKDUxlZGdlclNlcnZpY2USXgoRSW5pdGlhbGl6ZUNvdW50ZXISIy5sZWRnZXIudjEuSW5pdGlhbGl6ZUNvdW50ZXJSZXF1ZXN0GiQubGVkZ2VyLnYxLkluaXRpYWxpemVDb3VudGVyUmVzcG9uc2USRgoJUG9zdEVudHJ5EhsubGVkZ2VyLnYxLlBvc3RFbnRyeVJlcXVlc3QaHC5sZWRnZXIudjEuUG9zdEVudHJ5UmVzcG9uc2USTAoLUG9zdEVudHJpZXMSHS5sZWRnZXIudjEuUG9zdEVudHJpZXNSZXF1ZXN0Gh4ubGVkZ2VyLnYxLlBvc3RFbnRyaWVzUmVzcG9uc2USVAoNU3RyZWFtRW50cmllcxIfLmxlZGdlci52MS5TdHJlYW1FbnRyaWVzUmVxdWVzdBogLmxlZGdlci52MS5TdHJlYW1FbnRyaWVzUmVzcG9uc2UwARJJCgpHZXRBY2NvdW50EhwubGVkZ2VyLnYxLkdldEFjY291bnRSZXF1ZXN0Gh0ubGVkZ2VyLnYxLkdldEFjY291bnRSZXNwb25zZRJGCglHZXRMZWRnZXISGy5sZWRnZXIudjEuR2V0TGVkZ2VyUmVxdWVzdBocLmxlZGdlci52MS5HZXRMZWRnZXJSZXNwb25zZRJbChBTZXRBY2NvdW50TGltaXRzEiIubGVkZ2VyLnYxLlNldEFjY291bnRMaW1pdHNSZXF1ZXN0GiMubGVkZ2VyLnYxLlNldEFjY291bnRMaW1pdHNSZXNwb25zZRJPCgxSZXZlcnNlRW50cnkSHi5sZWRnZXIudjEuUmV2ZXJzZUVudHJ5UmVxdWVzdBofLmxlZGdlci52MS5SZXZlcnNlRW50cnlSZXNwb25zZRJDCghHZXRFbnRyeRIaLmxlZGdlci52MS5HZXRFbnRyeVJlcXVlc3QaGy5sZWRnZXIudjEuR2V0RW50cnlSZXNwb25zZRJPCgxMaXN0QWNjb3VudHMSHi5sZWRnZXIudjEuTGlzdEFjY291bnRzUmVxdWVzdBofLmxlZGdlci52MS5MaXN0QWNjb3VudHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+
+/**
+ * One movement of an entry: `amount` of `asset` moves from `credit_account`
+ * to `debit_account`.
+ *
+ * @generated from message ledger.v1.Posting
+ */
+export type Posting = Message<"ledger.v1.Posting"> & {
+  /**
+   * The account debited: 1-128 characters, no control characters.
+   *
+   * @generated from field: string debit_account = 1;
+   */
+  debitAccount: string;
+
+  /**
+   * The account credited: 1-128 characters, no control characters; must
+   * differ from `debit_account`.
+   *
+   * @generated from field: string credit_account = 2;
+   */
+  creditAccount: string;
+
+  /**
+   * Amount in minor units of `asset`: 1 to 9223372036854775807.
+   *
+   * @generated from field: int64 amount = 3;
+   */
+  amount: bigint;
+
+  /**
+   * Asset code, as in PostEntryRequest.asset.
+   *
+   * @generated from field: string asset = 4;
+   */
+  asset: string;
+};
+
+/**
+ * Describes the message ledger.v1.Posting.
+ * Use `create(PostingSchema)` to create a new message.
+ */
+export const PostingSchema: GenMessage<Posting> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 0);
 
 /**
  * A posted journal entry: `amount` of `asset` moves from `credit_account` to
@@ -118,6 +162,25 @@ export type Entry = Message<"ledger.v1.Entry"> & {
    * @generated from field: bytes hash = 13;
    */
   hash: Uint8Array;
+
+  /**
+   * Every posting of the entry, in the order posted: one for an entry posted
+   * with the single pair of fields (which then also fill `debit_account`,
+   * `credit_account`, `amount` and `asset`), 1 to 64 for an entry posted
+   * with `postings`, whose single-pair fields are then empty (amount 0).
+   * Read this field to handle both forms.
+   *
+   * @generated from field: repeated ledger.v1.Posting postings = 14;
+   */
+  postings: Posting[];
+
+  /**
+   * The number of the entry this one reverses (ReverseEntry); 0 for an
+   * entry that reverses none.
+   *
+   * @generated from field: int64 reverses_sequence = 15;
+   */
+  reversesSequence: bigint;
 };
 
 /**
@@ -125,7 +188,7 @@ export type Entry = Message<"ledger.v1.Entry"> & {
  * Use `create(EntrySchema)` to create a new message.
  */
 export const EntrySchema: GenMessage<Entry> = /*@__PURE__*/
-  messageDesc(file_ledger_v1_ledger, 0);
+  messageDesc(file_ledger_v1_ledger, 1);
 
 /**
  * Request for InitializeCounter.
@@ -147,7 +210,7 @@ export type InitializeCounterRequest = Message<"ledger.v1.InitializeCounterReque
  * Use `create(InitializeCounterRequestSchema)` to create a new message.
  */
 export const InitializeCounterRequestSchema: GenMessage<InitializeCounterRequest> = /*@__PURE__*/
-  messageDesc(file_ledger_v1_ledger, 1);
+  messageDesc(file_ledger_v1_ledger, 2);
 
 /**
  * Response of InitializeCounter.
@@ -199,7 +262,7 @@ export type InitializeCounterResponse = Message<"ledger.v1.InitializeCounterResp
  * Use `create(InitializeCounterResponseSchema)` to create a new message.
  */
 export const InitializeCounterResponseSchema: GenMessage<InitializeCounterResponse> = /*@__PURE__*/
-  messageDesc(file_ledger_v1_ledger, 2);
+  messageDesc(file_ledger_v1_ledger, 3);
 
 /**
  * Request for PostEntry.
@@ -281,6 +344,16 @@ export type PostEntryRequest = Message<"ledger.v1.PostEntryRequest"> & {
    * @generated from field: map<string, string> metadata = 10;
    */
   metadata: { [key: string]: string };
+
+  /**
+   * The alternative to the single pair of fields above: 1 to 64 postings,
+   * applied together under the entry's one number. An entry uses exactly
+   * one of the two forms (INVALID_ARGUMENT otherwise). Limits are checked
+   * on the entry's net effect per account and asset.
+   *
+   * @generated from field: repeated ledger.v1.Posting postings = 14;
+   */
+  postings: Posting[];
 };
 
 /**
@@ -288,7 +361,7 @@ export type PostEntryRequest = Message<"ledger.v1.PostEntryRequest"> & {
  * Use `create(PostEntryRequestSchema)` to create a new message.
  */
 export const PostEntryRequestSchema: GenMessage<PostEntryRequest> = /*@__PURE__*/
-  messageDesc(file_ledger_v1_ledger, 3);
+  messageDesc(file_ledger_v1_ledger, 4);
 
 /**
  * Response of PostEntry.
@@ -310,6 +383,15 @@ export type PostEntryResponse = Message<"ledger.v1.PostEntryResponse"> & {
    * @generated from field: bool replayed = 2;
    */
   replayed: boolean;
+
+  /**
+   * The totals of every account and asset the entry touched, right after
+   * this entry (as of its number, also within a group commit and on a
+   * replay), ordered by account then asset.
+   *
+   * @generated from field: repeated ledger.v1.AccountAssetBalance balances = 3;
+   */
+  balances: AccountAssetBalance[];
 };
 
 /**
@@ -317,7 +399,59 @@ export type PostEntryResponse = Message<"ledger.v1.PostEntryResponse"> & {
  * Use `create(PostEntryResponseSchema)` to create a new message.
  */
 export const PostEntryResponseSchema: GenMessage<PostEntryResponse> = /*@__PURE__*/
-  messageDesc(file_ledger_v1_ledger, 4);
+  messageDesc(file_ledger_v1_ledger, 5);
+
+/**
+ * An account's totals in one asset at a given entry. The totals are
+ * fixed-width (sfixed64: the same values and JSON as int64): the server
+ * encodes two of these per entry it writes, and fixed width is the cheaper
+ * encoding to make.
+ *
+ * @generated from message ledger.v1.AccountAssetBalance
+ */
+export type AccountAssetBalance = Message<"ledger.v1.AccountAssetBalance"> & {
+  /**
+   * Account name.
+   *
+   * @generated from field: string account = 1;
+   */
+  account: string;
+
+  /**
+   * Asset code.
+   *
+   * @generated from field: string asset = 2;
+   */
+  asset: string;
+
+  /**
+   * Sum of the amounts debited to the account, minor units.
+   *
+   * @generated from field: sfixed64 total_debits = 3;
+   */
+  totalDebits: bigint;
+
+  /**
+   * Sum of the amounts credited to the account, minor units.
+   *
+   * @generated from field: sfixed64 total_credits = 4;
+   */
+  totalCredits: bigint;
+
+  /**
+   * total_debits - total_credits, minor units.
+   *
+   * @generated from field: sfixed64 balance = 5;
+   */
+  balance: bigint;
+};
+
+/**
+ * Describes the message ledger.v1.AccountAssetBalance.
+ * Use `create(AccountAssetBalanceSchema)` to create a new message.
+ */
+export const AccountAssetBalanceSchema: GenMessage<AccountAssetBalance> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 6);
 
 /**
  * One entry of a PostEntriesRequest: the fields of PostEntryRequest without
@@ -383,6 +517,14 @@ export type EntryInput = Message<"ledger.v1.EntryInput"> & {
    * @generated from field: map<string, string> metadata = 10;
    */
   metadata: { [key: string]: string };
+
+  /**
+   * The alternative to the single pair of fields, as in
+   * PostEntryRequest.postings.
+   *
+   * @generated from field: repeated ledger.v1.Posting postings = 14;
+   */
+  postings: Posting[];
 };
 
 /**
@@ -390,7 +532,7 @@ export type EntryInput = Message<"ledger.v1.EntryInput"> & {
  * Use `create(EntryInputSchema)` to create a new message.
  */
 export const EntryInputSchema: GenMessage<EntryInput> = /*@__PURE__*/
-  messageDesc(file_ledger_v1_ledger, 5);
+  messageDesc(file_ledger_v1_ledger, 7);
 
 /**
  * Request for PostEntries.
@@ -419,7 +561,7 @@ export type PostEntriesRequest = Message<"ledger.v1.PostEntriesRequest"> & {
  * Use `create(PostEntriesRequestSchema)` to create a new message.
  */
 export const PostEntriesRequestSchema: GenMessage<PostEntriesRequest> = /*@__PURE__*/
-  messageDesc(file_ledger_v1_ledger, 6);
+  messageDesc(file_ledger_v1_ledger, 8);
 
 /**
  * The outcome of one entry of a PostEntries call.
@@ -440,6 +582,14 @@ export type PostedEntry = Message<"ledger.v1.PostedEntry"> & {
    * @generated from field: bool replayed = 2;
    */
   replayed: boolean;
+
+  /**
+   * The totals of the accounts this entry touched, right after it (see
+   * PostEntryResponse.balances).
+   *
+   * @generated from field: repeated ledger.v1.AccountAssetBalance balances = 3;
+   */
+  balances: AccountAssetBalance[];
 };
 
 /**
@@ -447,7 +597,7 @@ export type PostedEntry = Message<"ledger.v1.PostedEntry"> & {
  * Use `create(PostedEntrySchema)` to create a new message.
  */
 export const PostedEntrySchema: GenMessage<PostedEntry> = /*@__PURE__*/
-  messageDesc(file_ledger_v1_ledger, 7);
+  messageDesc(file_ledger_v1_ledger, 9);
 
 /**
  * Response of PostEntries.
@@ -469,7 +619,7 @@ export type PostEntriesResponse = Message<"ledger.v1.PostEntriesResponse"> & {
  * Use `create(PostEntriesResponseSchema)` to create a new message.
  */
 export const PostEntriesResponseSchema: GenMessage<PostEntriesResponse> = /*@__PURE__*/
-  messageDesc(file_ledger_v1_ledger, 8);
+  messageDesc(file_ledger_v1_ledger, 10);
 
 /**
  * Request for StreamEntries.
@@ -510,7 +660,7 @@ export type StreamEntriesRequest = Message<"ledger.v1.StreamEntriesRequest"> & {
  * Use `create(StreamEntriesRequestSchema)` to create a new message.
  */
 export const StreamEntriesRequestSchema: GenMessage<StreamEntriesRequest> = /*@__PURE__*/
-  messageDesc(file_ledger_v1_ledger, 9);
+  messageDesc(file_ledger_v1_ledger, 11);
 
 /**
  * One message of StreamEntries.
@@ -560,7 +710,7 @@ export type StreamEntriesResponse = Message<"ledger.v1.StreamEntriesResponse"> &
  * Use `create(StreamEntriesResponseSchema)` to create a new message.
  */
 export const StreamEntriesResponseSchema: GenMessage<StreamEntriesResponse> = /*@__PURE__*/
-  messageDesc(file_ledger_v1_ledger, 10);
+  messageDesc(file_ledger_v1_ledger, 12);
 
 /**
  * Request for GetAccount.
@@ -578,11 +728,21 @@ export type GetAccountRequest = Message<"ledger.v1.GetAccountRequest"> & {
 
   /**
    * Account name, 1-128 characters, no control characters. An account never
-   * posted to has no balances.
+   * posted to has no balances, except in an asset it was given limits in
+   * (SetAccountLimits): zero totals, with the limits.
    *
    * @generated from field: string account = 2;
    */
   account: string;
+
+  /**
+   * The totals as of this entry: they include exactly entries
+   * 1..as_of_sequence. 0 means now. Above the ledger's last number:
+   * OUT_OF_RANGE.
+   *
+   * @generated from field: int64 as_of_sequence = 3;
+   */
+  asOfSequence: bigint;
 };
 
 /**
@@ -590,7 +750,7 @@ export type GetAccountRequest = Message<"ledger.v1.GetAccountRequest"> & {
  * Use `create(GetAccountRequestSchema)` to create a new message.
  */
 export const GetAccountRequestSchema: GenMessage<GetAccountRequest> = /*@__PURE__*/
-  messageDesc(file_ledger_v1_ledger, 11);
+  messageDesc(file_ledger_v1_ledger, 13);
 
 /**
  * Totals of one account in one asset.
@@ -626,6 +786,22 @@ export type AssetBalance = Message<"ledger.v1.AssetBalance"> & {
    * @generated from field: int64 balance = 4;
    */
   balance: bigint;
+
+  /**
+   * The account's limit on `balance` in this asset (SetAccountLimits);
+   * unset: none. The limits in force now, on an as-of read too.
+   *
+   * @generated from field: optional int64 max_net_debit = 5;
+   */
+  maxNetDebit?: bigint | undefined;
+
+  /**
+   * The account's limit on -`balance` (credits - debits) in this asset;
+   * unset: none.
+   *
+   * @generated from field: optional int64 max_net_credit = 6;
+   */
+  maxNetCredit?: bigint | undefined;
 };
 
 /**
@@ -633,7 +809,7 @@ export type AssetBalance = Message<"ledger.v1.AssetBalance"> & {
  * Use `create(AssetBalanceSchema)` to create a new message.
  */
 export const AssetBalanceSchema: GenMessage<AssetBalance> = /*@__PURE__*/
-  messageDesc(file_ledger_v1_ledger, 12);
+  messageDesc(file_ledger_v1_ledger, 14);
 
 /**
  * Response of GetAccount.
@@ -675,7 +851,7 @@ export type GetAccountResponse = Message<"ledger.v1.GetAccountResponse"> & {
  * Use `create(GetAccountResponseSchema)` to create a new message.
  */
 export const GetAccountResponseSchema: GenMessage<GetAccountResponse> = /*@__PURE__*/
-  messageDesc(file_ledger_v1_ledger, 13);
+  messageDesc(file_ledger_v1_ledger, 15);
 
 /**
  * Request for GetLedger.
@@ -697,7 +873,7 @@ export type GetLedgerRequest = Message<"ledger.v1.GetLedgerRequest"> & {
  * Use `create(GetLedgerRequestSchema)` to create a new message.
  */
 export const GetLedgerRequestSchema: GenMessage<GetLedgerRequest> = /*@__PURE__*/
-  messageDesc(file_ledger_v1_ledger, 14);
+  messageDesc(file_ledger_v1_ledger, 16);
 
 /**
  * Response of GetLedger: the ledger's head, read in one snapshot.
@@ -748,7 +924,344 @@ export type GetLedgerResponse = Message<"ledger.v1.GetLedgerResponse"> & {
  * Use `create(GetLedgerResponseSchema)` to create a new message.
  */
 export const GetLedgerResponseSchema: GenMessage<GetLedgerResponse> = /*@__PURE__*/
-  messageDesc(file_ledger_v1_ledger, 15);
+  messageDesc(file_ledger_v1_ledger, 17);
+
+/**
+ * Request for SetAccountLimits.
+ *
+ * @generated from message ledger.v1.SetAccountLimitsRequest
+ */
+export type SetAccountLimitsRequest = Message<"ledger.v1.SetAccountLimitsRequest"> & {
+  /**
+   * Ledger name (see InitializeCounterRequest.ledger). Its counter must have
+   * been initialized.
+   *
+   * @generated from field: string ledger = 1;
+   */
+  ledger: string;
+
+  /**
+   * Account name, 1-128 characters, no control characters.
+   *
+   * @generated from field: string account = 2;
+   */
+  account: string;
+
+  /**
+   * Asset code, as in PostEntryRequest.asset.
+   *
+   * @generated from field: string asset = 3;
+   */
+  asset: string;
+
+  /**
+   * Upper bound of total_debits - total_credits (the balance); unset: no
+   * bound. 0 means debits must not exceed credits: an account that cannot
+   * go negative. May be negative (a minimum net credit).
+   *
+   * @generated from field: optional int64 max_net_debit = 4;
+   */
+  maxNetDebit?: bigint | undefined;
+
+  /**
+   * Upper bound of total_credits - total_debits; unset: no bound.
+   *
+   * @generated from field: optional int64 max_net_credit = 5;
+   */
+  maxNetCredit?: bigint | undefined;
+};
+
+/**
+ * Describes the message ledger.v1.SetAccountLimitsRequest.
+ * Use `create(SetAccountLimitsRequestSchema)` to create a new message.
+ */
+export const SetAccountLimitsRequestSchema: GenMessage<SetAccountLimitsRequest> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 18);
+
+/**
+ * Response of SetAccountLimits.
+ *
+ * @generated from message ledger.v1.SetAccountLimitsResponse
+ */
+export type SetAccountLimitsResponse = Message<"ledger.v1.SetAccountLimitsResponse"> & {
+  /**
+   * The ledger name, as requested.
+   *
+   * @generated from field: string ledger = 1;
+   */
+  ledger: string;
+
+  /**
+   * The account name, as requested.
+   *
+   * @generated from field: string account = 2;
+   */
+  account: string;
+
+  /**
+   * The account's totals in the asset, with the limits now in force.
+   *
+   * @generated from field: ledger.v1.AssetBalance balance = 3;
+   */
+  balance?: AssetBalance | undefined;
+
+  /**
+   * The totals include exactly entries 1..as_of_sequence.
+   *
+   * @generated from field: int64 as_of_sequence = 4;
+   */
+  asOfSequence: bigint;
+};
+
+/**
+ * Describes the message ledger.v1.SetAccountLimitsResponse.
+ * Use `create(SetAccountLimitsResponseSchema)` to create a new message.
+ */
+export const SetAccountLimitsResponseSchema: GenMessage<SetAccountLimitsResponse> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 19);
+
+/**
+ * Request for ReverseEntry.
+ *
+ * @generated from message ledger.v1.ReverseEntryRequest
+ */
+export type ReverseEntryRequest = Message<"ledger.v1.ReverseEntryRequest"> & {
+  /**
+   * Ledger name (see InitializeCounterRequest.ledger).
+   *
+   * @generated from field: string ledger = 1;
+   */
+  ledger: string;
+
+  /**
+   * The number of the entry to reverse; >= 1.
+   *
+   * @generated from field: int64 sequence = 2;
+   */
+  sequence: bigint;
+
+  /**
+   * The reversal's own idempotency key, as in PostEntryRequest.
+   *
+   * @generated from field: string idempotency_key = 3;
+   */
+  idempotencyKey: string;
+
+  /**
+   * Optional free text of the reversal, at most 1024 characters.
+   *
+   * @generated from field: string description = 4;
+   */
+  description: string;
+};
+
+/**
+ * Describes the message ledger.v1.ReverseEntryRequest.
+ * Use `create(ReverseEntryRequestSchema)` to create a new message.
+ */
+export const ReverseEntryRequestSchema: GenMessage<ReverseEntryRequest> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 20);
+
+/**
+ * Response of ReverseEntry.
+ *
+ * @generated from message ledger.v1.ReverseEntryResponse
+ */
+export type ReverseEntryResponse = Message<"ledger.v1.ReverseEntryResponse"> & {
+  /**
+   * The reversing entry, with its number and `reverses_sequence`.
+   *
+   * @generated from field: ledger.v1.Entry entry = 1;
+   */
+  entry?: Entry | undefined;
+
+  /**
+   * True when the key had already been used for this same reversal.
+   *
+   * @generated from field: bool replayed = 2;
+   */
+  replayed: boolean;
+
+  /**
+   * The totals of the accounts it touched, right after it.
+   *
+   * @generated from field: repeated ledger.v1.AccountAssetBalance balances = 3;
+   */
+  balances: AccountAssetBalance[];
+};
+
+/**
+ * Describes the message ledger.v1.ReverseEntryResponse.
+ * Use `create(ReverseEntryResponseSchema)` to create a new message.
+ */
+export const ReverseEntryResponseSchema: GenMessage<ReverseEntryResponse> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 21);
+
+/**
+ * Request for GetEntry.
+ *
+ * @generated from message ledger.v1.GetEntryRequest
+ */
+export type GetEntryRequest = Message<"ledger.v1.GetEntryRequest"> & {
+  /**
+   * Ledger name (see InitializeCounterRequest.ledger).
+   *
+   * @generated from field: string ledger = 1;
+   */
+  ledger: string;
+
+  /**
+   * Which entry: exactly one of these.
+   *
+   * @generated from oneof ledger.v1.GetEntryRequest.selector
+   */
+  selector: {
+    /**
+     * Its number, >= 1.
+     *
+     * @generated from field: int64 sequence = 2;
+     */
+    value: bigint;
+    case: "sequence";
+  } | {
+    /**
+     * Its idempotency key.
+     *
+     * @generated from field: string idempotency_key = 3;
+     */
+    value: string;
+    case: "idempotencyKey";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message ledger.v1.GetEntryRequest.
+ * Use `create(GetEntryRequestSchema)` to create a new message.
+ */
+export const GetEntryRequestSchema: GenMessage<GetEntryRequest> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 22);
+
+/**
+ * Response of GetEntry.
+ *
+ * @generated from message ledger.v1.GetEntryResponse
+ */
+export type GetEntryResponse = Message<"ledger.v1.GetEntryResponse"> & {
+  /**
+   * The entry.
+   *
+   * @generated from field: ledger.v1.Entry entry = 1;
+   */
+  entry?: Entry | undefined;
+};
+
+/**
+ * Describes the message ledger.v1.GetEntryResponse.
+ * Use `create(GetEntryResponseSchema)` to create a new message.
+ */
+export const GetEntryResponseSchema: GenMessage<GetEntryResponse> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 23);
+
+/**
+ * Request for ListAccounts.
+ *
+ * @generated from message ledger.v1.ListAccountsRequest
+ */
+export type ListAccountsRequest = Message<"ledger.v1.ListAccountsRequest"> & {
+  /**
+   * Ledger name (see InitializeCounterRequest.ledger).
+   *
+   * @generated from field: string ledger = 1;
+   */
+  ledger: string;
+
+  /**
+   * Accounts per page: 0 for the default (100); above 1000 it is taken as
+   * 1000; negative: INVALID_ARGUMENT.
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * `next_page_token` of the previous page, empty for the first. Opaque;
+   * one that was altered, or is of another ledger, gets INVALID_ARGUMENT.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message ledger.v1.ListAccountsRequest.
+ * Use `create(ListAccountsRequestSchema)` to create a new message.
+ */
+export const ListAccountsRequestSchema: GenMessage<ListAccountsRequest> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 24);
+
+/**
+ * One account of ListAccounts.
+ *
+ * @generated from message ledger.v1.AccountSummary
+ */
+export type AccountSummary = Message<"ledger.v1.AccountSummary"> & {
+  /**
+   * Account name.
+   *
+   * @generated from field: string account = 1;
+   */
+  account: string;
+
+  /**
+   * Its totals per asset, ordered by asset, limits included.
+   *
+   * @generated from field: repeated ledger.v1.AssetBalance balances = 2;
+   */
+  balances: AssetBalance[];
+};
+
+/**
+ * Describes the message ledger.v1.AccountSummary.
+ * Use `create(AccountSummarySchema)` to create a new message.
+ */
+export const AccountSummarySchema: GenMessage<AccountSummary> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 25);
+
+/**
+ * Response of ListAccounts.
+ *
+ * @generated from message ledger.v1.ListAccountsResponse
+ */
+export type ListAccountsResponse = Message<"ledger.v1.ListAccountsResponse"> & {
+  /**
+   * Accounts ordered by name, after the page token's.
+   *
+   * @generated from field: repeated ledger.v1.AccountSummary accounts = 1;
+   */
+  accounts: AccountSummary[];
+
+  /**
+   * Pass it as `page_token` for the next page; empty on the last.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+
+  /**
+   * This page's totals include exactly entries 1..as_of_sequence. Each page
+   * is read in a snapshot of its own, so pages may differ.
+   *
+   * @generated from field: int64 as_of_sequence = 3;
+   */
+  asOfSequence: bigint;
+};
+
+/**
+ * Describes the message ledger.v1.ListAccountsResponse.
+ * Use `create(ListAccountsResponseSchema)` to create a new message.
+ */
+export const ListAccountsResponseSchema: GenMessage<ListAccountsResponse> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 26);
 
 /**
  * The reasons of the errors LedgerService returns.
@@ -894,6 +1407,36 @@ export enum ErrorReason {
    * @generated from enum value: ERROR_REASON_TOO_MANY_STREAMS = 13;
    */
   TOO_MANY_STREAMS = 13,
+
+  /**
+   * The post (or reversal) would take an account's balance beyond a limit
+   * set with SetAccountLimits, or SetAccountLimits' new limit is already
+   * broken by the current balance. Status FAILED_PRECONDITION; nothing was
+   * written. The message and metadata name the account, asset, limit
+   * ("max_net_debit" or "max_net_credit", "limit") and the balance it would
+   * reach ("would_reach"); in PostEntries, "index" the entry. Retry: not as
+   * is; after the balance changed or the limit was raised.
+   *
+   * @generated from enum value: ERROR_REASON_BALANCE_LIMIT_EXCEEDED = 14;
+   */
+  BALANCE_LIMIT_EXCEEDED = 14,
+
+  /**
+   * ReverseEntry: the entry was already reversed, by another key. Status
+   * FAILED_PRECONDITION; metadata "reversed_by" is the reversing entry's
+   * number. Retry: no.
+   *
+   * @generated from enum value: ERROR_REASON_ALREADY_REVERSED = 15;
+   */
+  ALREADY_REVERSED = 15,
+
+  /**
+   * GetEntry or ReverseEntry: no such entry in the ledger. Status NOT_FOUND;
+   * metadata "ledger". Retry: no.
+   *
+   * @generated from enum value: ERROR_REASON_ENTRY_NOT_FOUND = 16;
+   */
+  ENTRY_NOT_FOUND = 16,
 }
 
 /**
@@ -989,6 +1532,55 @@ export const LedgerService: GenService<{
     methodKind: "unary";
     input: typeof GetLedgerRequestSchema;
     output: typeof GetLedgerResponseSchema;
+  },
+  /**
+   * Creates or replaces an account's balance limits in one asset (role: a
+   * writer of the ledger). Every later post, reversal included, that would
+   * take the account beyond a limit fails with BALANCE_LIMIT_EXCEEDED and
+   * writes nothing. Refused, with the same reason, when the current balance
+   * already breaks a new limit.
+   *
+   * @generated from rpc ledger.v1.LedgerService.SetAccountLimits
+   */
+  setAccountLimits: {
+    methodKind: "unary";
+    input: typeof SetAccountLimitsRequestSchema;
+    output: typeof SetAccountLimitsResponseSchema;
+  },
+  /**
+   * Reverses an entry: posts a new entry with every posting of the original
+   * swapped (debit and credit accounts exchanged) and `reverses_sequence`
+   * set to the original's number. An entry is reversed at most once: another
+   * reversal with another key fails with ALREADY_REVERSED; the same key
+   * replays. Limits apply as to any post.
+   *
+   * @generated from rpc ledger.v1.LedgerService.ReverseEntry
+   */
+  reverseEntry: {
+    methodKind: "unary";
+    input: typeof ReverseEntryRequestSchema;
+    output: typeof ReverseEntryResponseSchema;
+  },
+  /**
+   * Returns one entry, by number or by idempotency key.
+   *
+   * @generated from rpc ledger.v1.LedgerService.GetEntry
+   */
+  getEntry: {
+    methodKind: "unary";
+    input: typeof GetEntryRequestSchema;
+    output: typeof GetEntryResponseSchema;
+  },
+  /**
+   * Lists a ledger's accounts with their balances, ordered by account name,
+   * a page at a time (AIP-158).
+   *
+   * @generated from rpc ledger.v1.LedgerService.ListAccounts
+   */
+  listAccounts: {
+    methodKind: "unary";
+    input: typeof ListAccountsRequestSchema;
+    output: typeof ListAccountsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_ledger_v1_ledger, 0);
