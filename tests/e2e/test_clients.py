@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import queue
@@ -15,7 +16,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -455,3 +456,220 @@ def test_the_typescript_client_over_tls(
         node.expect("streamed", sequence="1")
         node.send("stop")
         node.expect("done")
+
+
+# --- Postings, limits, reversals, lookups, listings (both clients) ----------------
+
+
+class Awaited:
+    """Either client behind one face: each method is awaited, the blocking
+    client's called in place (the loop has nothing else to run), and an
+    iterator method (accounts, stream_entries) gives a list."""
+
+    def __init__(self, client: LedgerClient | AsyncLedgerClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        method = getattr(self._client, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            result = method(*args, **kwargs)
+            if inspect.isawaitable(result):
+                return await result
+            if isinstance(result, AsyncIterator):
+                return [item async for item in result]
+            if isinstance(result, Iterator):
+                return list(result)
+            return result
+
+        return call
+
+
+def totals(balances: Iterable[Any]) -> list[tuple[str, str, int, int, int]]:
+    """AccountAssetBalance messages as (account, asset, debits, credits, balance)."""
+    return [(b.account, b.asset, b.total_debits, b.total_credits, b.balance) for b in balances]
+
+
+def postings_of(entry: ledger_pb2.Entry) -> list[tuple[str, str, int, str]]:
+    return [(p.debit_account, p.credit_account, p.amount, p.asset) for p in entry.postings]
+
+
+def reason_of(error: pytest.ExceptionInfo[grpc.RpcError]) -> tuple[grpc.StatusCode, str, Any]:
+    info = error_info(error.value)
+    assert info is not None, error.value
+    assert info.domain == "ledger.v1"
+    return error.value.code(), info.reason, dict(info.metadata)
+
+
+SPLIT = [
+    ("cash", "sales", 100, "USD"),  # a tuple, a message and a mapping
+    ledger_pb2.Posting(debit_account="cash", credit_account="tax", amount=20, asset="USD"),
+    {"debit_account": "stock", "credit_account": "inventory", "amount": 3, "asset": "SHARES"},
+]
+
+
+async def postings_limits_and_reversals(client: Awaited, ledger: str) -> None:
+    await client.initialize_counter(ledger)
+
+    # One entry, many postings (each form of PostingLike), and its balances.
+    first = await client.post_entry(ledger, idempotency_key="m1", postings=SPLIT)
+    assert (first.entry.sequence, first.replayed) == (1, False)
+    assert postings_of(first.entry) == [
+        ("cash", "sales", 100, "USD"),
+        ("cash", "tax", 20, "USD"),
+        ("stock", "inventory", 3, "SHARES"),
+    ]
+    assert (first.entry.debit_account, first.entry.amount) == ("", 0)  # the other form
+    after_1 = [
+        ("cash", "USD", 120, 0, 120),
+        ("inventory", "SHARES", 0, 3, -3),
+        ("sales", "USD", 0, 100, -100),
+        ("stock", "SHARES", 3, 0, 3),
+        ("tax", "USD", 0, 20, -20),
+    ]
+    assert totals(first.balances) == after_1
+    again = await client.post_entry(ledger, idempotency_key="m1", postings=SPLIT)
+    assert (again.entry.sequence, again.replayed) == (1, True)
+    assert totals(again.balances) == after_1  # as of entry 1, on a replay too
+    for both_or_neither in ({**POST, "postings": SPLIT}, {"asset": "USD"}):
+        with pytest.raises(ValueError):
+            await client.post_entry(ledger, **both_or_neither)
+
+    # A batch mixing the forms: postings (as tuples in a mapping) and a pair.
+    split = [("cash", "sales", 5, "USD"), ("fees", "cash", 1, "USD")]
+    batch: list[EntryLike] = [
+        {"idempotency_key": "b1", "postings": split},
+        {**POST, "idempotency_key": "b2"},
+    ]
+    posted = await client.post_entries(ledger, batch)
+    assert [r.entry.sequence for r in posted.results] == [2, 3]
+    assert totals(posted.results[0].balances) == [
+        ("cash", "USD", 125, 1, 124),
+        ("fees", "USD", 1, 0, 1),
+        ("sales", "USD", 0, 105, -105),
+    ]
+    assert totals(posted.results[1].balances) == [
+        ("cash", "USD", 225, 1, 224),
+        ("sales", "USD", 0, 205, -205),
+    ]
+    assert postings_of(posted.results[1].entry) == [("cash", "sales", 100, "USD")]
+
+    # Limits: set (twice: idempotent), a post beyond one refused, and a new
+    # limit that the balance already breaks refused.
+    for _ in range(2):
+        limits = await client.set_account_limits(ledger, "sales", "USD", max_net_credit=250)
+        assert (limits.account, limits.as_of_sequence) == ("sales", 3)
+        assert limits.balance.max_net_credit == 250
+        assert not limits.balance.HasField("max_net_debit")
+        assert limits.balance.balance == -205
+    with pytest.raises(grpc.RpcError) as refused:
+        await client.post_entry(ledger, idempotency_key="over", **POST)
+    code, reason, metadata = reason_of(refused)
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "BALANCE_LIMIT_EXCEEDED")
+    assert {k: metadata.get(k) for k in ("account", "asset", "limit", "would_reach")} == {
+        "account": "sales",
+        "asset": "USD",
+        "limit": "max_net_credit",
+        "would_reach": "305",
+    }
+    with pytest.raises(grpc.RpcError) as refused:
+        await client.set_account_limits(ledger, "sales", "USD", max_net_credit=100)
+    assert reason_of(refused)[1] == "BALANCE_LIMIT_EXCEEDED"
+    assert (await client.get_ledger(ledger)).head_sequence == 3  # nothing written
+
+    # A reversal, its replay, and a second reversal refused.
+    reversal = await client.reverse_entry(ledger, 1, "r1", description="undo the split")
+    assert (reversal.entry.sequence, reversal.entry.reverses_sequence) == (4, 1)
+    assert reversal.entry.description == "undo the split" and not reversal.replayed
+    assert postings_of(reversal.entry) == [
+        ("sales", "cash", 100, "USD"),
+        ("tax", "cash", 20, "USD"),
+        ("inventory", "stock", 3, "SHARES"),
+    ]
+    after_4 = [
+        ("cash", "USD", 225, 121, 104),
+        ("inventory", "SHARES", 3, 3, 0),
+        ("sales", "USD", 100, 205, -105),
+        ("stock", "SHARES", 3, 3, 0),
+        ("tax", "USD", 20, 20, 0),
+    ]
+    assert totals(reversal.balances) == after_4
+    replayed = await client.reverse_entry(ledger, 1, "r1", description="undo the split")
+    assert (replayed.entry.sequence, replayed.replayed) == (4, True)
+    with pytest.raises(grpc.RpcError) as refused:
+        await client.reverse_entry(ledger, 1, "r2")
+    code, reason, metadata = reason_of(refused)
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_REVERSED")
+    assert metadata["reversed_by"] == "4"
+    with pytest.raises(grpc.RpcError) as refused:
+        await client.reverse_entry(ledger, 99, "r3")
+    assert reason_of(refused)[:2] == (grpc.StatusCode.NOT_FOUND, "ENTRY_NOT_FOUND")
+
+    # GetEntry by either selector, and a missing entry.
+    by_number = (await client.get_entry(ledger, sequence=1)).entry
+    assert by_number.idempotency_key == "m1" and postings_of(by_number) == postings_of(first.entry)
+    assert by_number.hash == first.entry.hash
+    by_key = (await client.get_entry(ledger, idempotency_key="r1")).entry
+    assert (by_key.sequence, by_key.reverses_sequence) == (4, 1)
+    for missing in ({"sequence": 99}, {"idempotency_key": "never-posted"}):
+        with pytest.raises(grpc.RpcError) as refused:
+            await client.get_entry(ledger, **missing)
+        assert reason_of(refused)[:2] == (grpc.StatusCode.NOT_FOUND, "ENTRY_NOT_FOUND")
+    for selectors in ({}, {"sequence": 1, "idempotency_key": "m1"}):
+        with pytest.raises(ValueError):
+            await client.get_entry(ledger, **selectors)
+
+    # Every account, two per page; and one page by hand.
+    accounts = await client.accounts(ledger, page_size=2)
+    names = ["cash", "fees", "inventory", "sales", "stock", "tax"]
+    assert [a.account for a in accounts] == names
+    summary = {a.account: a for a in accounts}
+    assert summary["sales"].balances[0].max_net_credit == 250
+    assert summary["cash"].balances[0].balance == 104
+    page = await client.list_accounts(ledger, page_size=2)
+    assert [a.account for a in page.accounts] == names[:2]
+    assert page.next_page_token and page.as_of_sequence == 4
+    page = await client.list_accounts(ledger, page_size=2, page_token=page.next_page_token)
+    assert [a.account for a in page.accounts] == names[2:4]
+
+    # An account as of earlier entries, and now.
+    expected = {1: (120, 0, 120), 3: (225, 1, 224), 0: (225, 121, 104)}
+    for as_of, (debits, credits, balance) in expected.items():
+        cash = await client.get_account(ledger, "cash", as_of_sequence=as_of)
+        assert cash.as_of_sequence == (as_of or 4)
+        usd = cash.balances[0]
+        assert (usd.asset, usd.total_debits, usd.total_credits, usd.balance) == (
+            "USD",
+            debits,
+            credits,
+            balance,
+        )
+    then = await client.get_account(ledger, "fees", as_of_sequence=1)
+    assert (then.as_of_sequence, list(then.balances)) == (1, [])  # not posted to yet
+    with pytest.raises(grpc.RpcError) as refused:
+        await client.get_account(ledger, "cash", as_of_sequence=5)
+    assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE
+
+    # The chain verifies over multi-posting entries and the reversal.
+    entries = await client.stream_entries(ledger, verify=True)
+    assert [(e.sequence, e.reverses_sequence) for e in entries] == [(1, 0), (2, 0), (3, 0), (4, 1)]
+    assert (await client.get_ledger(ledger)).head_hash == entries[-1].hash
+    resumed = await client.stream_entries(
+        ledger, after_sequence=2, verify=True, previous_hash=entries[1].hash
+    )
+    assert [e.sequence for e in resumed] == [3, 4]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_postings_limits_reversals_lookups_and_listings(
+    server: ServerProcess, ledger: str, kind: str
+) -> None:
+    async def run() -> None:
+        if kind == "sync":
+            with LedgerClient(server.address) as client:
+                await postings_limits_and_reversals(Awaited(client), ledger)
+        else:
+            async with AsyncLedgerClient(server.address) as aclient:
+                await postings_limits_and_reversals(Awaited(aclient), ledger)
+
+    asyncio.run(run())

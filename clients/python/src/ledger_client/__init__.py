@@ -6,6 +6,7 @@ TLS, mTLS) on every call, an idempotency key per post, retries of UNAVAILABLE
 and DEADLINE_EXCEEDED with that same key (so a retry never posts twice) within
 a time bound on the whole call, and streams that resume from the last entry
 they yielded after a disconnect, for as long as `reconnect_timeout` allows.
+Reads, limits and reversals (with their own key) are retried the same way.
 """
 
 from __future__ import annotations
@@ -36,7 +37,15 @@ from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from . import integrity
 
-__all__ = ["AsyncLedgerClient", "EntryLike", "LedgerClient", "Pem", "channel_options", "error_info"]
+__all__ = [
+    "AsyncLedgerClient",
+    "EntryLike",
+    "LedgerClient",
+    "Pem",
+    "PostingLike",
+    "channel_options",
+    "error_info",
+]
 
 # Codes after which the same request may be sent again. A post carries its
 # idempotency key, so a retry after an unknown outcome replays, never doubles.
@@ -47,8 +56,12 @@ RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 # PEM contents (bytes), or the path of a PEM file (str or path-like).
 Pem = bytes | str | os.PathLike[str]
-# A PostEntries item: an EntryInput, or a mapping of its fields.
+# A PostEntries item: an EntryInput, or a mapping of its fields (whose
+# "postings" may be PostingLike items).
 EntryLike = ledger_pb2.EntryInput | Mapping[str, Any]
+# One posting: a Posting, a (debit_account, credit_account, amount, asset)
+# tuple, or a mapping of Posting's fields.
+PostingLike = ledger_pb2.Posting | integrity.Posting | Mapping[str, Any]
 
 R = TypeVar("R")
 
@@ -91,12 +104,26 @@ def _check_token(token: str) -> None:
         raise ValueError("token must be non-empty printable ASCII without spaces")
 
 
+def _posting(posting: PostingLike) -> ledger_pb2.Posting:
+    if isinstance(posting, ledger_pb2.Posting):
+        return posting  # a repeated field's extend() copies it
+    if isinstance(posting, Mapping):
+        return ledger_pb2.Posting(**posting)
+    debit, credit, amount, asset = posting
+    return ledger_pb2.Posting(
+        debit_account=debit, credit_account=credit, amount=amount, asset=asset
+    )
+
+
 def _entry_input(entry: EntryLike) -> ledger_pb2.EntryInput:
     item = ledger_pb2.EntryInput()
     if isinstance(entry, ledger_pb2.EntryInput):
         item.CopyFrom(entry)  # a copy: the caller's message is left as it was
     else:
-        item = ledger_pb2.EntryInput(**entry)
+        fields = dict(entry)
+        if fields.get("postings") is not None:
+            fields["postings"] = [_posting(p) for p in fields["postings"]]
+        item = ledger_pb2.EntryInput(**fields)
     if not item.idempotency_key:
         item.idempotency_key = str(uuid.uuid4())
     return item
@@ -246,32 +273,81 @@ class _ClientBase:
     @staticmethod
     def _post_request(  # in post_entry's order: both clients pass them positionally
         ledger: str,
-        debit_account: str,
-        credit_account: str,
-        amount: int,
-        asset: str,
+        debit_account: str | None,
+        credit_account: str | None,
+        amount: int | None,
+        asset: str | None,
+        postings: Iterable[PostingLike] | None,
         idempotency_key: str | None,
         entry_type: str,
         description: str,
         metadata: Mapping[str, str] | None,
     ) -> ledger_pb2.PostEntryRequest:
-        return ledger_pb2.PostEntryRequest(
+        request = ledger_pb2.PostEntryRequest(
             ledger=ledger,
             idempotency_key=idempotency_key or str(uuid.uuid4()),
-            debit_account=debit_account,
-            credit_account=credit_account,
-            amount=amount,
-            asset=asset,
             entry_type=entry_type,
             description=description,
             metadata=dict(metadata or {}),
         )
+        pair = (debit_account, credit_account, amount, asset)
+        if postings is not None:
+            if any(x is not None for x in pair):
+                raise ValueError(
+                    "give postings or debit_account, credit_account, amount and asset, not both"
+                )
+            request.postings.extend(_posting(p) for p in postings)
+        elif debit_account is None or credit_account is None or amount is None or asset is None:
+            raise ValueError("give debit_account, credit_account, amount and asset, or postings")
+        else:
+            request.debit_account, request.credit_account = debit_account, credit_account
+            request.amount, request.asset = amount, asset
+        return request
 
     @staticmethod
     def _batch_request(ledger: str, entries: Iterable[EntryLike]) -> ledger_pb2.PostEntriesRequest:
         return ledger_pb2.PostEntriesRequest(
             ledger=ledger, entries=[_entry_input(e) for e in entries]
         )
+
+    @staticmethod
+    def _limits_request(
+        ledger: str, account: str, asset: str, max_net_debit: int | None, max_net_credit: int | None
+    ) -> ledger_pb2.SetAccountLimitsRequest:
+        request = ledger_pb2.SetAccountLimitsRequest(ledger=ledger, account=account, asset=asset)
+        if max_net_debit is not None:  # unset, not 0: no limit
+            request.max_net_debit = max_net_debit
+        if max_net_credit is not None:
+            request.max_net_credit = max_net_credit
+        return request
+
+    @staticmethod
+    def _reverse_request(
+        ledger: str, sequence: int, idempotency_key: str | None, description: str
+    ) -> ledger_pb2.ReverseEntryRequest:
+        return ledger_pb2.ReverseEntryRequest(
+            ledger=ledger,
+            sequence=sequence,
+            idempotency_key=idempotency_key or str(uuid.uuid4()),
+            description=description,
+        )
+
+    @staticmethod
+    def _entry_request(
+        ledger: str, sequence: int | None, idempotency_key: str | None
+    ) -> ledger_pb2.GetEntryRequest:
+        if sequence is not None and idempotency_key is None:
+            return ledger_pb2.GetEntryRequest(ledger=ledger, sequence=sequence)
+        if idempotency_key is not None and sequence is None:
+            return ledger_pb2.GetEntryRequest(ledger=ledger, idempotency_key=idempotency_key)
+        raise ValueError("give exactly one of sequence and idempotency_key")
+
+    @staticmethod
+    def _next_page(page: ledger_pb2.ListAccountsResponse, token: str) -> str:
+        if page.next_page_token and page.next_page_token == token:
+            # Guards the contract rather than trusting it: never loop for ever.
+            raise RuntimeError("ListAccounts gave back the page token it was sent")
+        return page.next_page_token
 
 
 class LedgerClient(_ClientBase):
@@ -338,21 +414,24 @@ class LedgerClient(_ClientBase):
         self,
         ledger: str,
         *,
-        debit_account: str,
-        credit_account: str,
-        amount: int,
-        asset: str,
+        debit_account: str | None = None,
+        credit_account: str | None = None,
+        amount: int | None = None,
+        asset: str | None = None,
+        postings: Iterable[PostingLike] | None = None,
         idempotency_key: str | None = None,
         entry_type: str = "",
         description: str = "",
         metadata: Mapping[str, str] | None = None,
     ) -> ledger_pb2.PostEntryResponse:
-        """Posts one entry. Without `idempotency_key` a fresh UUID is used; every
-        retry of this call reuses it, so the entry is posted at most once. If an
-        attempt committed but its answer was lost, the next one returns that
-        entry with `replayed` true."""
+        """Posts one entry: the single pair (`debit_account`, `credit_account`,
+        `amount`, `asset`) or `postings` (Posting messages, (debit, credit,
+        amount, asset) tuples or mappings), not both. Without `idempotency_key`
+        a fresh UUID is used; every retry of this call reuses it, so the entry
+        is posted at most once. If an attempt committed but its answer was
+        lost, the next one returns that entry with `replayed` true."""
         request = self._post_request(
-            ledger, debit_account, credit_account, amount, asset,
+            ledger, debit_account, credit_account, amount, asset, postings,
             idempotency_key, entry_type, description, metadata,
         )  # fmt: skip
         return self._unary_with_retries(self._stub.PostEntry, request)
@@ -360,15 +439,79 @@ class LedgerClient(_ClientBase):
     def post_entries(
         self, ledger: str, entries: Iterable[EntryLike]
     ) -> ledger_pb2.PostEntriesResponse:
-        """Posts entries (EntryInput messages or mappings of their fields)
-        atomically: all or none. An entry without `idempotency_key` gets a
-        fresh UUID, reused by every retry, so none is posted twice."""
+        """Posts entries (EntryInput messages or mappings of their fields, whose
+        "postings" may be PostingLike items) atomically: all or none. An entry
+        without `idempotency_key` gets a fresh UUID, reused by every retry, so
+        none is posted twice."""
         request = self._batch_request(ledger, entries)
         return self._unary_with_retries(self._stub.PostEntries, request)
 
-    def get_account(self, ledger: str, account: str) -> ledger_pb2.GetAccountResponse:
-        request = ledger_pb2.GetAccountRequest(ledger=ledger, account=account)
+    def get_account(
+        self, ledger: str, account: str, *, as_of_sequence: int = 0
+    ) -> ledger_pb2.GetAccountResponse:
+        """An account's totals per asset: now, or as of entry `as_of_sequence`."""
+        request = ledger_pb2.GetAccountRequest(
+            ledger=ledger, account=account, as_of_sequence=as_of_sequence
+        )
         return self._unary_with_retries(self._stub.GetAccount, request)  # a read: safe to retry
+
+    def set_account_limits(
+        self,
+        ledger: str,
+        account: str,
+        asset: str,
+        *,
+        max_net_debit: int | None = None,
+        max_net_credit: int | None = None,
+    ) -> ledger_pb2.SetAccountLimitsResponse:
+        """Replaces the account's limits in `asset` (None: no limit). Retried:
+        setting the same values again changes nothing."""
+        request = self._limits_request(ledger, account, asset, max_net_debit, max_net_credit)
+        return self._unary_with_retries(self._stub.SetAccountLimits, request)
+
+    def reverse_entry(
+        self,
+        ledger: str,
+        sequence: int,
+        idempotency_key: str | None = None,
+        *,
+        description: str = "",
+    ) -> ledger_pb2.ReverseEntryResponse:
+        """Reverses entry `sequence` with a new entry of swapped postings. The
+        key (a fresh UUID without one) is reused by every retry, which then
+        replays: the reversal is posted at most once."""
+        request = self._reverse_request(ledger, sequence, idempotency_key, description)
+        return self._unary_with_retries(self._stub.ReverseEntry, request)
+
+    def get_entry(
+        self, ledger: str, *, sequence: int | None = None, idempotency_key: str | None = None
+    ) -> ledger_pb2.GetEntryResponse:
+        """One entry, by exactly one of `sequence` and `idempotency_key`."""
+        request = self._entry_request(ledger, sequence, idempotency_key)
+        return self._unary_with_retries(self._stub.GetEntry, request)
+
+    def list_accounts(
+        self, ledger: str, *, page_size: int = 0, page_token: str = ""
+    ) -> ledger_pb2.ListAccountsResponse:
+        """One page of the ledger's accounts, by name (page_size 0: the server's
+        default); pass `next_page_token` back for the next one."""
+        request = ledger_pb2.ListAccountsRequest(
+            ledger=ledger, page_size=page_size, page_token=page_token
+        )
+        return self._unary_with_retries(self._stub.ListAccounts, request)
+
+    def accounts(
+        self, ledger: str, *, page_size: int = 0
+    ) -> Generator[ledger_pb2.AccountSummary, None, None]:
+        """Every account of the ledger, by name, page after page (each page is
+        retried alone and read in a snapshot of its own)."""
+        token = ""
+        while True:
+            page = self.list_accounts(ledger, page_size=page_size, page_token=token)
+            yield from page.accounts
+            token = self._next_page(page, token)
+            if not token:
+                return
 
     def stream_messages(
         self, ledger: str, *, after_sequence: int = 0, follow: bool = False
@@ -472,10 +615,11 @@ class AsyncLedgerClient(_ClientBase):
         self,
         ledger: str,
         *,
-        debit_account: str,
-        credit_account: str,
-        amount: int,
-        asset: str,
+        debit_account: str | None = None,
+        credit_account: str | None = None,
+        amount: int | None = None,
+        asset: str | None = None,
+        postings: Iterable[PostingLike] | None = None,
         idempotency_key: str | None = None,
         entry_type: str = "",
         description: str = "",
@@ -483,7 +627,7 @@ class AsyncLedgerClient(_ClientBase):
     ) -> ledger_pb2.PostEntryResponse:
         """As LedgerClient.post_entry."""
         request = self._post_request(
-            ledger, debit_account, credit_account, amount, asset,
+            ledger, debit_account, credit_account, amount, asset, postings,
             idempotency_key, entry_type, description, metadata,
         )  # fmt: skip
         return await self._unary_with_retries(self._stub.PostEntry, request)
@@ -495,9 +639,68 @@ class AsyncLedgerClient(_ClientBase):
         request = self._batch_request(ledger, entries)
         return await self._unary_with_retries(self._stub.PostEntries, request)
 
-    async def get_account(self, ledger: str, account: str) -> ledger_pb2.GetAccountResponse:
-        request = ledger_pb2.GetAccountRequest(ledger=ledger, account=account)
+    async def get_account(
+        self, ledger: str, account: str, *, as_of_sequence: int = 0
+    ) -> ledger_pb2.GetAccountResponse:
+        """As LedgerClient.get_account."""
+        request = ledger_pb2.GetAccountRequest(
+            ledger=ledger, account=account, as_of_sequence=as_of_sequence
+        )
         return await self._unary_with_retries(self._stub.GetAccount, request)
+
+    async def set_account_limits(
+        self,
+        ledger: str,
+        account: str,
+        asset: str,
+        *,
+        max_net_debit: int | None = None,
+        max_net_credit: int | None = None,
+    ) -> ledger_pb2.SetAccountLimitsResponse:
+        """As LedgerClient.set_account_limits."""
+        request = self._limits_request(ledger, account, asset, max_net_debit, max_net_credit)
+        return await self._unary_with_retries(self._stub.SetAccountLimits, request)
+
+    async def reverse_entry(
+        self,
+        ledger: str,
+        sequence: int,
+        idempotency_key: str | None = None,
+        *,
+        description: str = "",
+    ) -> ledger_pb2.ReverseEntryResponse:
+        """As LedgerClient.reverse_entry."""
+        request = self._reverse_request(ledger, sequence, idempotency_key, description)
+        return await self._unary_with_retries(self._stub.ReverseEntry, request)
+
+    async def get_entry(
+        self, ledger: str, *, sequence: int | None = None, idempotency_key: str | None = None
+    ) -> ledger_pb2.GetEntryResponse:
+        """As LedgerClient.get_entry."""
+        request = self._entry_request(ledger, sequence, idempotency_key)
+        return await self._unary_with_retries(self._stub.GetEntry, request)
+
+    async def list_accounts(
+        self, ledger: str, *, page_size: int = 0, page_token: str = ""
+    ) -> ledger_pb2.ListAccountsResponse:
+        """As LedgerClient.list_accounts."""
+        request = ledger_pb2.ListAccountsRequest(
+            ledger=ledger, page_size=page_size, page_token=page_token
+        )
+        return await self._unary_with_retries(self._stub.ListAccounts, request)
+
+    async def accounts(
+        self, ledger: str, *, page_size: int = 0
+    ) -> AsyncGenerator[ledger_pb2.AccountSummary, None]:
+        """As LedgerClient.accounts (an async iterator)."""
+        token = ""
+        while True:
+            page = await self.list_accounts(ledger, page_size=page_size, page_token=token)
+            for account in page.accounts:
+                yield account
+            token = self._next_page(page, token)
+            if not token:
+                return
 
     async def stream_messages(
         self, ledger: str, *, after_sequence: int = 0, follow: bool = False
