@@ -5,25 +5,35 @@
 // twice) within a time bound on the whole call, and streams that resume after
 // their last entry when the connection drops, for as long as
 // reconnectTimeoutMs allows, checking the hash chain if asked
-// (docs/integrity.md). int64 fields are bigint, exact.
+// (docs/integrity.md), and pages of accounts walked to the end. int64 fields
+// are bigint, exact.
 import { randomUUID } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { BinaryReader } from "@bufbuild/protobuf/wire";
 import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import {
+  type AccountSummary,
   type Entry,
   type EntryInput,
   EntryInputSchema,
   ErrorReason,
   type GetAccountResponse,
+  type GetEntryResponse,
+  GetEntryRequestSchema,
   type GetLedgerResponse,
   type InitializeCounterResponse,
   LedgerService,
+  type ListAccountsResponse,
   type PostEntriesResponse,
   PostEntriesRequestSchema,
   type PostEntryResponse,
   PostEntryRequestSchema,
+  PostingSchema,
+  type ReverseEntryResponse,
+  ReverseEntryRequestSchema,
+  type SetAccountLimitsResponse,
+  SetAccountLimitsRequestSchema,
 } from "./gen/ledger/v1/ledger_pb.js";
 import { ChainBroken, ChainVerifier, HASH_SIZE, orderProblem } from "./integrity.js";
 
@@ -31,24 +41,74 @@ export * from "./gen/ledger/v1/ledger_pb.js";
 export {
   ChainBroken,
   ChainVerifier,
+  type CanonicalPosting,
   FORMAT_VERSION,
   GENESIS,
   HASH_SIZE,
+  REVERSAL_FORMAT_VERSION,
   canonicalBytes,
   chainHash,
+  entryPostings,
+  formatVersion,
 } from "./integrity.js";
 
-export interface PostInput {
+/** One movement of an entry: `amount` of `asset` from `creditAccount` to `debitAccount`. */
+export interface PostingInput {
   debitAccount: string;
   creditAccount: string;
   /** Minor units of `asset`, > 0. */
   amount: bigint;
   asset: string;
+}
+
+/** What every entry may carry besides its postings. */
+export interface EntryDetails {
   /** Defaults to a random UUID, reused by every retry of this call. */
   idempotencyKey?: string;
   entryType?: string;
   description?: string;
   metadata?: Record<string, string>;
+}
+
+/** An entry with one posting, given as the single pair of fields. */
+export interface SinglePostInput extends PostingInput, EntryDetails {
+  postings?: undefined;
+}
+
+/**
+ * An entry with 1 to 64 postings, applied together under one number (limits
+ * are checked on their net effect). The single pair of fields stays unset:
+ * an entry uses one form or the other.
+ */
+export interface MultiPostInput extends EntryDetails {
+  postings: readonly PostingInput[];
+  debitAccount?: undefined;
+  creditAccount?: undefined;
+  amount?: undefined;
+  asset?: undefined;
+}
+
+/** An entry to post, in either form. */
+export type PostInput = SinglePostInput | MultiPostInput;
+
+/** SetAccountLimits' limits; one left out is no bound (the call replaces both). */
+export interface AccountLimits {
+  /** Upper bound of the balance (debits - credits); 0: it cannot go negative. May be negative. */
+  maxNetDebit?: bigint;
+  /** Upper bound of credits - debits. */
+  maxNetCredit?: bigint;
+}
+
+/** GetEntry's selector: exactly one of the two. */
+export type EntrySelector =
+  | { sequence: bigint; idempotencyKey?: undefined }
+  | { idempotencyKey: string; sequence?: undefined };
+
+export interface ListAccountsOptions {
+  /** Accounts per page: 0 or unset for the server's default (100), at most 1000. */
+  pageSize?: number;
+  /** The previous page's `nextPageToken`; unset or empty for the first page. */
+  pageToken?: string;
 }
 
 export interface ClientOptions {
@@ -93,8 +153,9 @@ export interface StreamOptions {
   previousHash?: Uint8Array;
 }
 
-// Codes after which a post (with its idempotency key) or InitializeCounter is
-// sent again: after an unknown outcome the retry replays, never doubles.
+// Codes after which a unary call is sent again: a post or reversal with its
+// idempotency key (after an unknown outcome the retry replays, never doubles),
+// InitializeCounter and SetAccountLimits (idempotent: they set, not add), reads.
 const RETRYABLE = new Set([Code.Unavailable, Code.DeadlineExceeded]);
 // Codes after which a stream reconnects from its position. A stream has no
 // deadline of ours, so a DEADLINE_EXCEEDED on one is the caller's signal.
@@ -189,15 +250,106 @@ export class LedgerClient {
     return this.retrying((timeoutMs) => this.raw.postEntries(request, { timeoutMs }));
   }
 
-  getAccount(ledger: string, account: string): Promise<GetAccountResponse> {
+  /**
+   * An account's totals per asset, now or, with `asOfSequence` N > 0, as of
+   * entry N (entries 1..N exactly; beyond the ledger's last: OUT_OF_RANGE).
+   */
+  getAccount(
+    ledger: string,
+    account: string,
+    options: { asOfSequence?: bigint } = {},
+  ): Promise<GetAccountResponse> {
     // A read: safe to retry.
-    return this.retrying((timeoutMs) => this.raw.getAccount({ ledger, account }, { timeoutMs }));
+    const request = { ledger, account, asOfSequence: options.asOfSequence ?? 0n };
+    return this.retrying((timeoutMs) => this.raw.getAccount(request, { timeoutMs }));
   }
 
   /** The ledger's head: its last number and that entry's hash, read together. */
   getLedger(ledger: string): Promise<GetLedgerResponse> {
     // A read: safe to retry.
     return this.retrying((timeoutMs) => this.raw.getLedger({ ledger }, { timeoutMs }));
+  }
+
+  /**
+   * Sets an account's balance limits in one asset, replacing both: a limit
+   * left out is no bound, so `{}` removes them. Refused with
+   * BALANCE_LIMIT_EXCEEDED when the current balance already breaks one.
+   */
+  setAccountLimits(
+    ledger: string,
+    account: string,
+    asset: string,
+    limits: AccountLimits = {},
+  ): Promise<SetAccountLimitsResponse> {
+    // It sets values, so sending it again changes nothing: safe to retry.
+    const request = create(SetAccountLimitsRequestSchema, {
+      ledger,
+      account,
+      asset,
+      maxNetDebit: limits.maxNetDebit,
+      maxNetCredit: limits.maxNetCredit,
+    });
+    return this.retrying((timeoutMs) => this.raw.setAccountLimits(request, { timeoutMs }));
+  }
+
+  /**
+   * Reverses entry `sequence`: posts a new entry with its postings swapped
+   * and `reversesSequence` set, retrying with `idempotencyKey` (keep it: the
+   * same key replays the reversal, another fails ALREADY_REVERSED).
+   */
+  reverseEntry(
+    ledger: string,
+    sequence: bigint,
+    idempotencyKey: string,
+    options: { description?: string } = {},
+  ): Promise<ReverseEntryResponse> {
+    const request = create(ReverseEntryRequestSchema, {
+      ledger,
+      sequence,
+      idempotencyKey,
+      description: options.description ?? "",
+    });
+    return this.retrying((timeoutMs) => this.raw.reverseEntry(request, { timeoutMs }));
+  }
+
+  /** One entry, by number or by idempotency key (NOT_FOUND, ENTRY_NOT_FOUND, if none). */
+  getEntry(ledger: string, selector: EntrySelector): Promise<GetEntryResponse> {
+    const bySequence = selector.sequence !== undefined;
+    if (bySequence === (selector.idempotencyKey !== undefined)) {
+      throw new TypeError("getEntry needs exactly one of sequence and idempotencyKey");
+    }
+    const request = create(GetEntryRequestSchema, {
+      ledger,
+      selector: bySequence
+        ? { case: "sequence", value: selector.sequence! }
+        : { case: "idempotencyKey", value: selector.idempotencyKey! },
+    });
+    // A read: safe to retry.
+    return this.retrying((timeoutMs) => this.raw.getEntry(request, { timeoutMs }));
+  }
+
+  /**
+   * One page of a ledger's accounts with their balances, ordered by name;
+   * pass its `nextPageToken` as `pageToken` for the next (empty on the last).
+   */
+  listAccounts(ledger: string, options: ListAccountsOptions = {}): Promise<ListAccountsResponse> {
+    const request = { ledger, pageSize: options.pageSize ?? 0, pageToken: options.pageToken ?? "" };
+    // A read: safe to retry.
+    return this.retrying((timeoutMs) => this.raw.listAccounts(request, { timeoutMs }));
+  }
+
+  /**
+   * Every account of a ledger, ordered by name, page after page. Each page is
+   * read in a snapshot of its own (its `asOfSequence`), so accounts posted to
+   * meanwhile may show totals of different moments.
+   */
+  async *accounts(ledger: string, options: { pageSize?: number } = {}): AsyncGenerator<AccountSummary> {
+    let pageToken = "";
+    do {
+      const page = await this.listAccounts(ledger, { pageSize: options.pageSize, pageToken });
+      yield* page.accounts;
+      pageToken = page.nextPageToken;
+    } while (pageToken !== "");
   }
 
   /**
@@ -308,15 +460,20 @@ export function errorReason(error: unknown): string | undefined {
 }
 
 function entryInput(input: PostInput): Omit<EntryInput, "$typeName"> {
+  // Whatever is given is sent: an entry with both forms is the server's to
+  // refuse (INVALID_ARGUMENT), naming the fields.
   return {
     idempotencyKey: input.idempotencyKey ?? randomUUID(),
-    debitAccount: input.debitAccount,
-    creditAccount: input.creditAccount,
-    amount: input.amount,
-    asset: input.asset,
+    debitAccount: input.debitAccount ?? "",
+    creditAccount: input.creditAccount ?? "",
+    amount: input.amount ?? 0n,
+    asset: input.asset ?? "",
     entryType: input.entryType ?? "",
     description: input.description ?? "",
     metadata: input.metadata ?? {},
+    postings: (input.postings ?? []).map(({ debitAccount, creditAccount, amount, asset }) =>
+      create(PostingSchema, { debitAccount, creditAccount, amount, asset }),
+    ),
   };
 }
 
