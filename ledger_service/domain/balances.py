@@ -177,6 +177,39 @@ class Movements:
         return None
 
 
+def refusals(
+    batch: Sequence[NewEntry], accounts: dict[Key, tuple[int, int, Limits]]
+) -> dict[int, Breach]:
+    """The entries of `batch` refused by the limits of `accounts` ((debits,
+    credits, limits) before the batch), taking the entries in order as if
+    each arrived alone: an entry that would cross a limit is refused and
+    moves nothing, so the entries after it see the totals without it. By
+    entry index; the first is where an atomic batch fails."""
+    running = {key: [d, c] for key, (d, c, _) in accounts.items()}
+    refused: dict[int, Breach] = {}
+    for k, entry in enumerate(batch):
+        if entry.postings:
+            moved: Sequence[tuple[Key, int, int]] = _net_of(entry)
+        else:
+            moved = (
+                ((entry.debit_account, entry.asset), entry.amount, 0),
+                ((entry.credit_account, entry.asset), 0, entry.amount),
+            )
+        limited = [(key, d, c) for key, d, c in moved if key in running]
+        for key, d, c in limited:
+            totals = running[key]
+            broken = accounts[key][2].breach(totals[0] + d, totals[1] + c)
+            if broken is not None:
+                name, limit, reached = broken
+                refused[k] = Breach(k, key[0], key[1], name, limit, reached)
+                break
+        else:
+            for key, d, c in limited:
+                running[key][0] += d
+                running[key][1] += c
+    return refused
+
+
 def _by_account(balance: Balance) -> Key:
     return balance.account, balance.asset
 

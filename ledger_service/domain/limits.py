@@ -97,6 +97,9 @@ METADATA_MAX_PAIRS = 32
 METADATA_MAX_BYTES = 4096  # keys and values, UTF-8
 BATCH_MAX_ENTRIES = 1000
 POSTINGS_MAX = 64  # per multi-posting entry
+# In one PostEntries, counting an entry of the single pair as one: it keeps
+# the largest valid request within max_request_bytes().
+BATCH_MAX_POSTINGS = 4000
 LIST_PAGE_DEFAULT = 100  # ListAccounts
 LIST_PAGE_MAX = 1000
 # The worst-case entry the limits allow is ~10.5 KiB, so a stream message of
@@ -122,7 +125,15 @@ def max_request_bytes() -> int:
         + 1 + 10  # amount: tag, varint
         + METADATA_MAX_BYTES + METADATA_MAX_PAIRS * per_pair
     )  # fmt: skip
-    request = text(LEDGER) + BATCH_MAX_ENTRIES * (1 + 3 + entry)
+    # A posting beyond an entry's own pair: its tag and length, two accounts,
+    # an amount and an asset (an entry of postings leaves its pair empty,
+    # which the entries above count anyway).
+    posting = 1 + 3 + 2 * text(ACCOUNT) + 1 + 10 + text(ASSET)
+    request = (
+        text(LEDGER)
+        + BATCH_MAX_ENTRIES * (1 + 3 + entry)
+        + (BATCH_MAX_POSTINGS - BATCH_MAX_ENTRIES) * posting
+    )
     mib = 1 << 20
     return -(-request // mib) * mib
 
@@ -143,7 +154,8 @@ def describe() -> list[str]:
         " in all",
         f"`postings`: 1 to {POSTINGS_MAX} per entry, each with the accounts, `amount` and"
         " `asset` rules above; an entry uses them or the single pair of fields, not both",
-        f"`PostEntries`: 1 to {BATCH_MAX_ENTRIES} entries",
+        f"`PostEntries`: 1 to {BATCH_MAX_ENTRIES} entries, at most {BATCH_MAX_POSTINGS}"
+        " postings in all (an entry of the single pair counts one)",
         f"`ListAccounts` `page_size`: 0 (default {LIST_PAGE_DEFAULT}) to {LIST_PAGE_MAX};"
         " above it, taken as that",
         f"a `StreamEntries` message: at most {STREAM_MESSAGE_MAX_ENTRIES} entries",

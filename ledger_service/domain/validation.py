@@ -15,6 +15,7 @@ from .limits import (
     AMOUNT_MAX,
     ASSET,
     BATCH_MAX_ENTRIES,
+    BATCH_MAX_POSTINGS,
     DESCRIPTION,
     ENTRY_TEXT,
     ENTRY_TYPE,
@@ -332,6 +333,14 @@ def validate_batch(
         out.append(FieldViolation("entries", "must contain at least one entry"))
     elif len(rows) > BATCH_MAX_ENTRIES:
         out.append(FieldViolation("entries", f"must contain at most {BATCH_MAX_ENTRIES} entries"))
+    elif postings is not None and sum(max(1, len(p)) for p in postings) > BATCH_MAX_POSTINGS:
+        out.append(
+            FieldViolation(
+                "entries",
+                f"must hold at most {BATCH_MAX_POSTINGS} postings in all"
+                " (an entry of the single pair of fields counts one)",
+            )
+        )
     _raise_if(out)
     if postings is None and _plainly_valid(rows):
         n = len(rows)

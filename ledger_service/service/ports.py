@@ -23,12 +23,14 @@ class TotalsOutOfRange(Exception):
 
 
 class LimitBreached(Exception):
-    """The batch would take an account beyond a balance limit; `breach` says
-    where (None: a limit's last guard in the database refused it)."""
+    """The batch would take accounts beyond their balance limits: `refused`,
+    by entry index, the entries that cross one, taken in order (each
+    refused entry moving nothing); the first is where an atomic batch
+    fails. Empty: a limit's last guard in the database refused it (a bug)."""
 
-    def __init__(self, breach: Breach | None) -> None:
-        super().__init__(breach)
-        self.breach = breach
+    def __init__(self, refused: dict[int, Breach]) -> None:
+        super().__init__(refused)
+        self.refused = refused
 
 
 class ReversalTaken(Exception):
@@ -103,8 +105,8 @@ class LedgerRepository(Protocol):
     def reversal_of(self, ledger: str, sequence: int) -> Entry | None:
         """The entry that reverses entry `sequence`, if any."""
 
-    def balances_at(self, entry: Entry) -> tuple[Balance, ...]:
-        """The totals of `entry`'s accounts right after it."""
+    def balances_at(self, found: Sequence[Entry]) -> list[tuple[Balance, ...]]:
+        """For each entry (of one ledger), its accounts' totals right after it."""
 
     def set_limits(self, ledger: str, account: str, asset: str, limits: Limits) -> bool:
         """Sets the limits (creating the totals row at zero); False without

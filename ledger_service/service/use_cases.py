@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from ..domain.accounts import AccountView, AssetTotals
-from ..domain.balances import Limits
+from ..domain.balances import Breach, Limits
 from ..domain.entries import Counter, Entry, NewEntry, Posting, PostResult
 from ..domain.errors import (
     AccountTotalOverflow,
@@ -190,12 +190,16 @@ def _write(
                 outcome = _replay(existing, entry, i if atomic else None)
                 if atomic and isinstance(outcome, LedgerError):
                     raise outcome
-                if isinstance(outcome, PostResult):
-                    outcome.balances = uow.ledger.balances_at(existing)
                 outcomes[i] = outcome
             elif entry.idempotency_key not in first_of_key:
                 first_of_key[entry.idempotency_key] = i
                 fresh.append(i)
+        replays = [o for o in outcomes if isinstance(o, PostResult)]
+        # A replay's totals are those right after its original entry.
+        for replay, balances in zip(
+            replays, uow.ledger.balances_at([r.entry for r in replays]), strict=True
+        ):
+            replay.balances = balances
         while fresh:
             new = [batch[i] for i in fresh]
             try:
@@ -214,21 +218,24 @@ def _write(
                 if len(batch) > 1:
                     raise _SplitBatch() from exc
                 winner = uow.ledger.reversal_of(ledger, batch[0].reverses_sequence)
-                if winner is None:  # rolled back meanwhile: _post_one tries again
+                if winner is None or winner.payload.idempotency_key == batch[0].idempotency_key:
+                    # Rolled back meanwhile, or this very reversal committed
+                    # by a concurrent retry: _post_one tries again (replays).
                     raise _SplitBatch() from exc
                 raise AlreadyReversed(ledger, batch[0].reverses_sequence, winner.sequence) from exc
             except LimitBreached as exc:
                 if optimistic:
                     raise _LookUpFirst() from exc  # a replay's amount may have been counted
-                where = None if exc.breach is None else fresh[exc.breach.index]
-                error = _limit_error(ledger, exc, where if atomic else None)
+                if not exc.refused:  # the database's last guard: a bug to look into
+                    raise RuntimeError("a balance limit's check refused a write") from exc
+                earliest = min(exc.refused)
                 if atomic or len(batch) == 1:
-                    raise error from exc
-                if where is None:
-                    raise _SplitBatch() from exc
-                # Only that post fails; the others are written without it.
-                outcomes[where] = error
-                fresh.remove(where)
+                    where = fresh[earliest] if atomic else None
+                    raise _limit_error(ledger, exc.refused[earliest], where) from exc
+                # Only those posts fail (taken in order, each refused one
+                # moving nothing); the others are written without them.
+                for k in sorted(exc.refused, reverse=True):
+                    outcomes[fresh.pop(k)] = _limit_error(ledger, exc.refused[k], None)
                 continue
             if appended is None and optimistic:
                 raise _LookUpFirst()
@@ -254,10 +261,7 @@ def _write(
     return [o for o in outcomes if o is not None]
 
 
-def _limit_error(ledger: str, exc: LimitBreached, index: int | None) -> BalanceLimitExceeded:
-    b = exc.breach
-    if b is None:
-        return BalanceLimitExceeded(ledger, "?", "?", "max_net_debit", 0, 0, index)
+def _limit_error(ledger: str, b: Breach, index: int | None) -> BalanceLimitExceeded:
     return BalanceLimitExceeded(
         ledger, b.account, b.asset, b.limit_name, b.limit, b.would_reach, index
     )
@@ -307,21 +311,24 @@ def set_account_limits(
 ) -> tuple[AssetTotals, int]:
     """Creates or replaces the account's limits in `asset`; returns its totals
     with them and the number they are as of."""
-    with uow_factory(write=True) as uow:
-        try:
-            created = uow.ledger.set_limits(ledger, account, asset, limits)
-        except LimitsBroken as exc:
-            name, limit, value = limits.breach(exc.debits, exc.credits) or (
-                "max_net_debit",
-                limits.max_net_debit or 0,
-                exc.debits - exc.credits,
-            )
-            raise BalanceLimitExceeded(
-                ledger, account, asset, name, limit, value, already=True
-            ) from exc
-        if not created:
-            raise CounterNotInitialized(ledger)
-        uow.commit()
+    for _ in range(_KEY_RACE_ATTEMPTS):
+        with uow_factory(write=True) as uow:
+            try:
+                created = uow.ledger.set_limits(ledger, account, asset, limits)
+            except LimitsBroken as exc:
+                broken = limits.breach(exc.debits, exc.credits)
+                if broken is None:
+                    continue  # a post moved the totals since: try again
+                name, limit, value = broken
+                raise BalanceLimitExceeded(
+                    ledger, account, asset, name, limit, value, already=True
+                ) from exc
+            if not created:
+                raise CounterNotInitialized(ledger)
+            uow.commit()
+            break
+    else:
+        raise RuntimeError("the account's totals kept moving across the limits; giving up")
     view = get_account(uow_factory, ledger, account)
     totals = next(b for b in view.balances if b.asset == asset)
     return totals, view.as_of_sequence

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 
 from ..api import wire
 from ..domain.accounts import AccountView, AssetTotals
-from ..domain.balances import Breach, Limits, Movements, SumOutOfRange
+from ..domain.balances import Breach, Limits, Movements, SumOutOfRange, refusals
 from ..domain.entries import Balance, Counter, Entry, NewEntry, Posting
 from ..domain.limits import INT64_MAX
 from ..service.ports import (
@@ -46,18 +46,19 @@ def movements_of(ledger: str, batch: Sequence[NewEntry]) -> Movements:
         raise TotalsOutOfRange(ledger) from None
 
 
-def first_breach(
-    moves: Movements, refused: Sequence[tuple[tuple[str, str], tuple[int, int], Limits]]
-) -> Breach | None:
-    """The first entry that crosses a limit, from accounts' totals after the
-    batch (`refused`: those the database found beyond a limit)."""
+def _first_named(
+    moves: Movements, reported: Sequence[tuple[tuple[str, str], tuple[int, int], Limits]]
+) -> dict[int, Breach]:
+    """The first entry crossing a limit of the accounts the statement named,
+    from their totals after the batch."""
     found = []
-    for key, (debits, credits), limits in refused:
+    for key, (debits, credits), limits in reported:
         added_d, added_c = moves.sums(key)
         breach = moves.first_breach(key, (debits - added_d, credits - added_c), limits)
         if breach is not None:
             found.append(breach)
-    return min(found, key=lambda b: b.index) if found else None
+    first = min(found, key=lambda b: b.index) if found else None
+    return {} if first is None else {first.index: first}
 
 
 def entry_from_row(row: Any) -> Entry:
@@ -283,7 +284,7 @@ class SqlLedgerRepository:
         try:
             if self.tx is not None:
                 return number_and_insert_pg(self.tx, ledger, batch, moves)
-            self._check_limits_sqlite(ledger, moves)
+            self._check_limits_sqlite(ledger, batch, moves)
             # SQLite: one row per statement (the write lock is held anyway).
             for account, asset, debit, credit in moves.totals:
                 params = {
@@ -301,18 +302,35 @@ class SqlLedgerRepository:
                 raise DuplicateIdempotencyKey(ledger) from exc
             if dialect.is_reversal_violation(exc):
                 raise ReversalTaken(ledger) from exc
-            refused = refused_limits(exc)
-            if refused is not None:
-                raise LimitBreached(first_breach(moves, refused)) from exc
+            reported = refused_limits(exc)
+            if reported is not None:
+                # The statement names one account; the entries to refuse are
+                # found across all of the batch's limited accounts, from
+                # their totals now (the statement rolled back). Should a
+                # concurrent write have changed them since, the account it
+                # named decides.
+                refused = self._refusals(ledger, batch, moves) or _first_named(moves, reported)
+                raise LimitBreached(refused) from exc
             if dialect.is_limit_violation(exc):  # the last guard: should not happen
-                raise LimitBreached(None) from exc
+                raise LimitBreached({}) from exc
             raise
         except psycopg.errors.NumericValueOutOfRange as exc:
             raise TotalsOutOfRange(ledger) from exc
 
-    def _check_limits_sqlite(self, ledger: str, moves: Movements) -> None:
+    def _check_limits_sqlite(
+        self, ledger: str, batch: Sequence[NewEntry], moves: Movements
+    ) -> None:
         """SQLite: the batch's accounts that have limits, checked entry by
         entry here, under the write lock, before anything is written."""
+        refused = self._refusals(ledger, batch, moves)
+        if refused:
+            raise LimitBreached(refused)
+
+    def _refusals(
+        self, ledger: str, batch: Sequence[NewEntry], moves: Movements
+    ) -> dict[int, Breach]:
+        """The entries of `batch` that the limits of its accounts refuse,
+        from their current totals (domain/balances.py refusals)."""
         t = account_totals
         keys = {(a, s) for a, s, _, _ in moves.totals}
         rows = self.conn.execute(
@@ -329,21 +347,12 @@ class SqlLedgerRepository:
                 sa.or_(t.c.max_net_debit.is_not(None), t.c.max_net_credit.is_not(None)),
             )
         ).all()
-        found = [
-            breach
+        limited = {
+            (r.account, r.asset): (r.debits, r.credits, Limits(r.max_net_debit, r.max_net_credit))
             for r in rows
             if (r.account, r.asset) in keys
-            and (
-                breach := moves.first_breach(
-                    (r.account, r.asset),
-                    (r.debits, r.credits),
-                    Limits(r.max_net_debit, r.max_net_credit),
-                )
-            )
-            is not None
-        ]
-        if found:
-            raise LimitBreached(min(found, key=lambda b: b.index))
+        }
+        return refusals(batch, limited) if limited else {}
 
     def rows_after(self, ledger: str, after_sequence: int, limit: int) -> EntryRows:
         """Up to `limit` entries above `after_sequence`, by keyset on the
@@ -502,26 +511,28 @@ class SqlLedgerRepository:
         ).one_or_none()
         return None if row is None else entry_from_row(row)
 
-    def balances_at(self, entry: Entry) -> tuple[Balance, ...]:
-        """From the history rows of `entry` (one probe per account and asset)."""
+    def balances_at(self, found: Sequence[Entry]) -> list[tuple[Balance, ...]]:
+        """Each entry's accounts' totals right after it, from their history
+        rows: one statement, an exact index probe per (account, asset,
+        number)."""
+        if not found:
+            return []
         h = account_history
-        keys = {(p.debit_account, p.asset) for p in entry.payload.all_postings()} | {
-            (p.credit_account, p.asset) for p in entry.payload.all_postings()
+        wanted = {
+            (account, p.asset, e.sequence)
+            for e in found
+            for p in e.payload.all_postings()
+            for account in (p.debit_account, p.credit_account)
         }
         rows = self.conn.execute(
-            sa.select(h.c.account, h.c.asset, h.c.debits, h.c.credits).where(
-                h.c.ledger == entry.payload.ledger,
-                h.c.sequence == entry.sequence,
-                h.c.account.in_({a for a, _ in keys}),
+            sa.select(h.c.account, h.c.asset, h.c.sequence, h.c.debits, h.c.credits).where(
+                h.c.ledger == found[0].payload.ledger,
+                sa.tuple_(h.c.account, h.c.asset, h.c.sequence).in_(sorted(wanted)),
             )
         ).all()
-        return tuple(
-            sorted(
-                (
-                    Balance(r.account, r.asset, r.debits, r.credits)
-                    for r in rows
-                    if (r.account, r.asset) in keys
-                ),
-                key=lambda b: (b.account, b.asset),
+        by_number: dict[int, list[Balance]] = {}
+        for r in rows:
+            by_number.setdefault(r.sequence, []).append(
+                Balance(r.account, r.asset, r.debits, r.credits)
             )
-        )
+        return [tuple(sorted(by_number.get(e.sequence, ()))) for e in found]

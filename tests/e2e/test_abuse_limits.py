@@ -49,13 +49,38 @@ def worst_case_entries(n: int) -> list[ledger_pb2.EntryInput]:
     ]
 
 
+def worst_case_batch() -> list[ledger_pb2.EntryInput]:
+    """The largest valid PostEntries: BATCH_MAX_ENTRIES entries at every
+    limit, the first ones in the postings form, holding BATCH_MAX_POSTINGS
+    postings at every limit in all."""
+    entries = worst_case_entries(limits.BATCH_MAX_ENTRIES)
+    extra = limits.BATCH_MAX_POSTINGS - limits.BATCH_MAX_ENTRIES
+    for i, entry in enumerate(entries):
+        if extra <= 0:
+            break
+        n = min(limits.POSTINGS_MAX, extra + 1)
+        extra -= n - 1
+        for name in ("debit_account", "credit_account", "amount", "asset"):
+            entry.ClearField(name)
+        entry.postings.extend(
+            # Accounts of their own: amounts at their maximum must not sum.
+            ledger_pb2.Posting(
+                debit_account=f"d{i:04d}{j:02d}" + WIDE * (limits.ACCOUNT.max_chars - 7),
+                credit_account=f"c{i:04d}{j:02d}" + WIDE * (limits.ACCOUNT.max_chars - 7),
+                amount=limits.AMOUNT_MAX,
+                asset="A" * limits.ASSET.max_chars,
+            )
+            for j in range(n)
+        )
+    return entries
+
+
 def test_the_largest_valid_batch_is_accepted_and_one_beyond_the_limit_writes_nothing(
     pg_url: str,
 ) -> None:
     ledger = f"big-{uuid.uuid4().hex[:8]}"
-    request = ledger_pb2.PostEntriesRequest(
-        ledger=ledger, entries=worst_case_entries(limits.BATCH_MAX_ENTRIES)
-    )
+    request = ledger_pb2.PostEntriesRequest(ledger=ledger, entries=worst_case_batch())
+    assert sum(max(1, len(e.postings)) for e in request.entries) == limits.BATCH_MAX_POSTINGS
     assert request.ByteSize() > 4 << 20  # beyond gRPC's own default
     # The default limit admits it, and is no more than a MiB over it.
     assert request.ByteSize() <= limits.max_request_bytes() < request.ByteSize() + (1 << 20)

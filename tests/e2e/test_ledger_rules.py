@@ -380,7 +380,7 @@ def test_entries_of_many_postings_stream_under_the_default_message_limit(
     stub = server.stub
     init(stub, ledger)
     long = "x" * 120
-    for batch in range(3):
+    for batch in range(6):  # 50 entries of 64 postings: within a batch's 4000
         stub.PostEntries(
             ledger_pb2.PostEntriesRequest(
                 ledger=ledger,
@@ -389,7 +389,7 @@ def test_entries_of_many_postings_stream_under_the_default_message_limit(
                         idempotency_key=f"b{batch}-{i}",
                         postings=[posting(f"{long}-d{j}", f"{long}-c{j}", 1) for j in range(64)],
                     )
-                    for i in range(100)
+                    for i in range(50)
                 ],
             ),
             timeout=120,

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from ledger_service.domain.balances import Limits
-from ledger_service.domain.entries import Posting, PostResult
+from ledger_service.domain.entries import EntryFields, Posting, PostResult
 from ledger_service.domain.errors import (
     AlreadyReversed,
     BalanceLimitExceeded,
@@ -20,7 +20,7 @@ from ledger_service.domain.errors import (
     InvalidArgument,
     PositionAhead,
 )
-from ledger_service.domain.validation import validate_new_entry
+from ledger_service.domain.validation import validate_batch, validate_new_entry
 from ledger_service.service import use_cases
 
 from .helpers import counter_value, make_entry, run_concurrently, sequences
@@ -320,6 +320,15 @@ def test_both_forms_at_once_or_too_many_postings_are_refused() -> None:
     ]
 
 
+def test_a_batch_holds_at_most_4000_postings() -> None:
+    many = [Posting(f"d{j}", f"c{j}", 1, "USD") for j in range(64)]
+    rows: list[EntryFields] = [(f"k{i}", "", "", 0, "", "", "", {}, None) for i in range(63)]
+    with pytest.raises(InvalidArgument) as refused:
+        validate_batch("l", rows, "", [many] * 63)  # 4032 postings
+    assert [v.field for v in refused.value.violations] == ["entries"]
+    assert len(validate_batch("l", rows[:62], "", [many] * 62)) == 62  # 3968
+
+
 # -- reversals ----------------------------------------------------------------
 
 
@@ -464,3 +473,52 @@ def test_every_post_of_a_group_reports_its_own_totals(uow: Any, ledger: str) -> 
         assert isinstance(o, PostResult)
         hot = next(b for b in o.balances if b.account == "hot")
         assert hot.debits == o.entry.sequence
+
+
+def test_the_posts_refused_are_those_that_cross_in_order_across_accounts(
+    uow: Any, engine: Engine, ledger: str
+) -> None:
+    """Two limited accounts: the first post crosses z's limit, the second
+    would cross a's only if the first had been written. Taken in order,
+    only the first fails, whichever account the database names first."""
+    use_cases.initialize_counter(uow, ledger)
+    use_cases.set_account_limits(uow, ledger, "a", "USD", Limits(max_net_credit=10))
+    use_cases.set_account_limits(uow, ledger, "z", "USD", Limits(max_net_debit=0))
+    first = make_entry(ledger, "first", debit_account="z", credit_account="a", amount=5)
+    second = make_entry(ledger, "second", debit_account="m", credit_account="a", amount=6)
+    with pytest.raises(BalanceLimitExceeded) as refused:
+        use_cases.post_atomic(uow, [first, second])
+    assert refused.value.index == 0 and refused.value.metadata["account"] == "z"
+    for look_up_first in (False, True):
+        outcomes = use_cases.post_group(
+            uow,
+            [
+                make_entry(
+                    ledger, f"{look_up_first}-1", debit_account="z", credit_account="a", amount=5
+                ),
+                make_entry(
+                    ledger,
+                    f"{look_up_first}-2",
+                    debit_account="m",
+                    credit_account="a",
+                    amount=6 - 2 * look_up_first,
+                ),
+            ],
+            look_up_first=look_up_first,
+        )
+        assert isinstance(outcomes[0], BalanceLimitExceeded)
+        assert outcomes[0].metadata["account"] == "z"
+        assert isinstance(outcomes[1], PostResult), outcomes[1]
+    assert sequences(engine, ledger) == [1, 2]
+    assert totals(uow, ledger, "a") == {"USD": (0, 10)}
+
+
+def test_replays_of_a_batch_report_the_totals_of_their_own_entries(uow: Any, ledger: str) -> None:
+    use_cases.initialize_counter(uow, ledger)
+    batch = [make_entry(ledger, f"k{i}", debit_account="hot", amount=1) for i in range(3)]
+    first = use_cases.post_atomic(uow, batch)
+    use_cases.post_entry(uow, make_entry(ledger, "later", debit_account="hot", amount=1))
+    again = use_cases.post_atomic(uow, batch)
+    assert [r.replayed for r in again] == [True, True, True]
+    assert [r.balances for r in again] == [r.balances for r in first]
+    assert [next(b.debits for b in r.balances if b.account == "hot") for r in again] == [1, 2, 3]

@@ -15,6 +15,8 @@ import sqlalchemy as sa
 from ledger.v1 import ledger_pb2
 from ledger_client import integrity
 
+from ledger_service.domain.entries import Posting
+from ledger_service.domain.validation import validate_new_entry
 from ledger_service.integrity.verify import verify
 from ledger_service.service import use_cases
 from ledger_service.storage import migrate
@@ -23,8 +25,15 @@ from ledger_service.storage.uow import SqlUnitOfWork, create_engine
 from ..conftest import throwaway_pg_database
 from .helpers import make_entry
 
-# (debit, credit, amount) of the entries written before the migration.
-BEFORE = [("cash", "sales", 5), ("cash", "fees", 2), ("bank", "cash", 4), ("cash", "sales", 1)]
+# (debit, credit, amount) of the entries written before the migration; the
+# last as restored data may hold it, debiting the account it credits.
+BEFORE = [
+    ("cash", "sales", 5),
+    ("cash", "fees", 2),
+    ("bank", "cash", 4),
+    ("cash", "sales", 1),
+    ("cash", "cash", 3),
+]
 
 
 def _write_at_0003(engine: sa.Engine, ledger: str) -> None:
@@ -94,7 +103,7 @@ def _check(url: str) -> None:
         migrate.upgrade(engine)
         uow = functools.partial(SqlUnitOfWork, engine)
         # Balances as of every earlier number, from the backfilled history.
-        expected = [(5, 0), (7, 0), (7, 4), (8, 4)]
+        expected = [(5, 0), (7, 0), (7, 4), (8, 4), (11, 7)]
         for n, totals in enumerate(expected, start=1):
             (cash,) = use_cases.get_account(uow, ledger, "cash", n).balances
             assert (cash.debits, cash.credits) == totals
@@ -111,7 +120,7 @@ def _check(url: str) -> None:
         assert again.replayed and ("cash", 7, 4) in [
             (b.account, b.debits, b.credits) for b in again.balances
         ]
-        assert use_cases.post_entry(uow, make_entry(ledger, "new")).entry.sequence == 5
+        assert use_cases.post_entry(uow, make_entry(ledger, "new")).entry.sequence == 6
         assert list(verify(engine, [ledger])) == []
         if engine.dialect.name == "postgresql":
             # The function servers of 0003 chain with is gone: their writes fail.
@@ -125,8 +134,23 @@ def _check(url: str) -> None:
             columns = {c["name"] for c in sa.inspect(conn).get_columns("ledger_entries")}
             assert "postings" not in columns and "reverses_sequence" not in columns
         migrate.upgrade(engine)
-        (cash,) = use_cases.get_account(uow, ledger, "cash", 5).balances
-        assert (cash.debits, cash.credits) == (108, 4)
+        (cash,) = use_cases.get_account(uow, ledger, "cash", 6).balances
+        assert (cash.debits, cash.credits) == (111, 7)
+        # Entries of several postings cannot go back: the downgrade refuses.
+        use_cases.post_entry(
+            uow,
+            validate_new_entry(
+                ledger=ledger,
+                idempotency_key="split",
+                debit_account="",
+                credit_account="",
+                amount=0,
+                asset="",
+                postings=[Posting("cash", "sales", 1, "USD"), Posting("cash", "fees", 1, "USD")],
+            ),
+        )
+        with pytest.raises(RuntimeError, match="cannot downgrade below 0004: 1 entries"):
+            migrate.downgrade(engine, "0003")
     finally:
         engine.dispose()
 

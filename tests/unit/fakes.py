@@ -179,8 +179,8 @@ class FakeRepository:
         found = [e for e in self._ledger_entries(ledger) if e.payload.reverses_sequence == sequence]
         return found[0] if found else None
 
-    def balances_at(self, entry: Entry) -> tuple[Balance, ...]:
-        return ()
+    def balances_at(self, found: Sequence[Entry]) -> list[tuple[Balance, ...]]:
+        return [() for _ in found]
 
     def set_limits(self, ledger: str, account: str, asset: str, limits: Limits) -> bool:
         raise NotImplementedError("limits are tested against real databases")

@@ -469,3 +469,26 @@ def test_another_ledgers_token_is_refused(other: str) -> None:
 
     assert _refused(other, token).description == "belongs to another ledger's listing"
     assert page_tokens.decode(LEDGER, token) == "cash"
+
+
+def test_refusals_take_the_entries_in_order_each_refused_one_moving_nothing() -> None:
+    from ledger_service.domain.balances import refusals
+    from ledger_service.domain.entries import NewEntry
+
+    def post(key: str, debit: str, credit: str, amount: int) -> NewEntry:
+        return NewEntry("l", key, debit, credit, amount, "USD")
+
+    limited = {
+        ("a", "USD"): (0, 0, Limits(max_net_credit=10)),
+        ("z", "USD"): (0, 0, Limits(max_net_debit=0)),
+    }
+    batch = [post("1", "z", "a", 5), post("2", "m", "a", 6), post("3", "m", "a", 5)]
+    refused = refusals(batch, limited)
+    assert sorted(refused) == [0, 2]  # without 0, 2 takes a to 11 after 1's 6
+    assert (refused[0].account, refused[0].limit_name, refused[0].would_reach) == (
+        "z",
+        "max_net_debit",
+        5,
+    )
+    assert (refused[2].account, refused[2].would_reach) == ("a", 11)
+    assert refusals(batch, {}) == {}

@@ -96,10 +96,16 @@ _HISTORY_BACKFILL = """
     INSERT INTO ledger_account_history (ledger, account, asset, sequence, debits, credits)
     SELECT ledger, account, asset, sequence,
            CAST(sum(d) OVER w AS BIGINT), CAST(sum(c) OVER w AS BIGINT)
-    FROM (SELECT ledger, debit_account AS account, asset, sequence, amount AS d, 0 AS c
-          FROM ledger_entries
-          UNION ALL
-          SELECT ledger, credit_account, asset, sequence, 0, amount FROM ledger_entries) AS m
+    FROM (
+        -- One row per (entry, account, asset), also for a restored entry
+        -- that debits the account it credits.
+        SELECT ledger, account, asset, sequence, sum(d) AS d, sum(c) AS c
+        FROM (SELECT ledger, debit_account AS account, asset, sequence, amount AS d, 0 AS c
+              FROM ledger_entries
+              UNION ALL
+              SELECT ledger, credit_account, asset, sequence, 0, amount FROM ledger_entries) AS m
+        GROUP BY ledger, account, asset, sequence
+    ) AS g
     WINDOW w AS (PARTITION BY ledger, account, asset ORDER BY sequence)
 """
 
@@ -169,6 +175,18 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     conn = op.get_bind()
+    # Entries of several postings, and reversals, cannot be told in the
+    # schema before: their postings and the field their hash covers would be
+    # lost, and the books would no longer verify.
+    kept = conn.exec_driver_sql(
+        "SELECT count(*) FROM ledger_entries"
+        " WHERE postings IS NOT NULL OR reverses_sequence IS NOT NULL"
+    ).scalar()
+    if kept:
+        raise RuntimeError(
+            f"cannot downgrade below 0004: {kept} entries have several postings or reverse"
+            " another, which the schema before cannot hold"
+        )
     op.drop_table("ledger_account_history")
     op.drop_index("uq_ledger_entries_reverses", "ledger_entries")
     if conn.dialect.name == "postgresql":

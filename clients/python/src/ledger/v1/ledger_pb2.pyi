@@ -735,7 +735,9 @@ class PostEntriesRequest(_message.Message):
     """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___EntryInput]:
-        """1 to 1000 entries, with distinct idempotency keys."""
+        """1 to 1000 entries, with distinct idempotency keys, holding at most 4000
+        postings in all (an entry of the single pair of fields counts one).
+        """
 
     def __init__(
         self,

@@ -549,7 +549,8 @@ export type PostEntriesRequest = Message<"ledger.v1.PostEntriesRequest"> & {
   ledger: string;
 
   /**
-   * 1 to 1000 entries, with distinct idempotency keys.
+   * 1 to 1000 entries, with distinct idempotency keys, holding at most 4000
+   * postings in all (an entry of the single pair of fields counts one).
    *
    * @generated from field: repeated ledger.v1.EntryInput entries = 2;
    */
