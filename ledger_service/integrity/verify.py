@@ -28,9 +28,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ..domain.chain import GENESIS, body_of, chain_hash, version_of
-from ..domain.entries import NewEntry, Posting, epoch_micros
+from ..domain.entries import Posting, epoch_micros
 from ..domain.limits import INT64_MAX
 from ..storage import dialect
+from ..storage.repository import payload_from_row
 from ..storage.schema import counters, entries
 
 PAGE = 50_000
@@ -572,20 +573,7 @@ def _recomputed(row: Any, previous_hash: bytes) -> bytes | None:
         "",
     ):
         return None  # its single-pair columns are not covered by its hash: they must be empty
-    entry = NewEntry(
-        ledger=row.ledger,
-        idempotency_key=row.idempotency_key,
-        debit_account=row.debit_account,
-        credit_account=row.credit_account,
-        amount=row.amount,
-        asset=row.asset,
-        entry_type=row.entry_type,
-        description=row.description,
-        metadata=dict(row.metadata or {}),
-        posted_by=row.posted_by,
-        postings=postings,
-        reverses_sequence=row.reverses_sequence or 0,
-    )
+    entry = payload_from_row(row, postings)
     return chain_hash(
         previous_hash,
         row.sequence,

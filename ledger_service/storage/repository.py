@@ -62,27 +62,34 @@ def _first_named(
 
 
 def entry_from_row(row: Any) -> Entry:
-    created_at = as_utc(row.created_at)
     postings = row.postings
     return Entry(
         sequence=row.sequence,
-        created_at=created_at,
+        created_at=as_utc(row.created_at),
         payload_wire=row.wire,
-        payload=NewEntry(
-            ledger=row.ledger,
-            idempotency_key=row.idempotency_key,
-            debit_account=row.debit_account,
-            credit_account=row.credit_account,
-            amount=row.amount,
-            asset=row.asset,
-            entry_type=row.entry_type,
-            description=row.description,
-            metadata=dict(row.metadata or {}),
-            posted_by=row.posted_by,
-            postings=tuple(Posting(d, c, int(a), s) for d, c, a, s in postings) if postings else (),
-            reverses_sequence=row.reverses_sequence or 0,
+        payload=payload_from_row(
+            row,
+            tuple(Posting(d, c, int(a), s) for d, c, a, s in postings) if postings else (),
         ),
         hash=row.hash or b"",
+    )
+
+
+def payload_from_row(row: Any, postings: tuple[Posting, ...]) -> NewEntry:
+    """A stored entry's payload, with its postings as the caller read them."""
+    return NewEntry(
+        ledger=row.ledger,
+        idempotency_key=row.idempotency_key,
+        debit_account=row.debit_account,
+        credit_account=row.credit_account,
+        amount=row.amount,
+        asset=row.asset,
+        entry_type=row.entry_type,
+        description=row.description,
+        metadata=dict(row.metadata or {}),
+        posted_by=row.posted_by,
+        postings=postings,
+        reverses_sequence=row.reverses_sequence or 0,
     )
 
 
