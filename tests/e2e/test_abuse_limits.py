@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from ledger_client import LedgerClient
 
 from ledger_service.auth.principals import token_digest
 from ledger_service.domain import limits
@@ -86,12 +87,14 @@ def test_the_largest_valid_batch_is_accepted_and_one_beyond_the_limit_writes_not
     assert request.ByteSize() <= limits.max_request_bytes() < request.ByteSize() + (1 << 20)
     with ServerProcess(pg_url, extra_args=FAST) as server:
         init(server.stub, ledger)
-        # The answer repeats every entry: the client must accept it too.
-        options = [("grpc.max_receive_message_length", 2 * limits.max_request_bytes())]
-        with grpc.insecure_channel(server.address, options=options) as channel:
-            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-            results = stub.PostEntries(request, timeout=120).results
+        # The answer repeats every entry, with its balances: the client
+        # accepts it as it is.
+        with LedgerClient(server.address, timeout=120) as client:
+            answer = client.post_entries(ledger, request.entries)
+        assert answer.ByteSize() > 4 << 20
+        results = answer.results
         assert [r.entry.sequence for r in results] == list(range(1, 1001))
+        assert sum(len(r.balances) for r in results) > 2 * limits.BATCH_MAX_ENTRIES
     small = ["--max-request-bytes", str(100_000)]
     with ServerProcess(pg_url, extra_args=[*FAST, *small]) as server:
         with pytest.raises(grpc.RpcError) as error:

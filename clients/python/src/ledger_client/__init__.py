@@ -79,9 +79,16 @@ def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     return None
 
 
+# The largest answer a server gives: a full PostEntries batch returned with
+# each entry's balances is over gRPC's 4 MiB default (about 18 MiB at every
+# limit at once), so the clients accept up to this.
+MAX_RESPONSE_BYTES = 64 << 20
+
+
 def channel_options(*, backoff: float = 0.1, max_backoff: float = 3.0) -> list[tuple[str, Any]]:
-    """The reconnect settings the clients give the channels they build; add
-    them to a channel you build yourself (`channel=` is used as is)."""
+    """The settings the clients give the channels they build (reconnects,
+    the largest answer); add them to a channel you build yourself
+    (`channel=` is used as is)."""
     # gRPC backs off reconnecting up to 120 s by default and fails calls fast
     # meanwhile; cap it near our own backoff so a restarted server is found
     # again within a retry or two.
@@ -89,6 +96,7 @@ def channel_options(*, backoff: float = 0.1, max_backoff: float = 3.0) -> list[t
         ("grpc.initial_reconnect_backoff_ms", int(backoff * 1000)),
         ("grpc.min_reconnect_backoff_ms", int(backoff * 1000)),
         ("grpc.max_reconnect_backoff_ms", int(max_backoff * 1000)),
+        ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
     ]
 
 
