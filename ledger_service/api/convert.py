@@ -17,24 +17,23 @@ def _postings(items: Iterable[ledger_pb2.Posting]) -> tuple[Posting, ...]:
     return tuple(Posting(p.debit_account, p.credit_account, p.amount, p.asset) for p in items)
 
 
-def _one_posting(d: str, c: str, amount: int, asset: str) -> bytes:
-    """Entry.postings for a one-posting request (Entry lists every posting);
-    nothing for an invalid one, which validation refuses anyway."""
-    return wire.posting_field(d, c, amount, asset) if amount > 0 else b""
+def _listed_posting(
+    request: ledger_pb2.PostEntryRequest | ledger_pb2.EntryInput,
+) -> bytes:
+    """Entry.postings for a request of the single pair (Entry lists every
+    posting); nothing for one of postings, which lists them itself, or an
+    invalid one, which validation refuses anyway."""
+    if request.postings or request.amount <= 0:
+        return b""
+    return wire.posting_field(
+        request.debit_account, request.credit_account, request.amount, request.asset
+    )
 
 
 def new_entry_from_request(request: ledger_pb2.PostEntryRequest, posted_by: str = "") -> NewEntry:
     # Fields the server does not know (a newer client) must not reach the
     # stored encoding, where they would read as Entry fields.
     request.DiscardUnknownFields()
-    postings = _postings(request.postings)
-    listed = (
-        b""
-        if postings
-        else _one_posting(
-            request.debit_account, request.credit_account, request.amount, request.asset
-        )
-    )
     return validate_new_entry(
         ledger=request.ledger,
         idempotency_key=request.idempotency_key,
@@ -47,9 +46,11 @@ def new_entry_from_request(request: ledger_pb2.PostEntryRequest, posted_by: str 
         metadata=dict(request.metadata),
         # PostEntryRequest's field numbers are Entry's (see ledger.proto); a
         # posted_by the request sent was an unknown field, discarded above.
-        encoded=request.SerializeToString() + wire.posted_by_field(posted_by) + listed,
+        encoded=request.SerializeToString()
+        + wire.posted_by_field(posted_by)
+        + _listed_posting(request),
         posted_by=posted_by,
-        postings=postings,
+        postings=_postings(request.postings),
     )
 
 
@@ -76,14 +77,7 @@ def batch_from_request(
                 e.description,
                 dict(e.metadata) if len(e.metadata) else {},
                 # EntryInput's field numbers are Entry's: ledger + item = payload.
-                ledger
-                + e.SerializeToString()
-                + posted
-                + (
-                    b""
-                    if e.postings
-                    else _one_posting(e.debit_account, e.credit_account, e.amount, e.asset)
-                ),
+                ledger + e.SerializeToString() + posted + _listed_posting(e),
             )
             for e in items
         ],

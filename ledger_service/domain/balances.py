@@ -8,7 +8,7 @@ Pure arithmetic on the batch; the database supplies the totals before it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from .entries import Balance, NewEntry
@@ -116,6 +116,18 @@ class Movements:
         debits, credits = self._sums[key]
         return debits, credits
 
+    def rows(self) -> Iterator[tuple[int, str, str, int, int]]:
+        """The rows: (entry index, account, asset, debits and credits the
+        batch adds after that entry), last entry first."""
+        return zip(
+            self.index,
+            self.accounts,
+            self.assets,
+            self.later_debits,
+            self.later_credits,
+            strict=True,
+        )
+
     def swings(self) -> list[tuple[str, str, int, int]]:
         """(account, asset, lowest, highest) of debits - credits added after
         an entry, for the accounts the batch both debits and credits: there
@@ -126,9 +138,7 @@ class Movements:
             return []
         low: dict[Key, int] = {}
         high: dict[Key, int] = {}
-        for account, asset, d, c in zip(
-            self.accounts, self.assets, self.later_debits, self.later_credits, strict=True
-        ):
+        for _, account, asset, d, c in self.rows():
             key = (account, asset)
             if key in mixed:
                 net = d - c
@@ -140,14 +150,7 @@ class Movements:
         """Per entry, in batch order: its accounts' totals right after it,
         by (account, asset), from `after` (the totals after the whole batch)."""
         out: list[list[Balance]] = [[] for _ in range(self.size)]
-        for k, account, asset, d, c in zip(
-            self.index,
-            self.accounts,
-            self.assets,
-            self.later_debits,
-            self.later_credits,
-            strict=True,
-        ):
+        for k, account, asset, d, c in self.rows():
             debits, credits = after[(account, asset)]
             out[k].append(Balance(account, asset, debits - d, credits - c))
         # (account, asset) is unique within an entry, so tuple order is theirs.
@@ -157,18 +160,7 @@ class Movements:
         """The first entry after which (account, asset) `key`, holding
         `before` (debits, credits) before the batch, would break `limits`."""
         added_d, added_c = self.sums(key)
-        rows = [
-            (k, d, c)
-            for k, account, asset, d, c in zip(
-                self.index,
-                self.accounts,
-                self.assets,
-                self.later_debits,
-                self.later_credits,
-                strict=True,
-            )
-            if (account, asset) == key
-        ]
+        rows = [(k, d, c) for k, account, asset, d, c in self.rows() if (account, asset) == key]
         for k, d, c in sorted(rows):
             broken = limits.breach(before[0] + added_d - d, before[1] + added_c - c)
             if broken is not None:

@@ -41,7 +41,7 @@ from ..domain.balances import Key, Limits, Movements
 from ..domain.chain import GENESIS, HASH_SIZE, body_of, chain_hash, hash_field, version_of
 from ..domain.entries import Entry, NewEntry, PostResult, epoch_micros, from_epoch_micros
 from . import dialect, pg
-from .schema import account_history, account_totals, counters, entries
+from .schema import account_history, counters, entries
 
 # The whole write, one statement (how and why: docs/guarantees.md, sections 1
 # to 3 and 6): lock_timeout, then the account totals in (account, asset)
@@ -355,11 +355,16 @@ _SEPARATOR = "\x1f"
 
 
 def number_and_insert_sqlite(
-    conn: Connection, ledger: str, batch: Sequence[NewEntry], moves: Movements
+    conn: Connection,
+    ledger: str,
+    batch: Sequence[NewEntry],
+    moves: Movements,
+    after: dict[Key, tuple[int, int]],
 ) -> Numbered | None:
     """Numbers, chains and inserts `batch` in the open transaction, with its
     accounts' totals after each entry (the totals themselves were added
-    before); None when the ledger has no counter.
+    before: `after`, as the upserts returned them); None when the ledger has
+    no counter.
 
     SQLite holds its database write lock from BEGIN IMMEDIATE to commit, so
     separate statements are just as serialized, and the chain is computed
@@ -415,20 +420,6 @@ def number_and_insert_sqlite(
         ],
     )
     conn.execute(sa.update(counters).where(counters.c.ledger == ledger).values(head_hash=previous))
-    after = {
-        (r.account, r.asset): (r.debits, r.credits)
-        for r in conn.execute(
-            sa.select(
-                account_totals.c.account,
-                account_totals.c.asset,
-                account_totals.c.debits,
-                account_totals.c.credits,
-            ).where(
-                account_totals.c.ledger == ledger,
-                account_totals.c.account.in_({a for a, _, _, _ in moves.totals}),
-            )
-        )
-    }
     conn.execute(
         sa.insert(account_history),
         [
@@ -440,14 +431,7 @@ def number_and_insert_sqlite(
                 "debits": after[(account, asset)][0] - d,
                 "credits": after[(account, asset)][1] - c,
             }
-            for k, account, asset, d, c in zip(
-                moves.index,
-                moves.accounts,
-                moves.assets,
-                moves.later_debits,
-                moves.later_credits,
-                strict=True,
-            )
+            for k, account, asset, d, c in moves.rows()
         ],
     )
     return Numbered(batch, payloads, last, now, b"".join(hashes), moves, after)

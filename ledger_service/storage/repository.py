@@ -129,7 +129,7 @@ _ADD_TOTALS_SQLITE = _sqlite_totals.on_conflict_do_update(
         account_totals.c.debits <= INT64_MAX - _sqlite_totals.excluded.debits,
         account_totals.c.credits <= INT64_MAX - _sqlite_totals.excluded.credits,
     ),
-).returning(account_totals.c.account)
+).returning(account_totals.c.debits, account_totals.c.credits)
 
 
 def _account_statement(as_of: bool) -> sa.Select[Any]:
@@ -292,7 +292,9 @@ class SqlLedgerRepository:
             if self.tx is not None:
                 return number_and_insert_pg(self.tx, ledger, batch, moves)
             self._check_limits_sqlite(ledger, batch, moves)
-            # SQLite: one row per statement (the write lock is held anyway).
+            # SQLite: one row per statement (the write lock is held anyway),
+            # each returning the totals it leaves.
+            after: dict[tuple[str, str], tuple[int, int]] = {}
             for account, asset, debit, credit in moves.totals:
                 params = {
                     "ledger": ledger,
@@ -301,9 +303,11 @@ class SqlLedgerRepository:
                     "debits": debit,
                     "credits": credit,
                 }
-                if self.conn.execute(_ADD_TOTALS_SQLITE, params).first() is None:
+                row = self.conn.execute(_ADD_TOTALS_SQLITE, params).first()
+                if row is None:
                     raise TotalsOutOfRange(ledger)
-            return number_and_insert_sqlite(self.conn, ledger, batch, moves)
+                after[(account, asset)] = (row.debits, row.credits)
+            return number_and_insert_sqlite(self.conn, ledger, batch, moves, after)
         except (sa.exc.IntegrityError, psycopg.IntegrityError) as exc:
             if dialect.is_idempotency_key_violation(exc):
                 raise DuplicateIdempotencyKey(ledger) from exc

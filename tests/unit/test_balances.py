@@ -37,16 +37,7 @@ def many(*postings: Posting) -> NewEntry:
 
 def rows(moves: Movements) -> list[tuple[int, str, str, int, int]]:
     """(entry index, account, asset, debits and credits added after it), sorted."""
-    return sorted(
-        zip(
-            moves.index,
-            moves.accounts,
-            moves.assets,
-            moves.later_debits,
-            moves.later_credits,
-            strict=True,
-        )
-    )
+    return sorted(moves.rows())
 
 
 # cash debited 10, rent/bank, a EUR pair, then cash credited 4 (sales debited 4).
