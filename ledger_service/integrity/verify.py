@@ -636,10 +636,16 @@ def _totals(conn: Connection, ledger: str) -> Iterator[str]:
                 f"debits {summed_d}, credits {summed_c}"
             )
             continue
-        if debits != summed_d:
-            yield f"account {account} {asset}: debits {debits} != {summed_d} summed from entries"
-        if credits != summed_c:
-            yield f"account {account} {asset}: credits {credits} != {summed_c} summed from entries"
+        yield from _differing(account, asset, (debits, credits), (summed_d, summed_c))
+
+
+def _differing(
+    account: str, asset: str, stored: tuple[int, int], summed: tuple[int, int]
+) -> Iterator[str]:
+    """A stored total's lines where it differs from the entries' sums."""
+    for side, value, expected in zip(("debits", "credits"), stored, summed, strict=True):
+        if value != expected:
+            yield f"account {account} {asset}: {side} {value} != {expected} summed from entries"
 
 
 def _history_holds_pg(conn: Connection, ledger: str) -> bool:
@@ -717,10 +723,7 @@ def _totals_and_history_pg(conn: Connection, ledger: str) -> Iterator[str]:
         yield from _totals(conn, ledger)
         return
     for account, asset, debits, credits, summed_d, summed_c, _ in rows[:-1]:
-        if debits != summed_d:
-            yield f"account {account} {asset}: debits {debits} != {summed_d} summed from entries"
-        if credits != summed_c:
-            yield f"account {account} {asset}: credits {credits} != {summed_c} summed from entries"
+        yield from _differing(account, asset, (debits, credits), (summed_d, summed_c))
 
 
 def _history_problems(conn: Connection, ledger: str) -> Iterator[str]:
