@@ -27,18 +27,23 @@ from .observability.metrics import NO_METRICS, Metrics, PrometheusMetrics
 from .service import use_cases
 from .service.group_commit import GroupCommitter
 from .service.ports import Blocking, StoredRow, UowFactory
+from .service.reads import Reads
 from .service.writes import Writes
 from .storage import dialect
 from .storage.listener import PgListener
 from .storage.loop_writer import LoopWriter
 from .storage.probe import DatabaseProbe
 from .storage.readiness import Readiness
+from .storage.timeouts import DbTimeouts
 from .storage.uow import SqlUnitOfWork, create_engine, normalize_url
 from .streaming.tail import Tails
 from .streaming.watch import HeadWatcher
 from .tls import TlsFiles, peer_identities
 
 T = TypeVar("T")
+
+# Seconds a scrape of /metrics may wait for the consumers' lag.
+CONSUMER_LAG_TIMEOUT = 2.0
 
 
 @dataclass
@@ -103,8 +108,17 @@ def build(settings: Settings, tls: TlsFiles | None = None) -> App:
     )
     watcher = HeadWatcher()
     metrics: Metrics = PrometheusMetrics() if settings.metrics_listen else NO_METRICS
+    reads, dispose_reads = _reads(settings, uow, run, timeouts)
+    metrics.watch_consumers(
+        lambda: use_cases.consumer_lags(functools.partial(uow, timeout=CONSUMER_LAG_TIMEOUT))
+    )
+
+    def dispose() -> None:
+        engine.dispose()
+        dispose_reads()
+
     return App(
-        servicer=build_servicer(settings, uow, run, writer, watcher, metrics),
+        servicer=build_servicer(settings, uow, run, writer, watcher, metrics, reads),
         guard=guard(_gate(auth_file, tls), readiness),
         auth_file=auth_file,
         readiness=readiness,
@@ -112,9 +126,23 @@ def build(settings: Settings, tls: TlsFiles | None = None) -> App:
         probe=DatabaseProbe(url, timeouts=timeouts) if postgres else None,
         executor=executor,
         writer=writer,
-        dispose=engine.dispose,
+        dispose=dispose,
         observability=Observability(metrics, CallLog(settings.slow_call_ms / 1000)),
     )
+
+
+def _reads(
+    settings: Settings, primary: UowFactory, run: Blocking, timeouts: DbTimeouts
+) -> tuple[Reads, Callable[[], None]]:
+    """The reads' database: the primary, or the hot standby of
+    --read-database-url, and how to release its pool."""
+    if not settings.read_database_url:
+        return Reads(run, primary), lambda: None
+    engine = create_engine(
+        settings.read_database_url, pool_size=settings.pool_size, timeouts=timeouts
+    )
+    standby: UowFactory = functools.partial(SqlUnitOfWork, engine, timeouts=timeouts)
+    return Reads(run, standby, primary, replay_wait=settings.read_replay_wait), engine.dispose
 
 
 class DatabaseMissing(ValueError):
@@ -170,10 +198,12 @@ def build_servicer(
     writer: LoopWriter | None,
     watcher: HeadWatcher,
     metrics: Metrics = NO_METRICS,
+    reads: Reads | None = None,
 ) -> LedgerServicer:
     """The servicer and what it uses, over a unit-of-work factory, the thread
     pool and (Postgres) the event-loop writer."""
     writes = Writes(uow, run, writer, published=watcher.publish, observe=metrics.written)
+    reads = reads or Reads(run, uow)
     committer = (
         GroupCommitter(
             writes.group,
@@ -186,7 +216,7 @@ def build_servicer(
     )
 
     async def read_tail(ledger: str, after: int, limit: int) -> tuple[list[StoredRow], int | None]:
-        read = await run(use_cases.read_rows, uow, ledger, after, limit)
+        read = await run(use_cases.read_rows, reads.uow, ledger, after, limit)
         return read.rows, read.head
 
     tails = Tails(read_tail, watcher, poll_interval=settings.poll_interval, metrics=metrics)
@@ -196,4 +226,4 @@ def build_servicer(
         message_size=max(1, min(settings.stream_batch, STREAM_MESSAGE_MAX_ENTRIES)),
     )
     follows = FollowQuota(settings.max_follows_per_principal)
-    return LedgerServicer(uow, run, writes, committer, tails, watcher, streams, follows)
+    return LedgerServicer(uow, run, writes, committer, tails, watcher, streams, follows, reads)

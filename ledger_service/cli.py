@@ -76,6 +76,22 @@ def _parser() -> argparse.ArgumentParser:
         help="serve without auth on a non-loopback address (env LEDGER_INSECURE=1)",
     )
     serve_p.add_argument(
+        "--read-database-url",
+        help="URL of a Postgres hot standby of --database-url that serves streams and "
+        "the other reads; writes stay on the primary (env LEDGER_READ_DATABASE_URL)",
+    )
+    serve_p.add_argument(
+        "--read-replay-wait",
+        type=float,
+        help="seconds a read on the standby may wait for it to replay what the primary "
+        "has before UNAVAILABLE STANDBY_BEHIND (env LEDGER_READ_REPLAY_WAIT, default 5)",
+    )
+    serve_p.add_argument(
+        "--workers",
+        help="worker processes sharing the port (SO_REUSEPORT) under a supervisor that "
+        "restarts them; a number or auto, the CPU count (env LEDGER_WORKERS, default 1)",
+    )
+    serve_p.add_argument(
         "--pool-size", type=int, help="database connections (env LEDGER_POOL_SIZE)"
     )
     serve_p.add_argument(
@@ -223,6 +239,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         "log_format",
         "metrics_listen",
         "slow_call_ms",
+        "read_database_url",
+        "read_replay_wait",
+        "workers",
     ):
         value = getattr(args, name, None)
         if value is not None:

@@ -73,6 +73,20 @@ class Settings:
     # TCP keepalives and tcp_user_timeout: the kernel drops a connection
     # whose peer stops acknowledging for this many seconds (0: its defaults).
     db_tcp_timeout: float = field(default_factory=lambda: _env_float("LEDGER_DB_TCP_TIMEOUT", 10.0))
+    # A Postgres streaming replica (hot standby) of database_url that serves
+    # the reads: streams, GetAccount, GetEntry, ListAccounts, GetLedger,
+    # ListConsumers. Unset: everything reads the primary.
+    read_database_url: str = field(
+        default_factory=lambda: os.environ.get("LEDGER_READ_DATABASE_URL") or ""
+    )
+    # Seconds a read may wait for the standby to replay what the primary
+    # already has (a new counter, a position, a key) before UNAVAILABLE.
+    read_replay_wait: float = field(
+        default_factory=lambda: _env_float("LEDGER_READ_REPLAY_WAIT", 5.0)
+    )
+    # Worker processes sharing the listen port (SO_REUSEPORT) under one
+    # supervisor: a number, or "auto" for the CPU count.
+    workers: str = field(default_factory=lambda: os.environ.get("LEDGER_WORKERS") or "1")
     # Database connections (and threads running statements) per process.
     pool_size: int = field(default_factory=lambda: _env_int("LEDGER_POOL_SIZE", 16))
     # Seconds SIGTERM waits for in-flight calls before cancelling them.
@@ -156,10 +170,35 @@ class Settings:
         if not serving:
             return
         split_host_port(self.listen, "--listen")
+        self.worker_count()
+        if self.read_database_url:
+            self._check_read_url()
         if self.metrics_listen:
             split_host_port(self.metrics_listen, "--metrics-listen")
         if self.slow_call_ms < 0:
             raise ValueError("--slow-call-ms: must be >= 0 (0: no slow-call log)")
+
+    def worker_count(self) -> int:
+        """--workers as a number ("auto": the CPU count); ValueError if neither."""
+        raw = str(self.workers).strip().lower()
+        if raw == "auto":
+            return os.cpu_count() or 1
+        if not raw.isdigit() or not 1 <= int(raw) <= 256:
+            raise ValueError(f"--workers: expected a number 1-256 or auto, got {self.workers!r}")
+        return int(raw)
+
+    def _check_read_url(self) -> None:
+        try:
+            url = normalize_url(self.read_database_url)
+        except (ValueError, sa.exc.ArgumentError):
+            raise ValueError(
+                "--read-database-url (LEDGER_READ_DATABASE_URL) is not a database URL"
+            ) from None
+        primary = normalize_url(self.database_url).get_backend_name()
+        if url.get_backend_name() != dialect.POSTGRES or primary != dialect.POSTGRES:
+            raise ValueError("--read-database-url: a Postgres standby of a Postgres --database-url")
+        if self.read_replay_wait < 0:
+            raise ValueError("--read-replay-wait: must be >= 0")
 
     def tls_files(self) -> TlsFiles | None:
         """The TLS files, None without TLS; ValueError if they do not go together."""

@@ -8,6 +8,7 @@ from ledger.v1 import ledger_pb2
 
 from ..domain.accounts import AccountView, AssetTotals
 from ..domain.chain import GENESIS
+from ..domain.consumers import ConsumerPosition
 from ..domain.entries import Balance, Counter, Entry, NewEntry, Posting, PostResult
 from ..domain.validation import validate_batch, validate_new_entry
 from . import wire
@@ -151,4 +152,16 @@ def ledger_to_proto(counter: Counter) -> ledger_pb2.GetLedgerResponse:
     )
     if counter.initialized_at is not None:
         response.initialized_at.FromDatetime(counter.initialized_at)
+    return response
+
+
+def consumers_to_proto(
+    positions: list[ConsumerPosition], head: int
+) -> ledger_pb2.ListConsumersResponse:
+    response = ledger_pb2.ListConsumersResponse(head_sequence=head)
+    for p in positions:
+        listed = response.consumers.add(
+            consumer=p.consumer, sequence=p.sequence, lag=max(0, head - p.sequence)
+        )
+        listed.acked_at.FromDatetime(p.acked_at)
     return response

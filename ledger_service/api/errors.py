@@ -27,6 +27,7 @@ from ..domain.errors import (
     AccountTotalOverflow,
     AlreadyReversed,
     BalanceLimitExceeded,
+    ConsumerBehind,
     CounterNotInitialized,
     DeadlineExceeded,
     EntryNotFound,
@@ -36,6 +37,7 @@ from ..domain.errors import (
     Overloaded,
     PermissionDenied,
     PositionAhead,
+    StandbyBehind,
     StorageUnavailable,
     TooManyStreams,
     Unauthenticated,
@@ -109,6 +111,10 @@ ERRORS: dict[type[LedgerError], Row] = {
         grpc.StatusCode.FAILED_PRECONDITION, ledger_pb2.ERROR_REASON_ALREADY_REVERSED
     ),
     EntryNotFound: Row(grpc.StatusCode.NOT_FOUND, ledger_pb2.ERROR_REASON_ENTRY_NOT_FOUND),
+    StandbyBehind: Row(grpc.StatusCode.UNAVAILABLE, ledger_pb2.ERROR_REASON_STANDBY_BEHIND),
+    ConsumerBehind: Row(
+        grpc.StatusCode.FAILED_PRECONDITION, ledger_pb2.ERROR_REASON_CONSUMER_POSITION_BEHIND
+    ),
 }
 
 

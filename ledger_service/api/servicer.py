@@ -24,6 +24,7 @@ from ..domain.limits import (
     STREAM_MESSAGE_MAX_ENTRIES,
 )
 from ..domain.validation import (
+    validate_ack,
     validate_as_of,
     validate_entry_lookup,
     validate_ledger,
@@ -35,14 +36,16 @@ from ..domain.validation import (
 from ..service import use_cases
 from ..service.group_commit import GroupCommitter
 from ..service.ports import Blocking, EntryRows, StoredRow, UowFactory
+from ..service.reads import Reads
 from ..service.writes import Writes
-from ..streaming.tail import Tails
+from ..streaming.tail import REPLAY_LOOK, REPLAY_LOOK_MAX, Tails
 from ..streaming.watch import HeadWatcher
 from . import page_tokens, wire
 from .convert import (
     account_to_proto,
     asset_balance,
     batch_from_request,
+    consumers_to_proto,
     entry_to_proto,
     ledger_to_proto,
     new_entry_from_request,
@@ -77,8 +80,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         watcher: HeadWatcher,
         streams: StreamSettings,
         follows: FollowQuota,
+        reads: Reads | None = None,
     ) -> None:
         self._uow = uow  # uow(write=..., timeout=...), for the blocking use cases
+        # The reads: on the primary, or on a hot standby (service/reads.py).
+        self._reads = reads or Reads(run, uow)
         self._run = run
         self._writes = writes
         # None: every post is its own transaction (--no-group-commit).
@@ -143,12 +149,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.GetAccountRequest, context: Context
     ) -> ledger_pb2.GetAccountResponse:
         validate_as_of(request.ledger, request.account, request.as_of_sequence)
-        view = await self._run(
+        view = await self._reads.call(
             use_cases.get_account,
-            self._uow,
             request.ledger,
             request.account,
             request.as_of_sequence,
+            time_left=_remaining(context),
         )
         return account_to_proto(view)
 
@@ -204,7 +210,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         sequence = request.sequence if which == "sequence" else None
         key = request.idempotency_key if which == "idempotency_key" else None
         validate_entry_lookup(request.ledger, sequence, key)
-        entry = await self._run(use_cases.get_entry, self._uow, request.ledger, sequence, key)
+        entry = await self._reads.call(
+            use_cases.get_entry, request.ledger, sequence, key, time_left=_remaining(context)
+        )
         return ledger_pb2.GetEntryResponse(entry=entry_to_proto(entry))
 
     async def ListAccounts(
@@ -212,8 +220,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> ledger_pb2.ListAccountsResponse:
         page_size = validate_page_size(request.ledger, request.page_size) or LIST_PAGE_DEFAULT
         after = page_tokens.decode(request.ledger, request.page_token)
-        accounts, as_of, more = await self._run(
-            use_cases.list_accounts, self._uow, request.ledger, after, page_size
+        accounts, as_of, more = await self._reads.call(
+            use_cases.list_accounts, request.ledger, after, page_size, time_left=_remaining(context)
         )
         return ledger_pb2.ListAccountsResponse(
             accounts=[
@@ -230,8 +238,32 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.GetLedgerRequest, context: Context
     ) -> ledger_pb2.GetLedgerResponse:
         ledger = validate_ledger(request.ledger)
-        counter = await self._run(use_cases.get_ledger, self._uow, ledger)
+        counter = await self._reads.call(
+            use_cases.get_ledger, ledger, time_left=_remaining(context)
+        )
         return ledger_to_proto(counter)
+
+    async def AckEntries(
+        self, request: ledger_pb2.AckEntriesRequest, context: Context
+    ) -> ledger_pb2.AckEntriesResponse:
+        validate_ack(request.ledger, request.consumer, request.sequence)
+        acked = await self._run(
+            use_cases.ack_entries, self._uow, request.ledger, request.consumer, request.sequence
+        )
+        response = ledger_pb2.AckEntriesResponse(
+            sequence=acked.position.sequence, head_sequence=acked.head
+        )
+        response.acked_at.FromDatetime(acked.position.acked_at)
+        return response
+
+    async def ListConsumers(
+        self, request: ledger_pb2.ListConsumersRequest, context: Context
+    ) -> ledger_pb2.ListConsumersResponse:
+        ledger = validate_ledger(request.ledger)
+        positions, head = await self._reads.call(
+            use_cases.list_consumers, ledger, time_left=_remaining(context)
+        )
+        return consumers_to_proto(positions, head)
 
     async def StreamEntries(
         self, request: ledger_pb2.StreamEntriesRequest, context: Context
@@ -254,11 +286,21 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         holds at most two reads and no database lock, and gRPC flow control
         makes this generator wait for it. Following: entries come from the
         ledger's shared tail (streaming/tail.py), one database read per
-        commit for all followers.
+        commit for all followers. A stream filtered by account reads the
+        account's index instead (_filtered).
         """
-        ledger, position = request.ledger, request.after_sequence
-        validate_stream_request(ledger, position)
-        head = await self._run(use_cases.stream_start, self._uow, ledger, position)
+        ledger, position, consumer = request.ledger, request.after_sequence, request.consumer
+        validate_stream_request(ledger, position, consumer, request.account)
+        if consumer and not position:
+            # The primary holds the positions; a standby may not have the last ack yet.
+            position = await self._run(use_cases.consumer_position, self._uow, ledger, consumer)
+        head = await self._reads.call(use_cases.stream_start, ledger, position)
+        if request.account:
+            async for message in self._filtered(
+                ledger, request.account, position, head, request.follow
+            ):
+                yield message
+            return
         settings = self._streams
         per_read = max(ROWS_PER_READ, settings.message_size)
         pending = self._read_ahead(ledger, position, per_read)
@@ -280,7 +322,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         finally:
             pending.cancel()
         if not read.rows:
-            yield ledger_pb2.StreamEntriesResponse(caught_up=True, head_sequence=head)
+            yield ledger_pb2.StreamEntriesResponse(
+                caught_up=True, head_sequence=head, through_sequence=position
+            )
         if not request.follow:
             return
         last_sent = time.monotonic()
@@ -305,7 +349,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 idle = time.monotonic() - last_sent
                 if idle >= settings.heartbeat_interval:
                     head = max(head, tail.head)
-                    yield ledger_pb2.StreamEntriesResponse(heartbeat=True, head_sequence=head)
+                    yield ledger_pb2.StreamEntriesResponse(
+                        heartbeat=True, head_sequence=head, through_sequence=position
+                    )
                     last_sent = time.monotonic()
                     idle = 0.0
                 with contextlib.suppress(TimeoutError):
@@ -313,11 +359,69 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                         updated.wait(), timeout=settings.heartbeat_interval - idle
                     )
 
+    async def _filtered(
+        self, ledger: str, account: str, through: int, head: int, follow: bool
+    ) -> AsyncIterator[ledger_pb2.StreamEntriesResponse]:
+        """The entries of one account, from its history rows (an index
+        range per asset, never the whole ledger), each read with the head of
+        its snapshot: a read of fewer rows than asked has looked through the
+        head, which `through_sequence` then says. Following, every commit of
+        the ledger (or the poll) triggers one such read per follower."""
+        settings = self._streams
+        per_read = max(ROWS_PER_READ, settings.message_size)
+        caught_up = False
+        last_sent = time.monotonic()
+        look = REPLAY_LOOK
+        with self._watcher.following() if follow else contextlib.nullcontext():
+            while True:
+                if self._stopping:
+                    raise ShuttingDown()
+                wake = self._watcher.event(ledger)  # before the read: no lost wake-up
+                read = await self._reads.call(
+                    use_cases.read_rows, ledger, through, per_read, account
+                )
+                full = len(read.rows) == per_read
+                head = max(head, read.head or 0)
+                reached = read.rows[-1][0] if full else max(through, read.head or 0)
+                if read.rows or not caught_up:
+                    marker = not caught_up and not full
+                    messages = self._messages(read.rows, head, caught_up=marker, through=reached)
+                    for message in messages:
+                        yield message
+                    if not read.rows:  # the catch-up's end, with nothing (more) to send
+                        yield ledger_pb2.StreamEntriesResponse(
+                            caught_up=True, head_sequence=head, through_sequence=reached
+                        )
+                    caught_up = caught_up or marker
+                    last_sent = time.monotonic()
+                through = reached
+                if full:
+                    continue
+                if not follow:
+                    return
+                if head < self._watcher.heard(ledger):  # a standby, replaying
+                    await asyncio.sleep(look)
+                    look = min(look * 2, REPLAY_LOOK_MAX)
+                    continue
+                look = REPLAY_LOOK
+                idle = time.monotonic() - last_sent
+                if idle >= settings.heartbeat_interval:
+                    yield ledger_pb2.StreamEntriesResponse(
+                        heartbeat=True, head_sequence=head, through_sequence=through
+                    )
+                    last_sent = time.monotonic()
+                    idle = 0.0
+                wait = min(settings.poll_interval, settings.heartbeat_interval - idle)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), timeout=wait)
+
     def _messages(
-        self, rows: list[StoredRow], head: int, *, caught_up: bool
+        self, rows: list[StoredRow], head: int, *, caught_up: bool, through: int = 0
     ) -> Iterator[ledger_pb2.StreamEntriesResponse]:
         """Messages of at most message_size entries and about
-        STREAM_MESSAGE_MAX_BYTES; `caught_up` marks the last."""
+        STREAM_MESSAGE_MAX_BYTES; `caught_up` marks the last. Each says it
+        is complete through its last entry; the last one through `through`
+        if that is further (a filtered read that looked up to the head)."""
         size = self._streams.message_size
         start = 0
         while start < len(rows):
@@ -331,14 +435,17 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             # Assembled from the stored encodings, not built entry by entry.
             message = wire.stream_message(chunk)
             message.head_sequence = max(head, chunk[-1][0])
-            if caught_up and end >= len(rows):
-                message.caught_up = True
+            message.through_sequence = chunk[-1][0]
+            if end >= len(rows):
+                message.through_sequence = max(through, chunk[-1][0])
+                if caught_up:
+                    message.caught_up = True
             start = end
             yield message
 
     def _read_ahead(self, ledger: str, after: int, limit: int) -> asyncio.Future[EntryRows]:
         return asyncio.ensure_future(
-            self._run(use_cases.read_rows, self._uow, ledger, after, limit)
+            self._run(use_cases.read_rows, self._reads.uow, ledger, after, limit)
         )
 
 

@@ -37,6 +37,9 @@ NEEDS: dict[str, Access] = {
     "ReverseEntry": Access.WRITE,
     "GetEntry": Access.READ,
     "ListAccounts": Access.READ,
+    # A consumer's position is the reader's own bookkeeping: readers ack.
+    "AckEntries": Access.READ,
+    "ListConsumers": Access.READ,
 }
 
 

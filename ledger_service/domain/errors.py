@@ -143,6 +143,29 @@ class EntryNotFound(LedgerError):
         super().__init__(f"ledger {ledger!r} has no entry with {which}", {"ledger": ledger})
 
 
+class ConsumerBehind(LedgerError):
+    """An ack below the consumer's stored position, which only moves forward."""
+
+    def __init__(self, ledger: str, consumer: str, sequence: int, stored: int) -> None:
+        super().__init__(
+            f"consumer {consumer!r} of ledger {ledger!r} is already at {stored}: positions "
+            f"only move forward, so {sequence} was not stored",
+            {"ledger": ledger, "consumer": consumer, "sequence": str(stored)},
+        )
+
+
+class StandbyBehind(LedgerError):
+    """The hot standby has not replayed what the primary has and the read needs."""
+
+    def __init__(self, ledger: str, replayed: int | None, waited: float) -> None:
+        where = "no counter" if replayed is None else f"entry {replayed}"
+        super().__init__(
+            f"the standby serving reads has replayed ledger {ledger!r} only to {where}, "
+            f"behind the primary, after waiting {waited:g}s; retry",
+            {"ledger": ledger, "replayed_sequence": str(replayed or 0)},
+        )
+
+
 class StorageUnavailable(LedgerError):
     """The database could not do the work now; the message says why."""
 

@@ -115,11 +115,26 @@ def validate_page_size(ledger: str, page_size: int) -> int:
     return min(page_size, LIST_PAGE_MAX)
 
 
-def validate_stream_request(ledger: str, after_sequence: int) -> None:
+def validate_stream_request(
+    ledger: str, after_sequence: int, consumer: str = "", account: str = ""
+) -> None:
     out: list[FieldViolation] = []
     _check(out, "ledger", ledger, LEDGER)
     if after_sequence < 0:
         out.append(FieldViolation("after_sequence", "must be >= 0"))
+    if consumer:
+        _check(out, "consumer", consumer, LEDGER)
+    if account:
+        _check(out, "account", account, ACCOUNT)
+    _raise_if(out)
+
+
+def validate_ack(ledger: str, consumer: str, sequence: int) -> None:
+    out: list[FieldViolation] = []
+    _check(out, "ledger", ledger, LEDGER)
+    _check(out, "consumer", consumer, LEDGER)
+    if sequence < 0:
+        out.append(FieldViolation("sequence", "must be >= 0"))
     _raise_if(out)
 
 

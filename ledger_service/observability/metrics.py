@@ -9,7 +9,8 @@ metrics off the hooks hold NO_METRICS, whose methods do nothing.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -21,6 +22,10 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
 
 SERVICE = "ledger.v1.LedgerService"
 
@@ -86,8 +91,36 @@ class Metrics:
     def lag(self, entries: int) -> None:
         """A live follower was just sent entries up to `entries` below the head."""
 
+    def watch_consumers(self, lags: Callable[[], list[tuple[str, str, int]]]) -> None:
+        """`lags()` gives (ledger, consumer, lag) of every named consumer;
+        called at each scrape."""
+
 
 NO_METRICS = Metrics()
+
+
+class _ConsumerLags(Collector):
+    """ledger_consumer_lag_entries, read from the database at each scrape:
+    the positions live there, shared by every server process."""
+
+    def __init__(self, lags: Callable[[], list[tuple[str, str, int]]]) -> None:
+        self._lags = lags
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "ledger_consumer_lag_entries",
+            "Entries a named consumer has yet to acknowledge: its ledger's head minus its "
+            "position (AckEntries)",
+            labels=["ledger", "consumer"],
+        )
+        try:
+            lags = self._lags()
+        except Exception as exc:  # an unreachable database must not fail the scrape
+            log.warning("consumer lag not measured: %s", exc)
+            return
+        for ledger, consumer, lag in lags:
+            gauge.add_metric([ledger, consumer], lag)
+        yield gauge
 
 
 class _Method(MethodMetrics):
@@ -198,6 +231,10 @@ class PrometheusMetrics(Metrics):
 
     def lag(self, entries: int) -> None:
         self._lag.observe(entries)
+
+    def watch_consumers(self, lags: Callable[[], list[tuple[str, str, int]]]) -> None:
+        assert self.registry is not None
+        self.registry.register(_ConsumerLags(lags))
 
 
 class MetricsServer:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol
 
 from ..domain.accounts import AccountView, AssetTotals
 from ..domain.balances import Breach, Limits
+from ..domain.consumers import ConsumerPosition
 from ..domain.entries import Balance, Counter, Entry, NewEntry, PostResult
 
 
@@ -90,6 +92,25 @@ class LedgerRepository(Protocol):
         TotalsOutOfRange, having written nothing."""
 
     def rows_after(self, ledger: str, after_sequence: int, limit: int) -> EntryRows: ...
+
+    def rows_touching(
+        self, ledger: str, account: str, after_sequence: int, limit: int
+    ) -> EntryRows:
+        """Up to `limit` entries above `after_sequence` with a posting of
+        `account`, and the counter of the same snapshot (None: no counter)."""
+
+    def store_position(
+        self, ledger: str, consumer: str, sequence: int, at: datetime
+    ) -> ConsumerPosition:
+        """Moves a consumer's position forward (never back); the stored one."""
+
+    def position(self, ledger: str, consumer: str) -> int | None: ...
+
+    def consumers(self, ledger: str) -> tuple[list[ConsumerPosition], int] | None:
+        """The consumers by name and the head; None without a counter."""
+
+    def consumer_lags(self) -> list[tuple[str, str, int]]:
+        """(ledger, consumer, lag) of every consumer of every ledger."""
 
     def account_view(
         self, ledger: str, account: str, as_of_sequence: int = 0

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 
 from ..domain.accounts import AccountView, AssetTotals
 from ..domain.balances import Breach, Limits
+from ..domain.consumers import Acked, ConsumerPosition
 from ..domain.entries import Counter, Entry, NewEntry, Posting, PostResult
 from ..domain.errors import (
     AccountTotalOverflow,
     AlreadyReversed,
     BalanceLimitExceeded,
+    ConsumerBehind,
     CounterNotInitialized,
     EntryNotFound,
     IdempotencyConflict,
@@ -288,9 +291,52 @@ def stream_start(uow_factory: UowFactory, ledger: str, after_sequence: int) -> i
     return head
 
 
-def read_rows(uow_factory: UowFactory, ledger: str, after_sequence: int, limit: int) -> EntryRows:
+def read_rows(
+    uow_factory: UowFactory, ledger: str, after_sequence: int, limit: int, account: str = ""
+) -> EntryRows:
+    """Entries after a number: all of them, or (`account`) those with a
+    posting of the account, found by its index."""
     with uow_factory() as uow:
+        if account:
+            return uow.ledger.rows_touching(ledger, account, after_sequence, limit)
         return uow.ledger.rows_after(ledger, after_sequence, limit)
+
+
+def consumer_position(uow_factory: UowFactory, ledger: str, consumer: str) -> int:
+    """Where a named consumer's stream starts: after its stored position, 0
+    if it never acked."""
+    with uow_factory() as uow:
+        return uow.ledger.position(ledger, consumer) or 0
+
+
+def ack_entries(uow_factory: UowFactory, ledger: str, consumer: str, sequence: int) -> Acked:
+    """Stores the consumer's position: forward only, never above the head;
+    the same position again is a success (with its first time)."""
+    with uow_factory(write=True) as uow:
+        head = uow.ledger.counter_value(ledger)
+        if head is None:
+            raise CounterNotInitialized(ledger)
+        if sequence > head:
+            raise PositionAhead(ledger, sequence, head, "sequence")
+        stored = uow.ledger.store_position(ledger, consumer, sequence, datetime.now(UTC))
+        uow.commit()
+    if stored.sequence > sequence:
+        raise ConsumerBehind(ledger, consumer, sequence, stored.sequence)
+    return Acked(stored, head)
+
+
+def list_consumers(uow_factory: UowFactory, ledger: str) -> tuple[list[ConsumerPosition], int]:
+    """The ledger's consumers by name, and the head their lag is measured from."""
+    with uow_factory() as uow:
+        listed = uow.ledger.consumers(ledger)
+    if listed is None:
+        raise CounterNotInitialized(ledger)
+    return listed
+
+
+def consumer_lags(uow_factory: UowFactory) -> list[tuple[str, str, int]]:
+    with uow_factory() as uow:
+        return uow.ledger.consumer_lags()
 
 
 def get_account(

@@ -26,13 +26,18 @@ def _unobserved(kind: str, seconds: float, posted: int, replayed: int) -> None:
     pass
 
 
+def _last_new(results: Sequence[PostResult]) -> int:
+    """The highest number a write handed out (its followers' new head)."""
+    return max((r.entry.sequence for r in results if not r.replayed), default=0)
+
+
 class Writes:
     def __init__(
         self,
         uow: UowFactory,
         run: Blocking,
         writer: NewEntryWriter | None,
-        published: Callable[[str], None],
+        published: Callable[[str, int], None],
         observe: WriteObserver = _unobserved,
     ) -> None:
         self._uow = uow
@@ -52,7 +57,7 @@ class Writes:
         posted = sum(not r.replayed for r in results)
         self._observe("group", time.perf_counter() - start, posted, len(results) - posted)
         if posted:
-            self._published(batch[0].ledger)
+            self._published(batch[0].ledger, _last_new(results))
         return outcomes
 
     async def atomic(self, batch: Sequence[NewEntry], time_left: float | None) -> list[PostResult]:
@@ -62,7 +67,7 @@ class Writes:
         posted = sum(not r.replayed for r in results)
         self._observe("atomic", time.perf_counter() - start, posted, len(results) - posted)
         if posted:
-            self._published(batch[0].ledger)
+            self._published(batch[0].ledger, _last_new(results))
         return results
 
     async def one(self, entry: NewEntry, time_left: float | None) -> PostResult:
@@ -72,7 +77,7 @@ class Writes:
         posted = 0 if result.replayed else 1
         self._observe("single", time.perf_counter() - start, posted, 1 - posted)
         if not result.replayed:
-            self._published(entry.ledger)
+            self._published(entry.ledger, result.entry.sequence)
         return result
 
     async def reverse(
@@ -99,7 +104,7 @@ class Writes:
         posted = 0 if result.replayed else 1
         self._observe("single", time.perf_counter() - start, posted, 1 - posted)
         if not result.replayed:
-            self._published(ledger)
+            self._published(ledger, result.entry.sequence)
         return result
 
     async def _write(

@@ -77,8 +77,8 @@ class PgListener:
             heard = False
             async for note in conn.notifies(timeout=check):
                 heard = True
-                ledger, _, _ = note.payload.rpartition(":")
-                self._watcher.publish(ledger)
+                ledger, _, head = note.payload.rpartition(":")
+                self._watcher.publish(ledger, int(head) if head.isdigit() else 0)
             if not heard:
                 await self._probe(conn)
             if self._watcher.wanted.is_set():

@@ -6,6 +6,7 @@ The repository never opens or commits a transaction: the unit of work does.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -16,6 +17,7 @@ from sqlalchemy.engine import Connection
 from ..api import wire
 from ..domain.accounts import AccountView, AssetTotals
 from ..domain.balances import Breach, Limits, Movements, SumOutOfRange, refusals
+from ..domain.consumers import ConsumerPosition
 from ..domain.entries import Balance, Counter, Entry, NewEntry, Posting
 from ..domain.limits import INT64_MAX
 from ..service.ports import (
@@ -24,6 +26,7 @@ from ..service.ports import (
     LimitBreached,
     LimitsBroken,
     ReversalTaken,
+    StoredRow,
     TotalsOutOfRange,
 )
 from . import dialect, pg
@@ -34,7 +37,7 @@ from .numbering import (
     number_and_insert_sqlite,
     refused_limits,
 )
-from .schema import account_history, account_totals, counters, entries
+from .schema import account_history, account_totals, consumers, counters, entries
 
 
 def movements_of(ledger: str, batch: Sequence[NewEntry]) -> Movements:
@@ -205,6 +208,62 @@ _ROWS_PG = _rows_statement(dialect.POSTGRES)
 _ROWS_SQLITE = _rows_statement(dialect.SQLITE)
 
 
+def _touching_statement(dialect_name: str) -> sa.Select[Any]:
+    """The entries of an account after a number, with the counter: the
+    counter row outer-joined to them, so a row comes back (entry columns
+    NULL) when none matches, and none without a counter."""
+    h, t = account_history, account_totals
+    if dialect_name == dialect.POSTGRES:
+        # Per asset of the account, its history in number order from the
+        # position (an index range each, at most `limit` rows), merged.
+        per_asset = (
+            sa.select(h.c.sequence)
+            .where(
+                h.c.ledger == t.c.ledger,
+                h.c.account == t.c.account,
+                h.c.asset == t.c.asset,
+                h.c.sequence > sa.bindparam("after"),
+            )
+            .order_by(h.c.sequence)
+            .limit(sa.bindparam("limit"))
+            .lateral("per_asset")
+        )
+        hits = (
+            sa.select(per_asset.c.sequence)
+            .select_from(t.join(per_asset, sa.true()))
+            .where(t.c.ledger == sa.bindparam("ledger"), t.c.account == sa.bindparam("account"))
+        )
+    else:
+        hits = sa.select(h.c.sequence).where(
+            h.c.ledger == sa.bindparam("ledger"),
+            h.c.account == sa.bindparam("account"),
+            h.c.sequence > sa.bindparam("after"),
+        )
+    matched = (
+        hits.distinct().order_by(sa.text("1")).limit(sa.bindparam("limit")).subquery("matched")
+    )
+    found = (
+        sa.select(
+            entries.c.sequence,
+            dialect.epoch_micros(dialect_name, entries.c.created_at).label("micros"),
+            entries.c.wire,
+        )
+        .select_from(entries.join(matched, entries.c.sequence == matched.c.sequence))
+        .where(entries.c.ledger == sa.bindparam("ledger"))
+        .subquery("found")
+    )
+    return (
+        sa.select(found.c.sequence, found.c.micros, found.c.wire, counters.c.value)
+        .select_from(counters.outerjoin(found, sa.true()))
+        .where(counters.c.ledger == sa.bindparam("ledger"))
+        .order_by(found.c.sequence)
+    )
+
+
+_TOUCHING_PG = _touching_statement(dialect.POSTGRES)
+_TOUCHING_SQLITE = _touching_statement(dialect.SQLITE)
+
+
 class SqlLedgerRepository:
     """service.ports.LedgerRepository on a SQLAlchemy connection (Postgres or SQLite)."""
 
@@ -373,20 +432,41 @@ class SqlLedgerRepository:
         rows = self.conn.execute(
             statement, {"ledger": ledger, "after": after_sequence, "limit": limit}
         ).all()
-        missing = [seq for seq, _, payload, _ in rows if payload is None]
+        return EntryRows(
+            self._stored(ledger, rows), rows[-1][3] if rows else self.counter_value(ledger)
+        )
+
+    def rows_touching(
+        self, ledger: str, account: str, after_sequence: int, limit: int
+    ) -> EntryRows:
+        """Up to `limit` entries above `after_sequence` with a posting of
+        `account`, found in its history rows (an index range per asset, not
+        a scan of the ledger), and the counter of the same snapshot: with
+        fewer than `limit` rows, every match up to the head is among them."""
+        statement = _TOUCHING_PG if self.dialect == dialect.POSTGRES else _TOUCHING_SQLITE
+        rows = self.conn.execute(
+            statement,
+            {"ledger": ledger, "account": account, "after": after_sequence, "limit": limit},
+        ).all()
+        if not rows:
+            return EntryRows([], None)
+        found = [r for r in rows if r[0] is not None]
+        return EntryRows(self._stored(ledger, found), rows[0][3])
+
+    def _stored(self, ledger: str, rows: Sequence[Any]) -> list[StoredRow]:
+        """(sequence, micros, stored encoding) of rows of (sequence, micros,
+        wire, ...); rows written by other means (restored data, no wire) are
+        encoded from their columns."""
+        missing = [r[0] for r in rows if r[2] is None]
         restored = {}
-        if missing:  # rows written by other means (restored data): encode from columns
+        if missing:
             full = self.conn.execute(
                 sa.select(entries).where(
                     entries.c.ledger == ledger, entries.c.sequence.in_(missing)
                 )
             ).all()
             restored = {r.sequence: wire.stored_payload(entry_from_row(r)) for r in full}
-        read = [
-            (seq, micros, payload if payload is not None else restored[seq])
-            for seq, micros, payload, _ in rows
-        ]
-        return EntryRows(read, rows[-1][3] if rows else self.counter_value(ledger))
+        return [(r[0], r[1], r[2] if r[2] is not None else restored[r[0]]) for r in rows]
 
     # -- accounts ---------------------------------------------------------
     def account_view(
@@ -499,6 +579,68 @@ class SqlLedgerRepository:
                 AssetTotals(r.asset, r.debits, r.credits, r.max_net_debit, r.max_net_credit)
             )
         return accounts, rows[0].head
+
+    # -- named consumers ----------------------------------------------------
+    def store_position(
+        self, ledger: str, consumer: str, sequence: int, at: datetime
+    ) -> ConsumerPosition:
+        """Moves the consumer's position forward to `sequence` (creating it);
+        a position already there or further is left as is and returned."""
+        c = consumers
+        insert = dialect.insert(self.dialect, c).values(
+            ledger=ledger, consumer=consumer, sequence=sequence, acked_at=at
+        )
+        stmt = insert.on_conflict_do_update(
+            index_elements=["ledger", "consumer"],
+            set_={"sequence": insert.excluded.sequence, "acked_at": insert.excluded.acked_at},
+            where=c.c.sequence < insert.excluded.sequence,
+        ).returning(c.c.sequence, c.c.acked_at)
+        row = self.conn.execute(stmt).first()
+        if row is None:  # not moved: it stood there or further
+            row = self.conn.execute(
+                sa.select(c.c.sequence, c.c.acked_at).where(
+                    c.c.ledger == ledger, c.c.consumer == consumer
+                )
+            ).one()
+        return ConsumerPosition(consumer, row.sequence, as_utc(row.acked_at))
+
+    def position(self, ledger: str, consumer: str) -> int | None:
+        c = consumers
+        return self.conn.execute(
+            sa.select(c.c.sequence).where(c.c.ledger == ledger, c.c.consumer == consumer)
+        ).scalar()
+
+    def consumers(self, ledger: str) -> tuple[list[ConsumerPosition], int] | None:
+        """The ledger's consumers by name and the head of the same snapshot;
+        None without a counter."""
+        c = consumers
+        listed = sa.select(c).where(c.c.ledger == ledger).subquery()
+        rows = self.conn.execute(
+            sa.select(counters.c.value, listed.c.consumer, listed.c.sequence, listed.c.acked_at)
+            .select_from(counters.outerjoin(listed, sa.true()))
+            .where(counters.c.ledger == ledger)
+            .order_by(listed.c.consumer)
+        ).all()
+        if not rows:
+            return None
+        positions = [
+            ConsumerPosition(r.consumer, r.sequence, as_utc(r.acked_at))
+            for r in rows
+            if r.consumer is not None
+        ]
+        return positions, rows[0].value
+
+    def consumer_lags(self) -> list[tuple[str, str, int]]:
+        """(ledger, consumer, head - position) of every consumer."""
+        c = consumers
+        return [
+            (r.ledger, r.consumer, r.lag)
+            for r in self.conn.execute(
+                sa.select(c.c.ledger, c.c.consumer, (counters.c.value - c.c.sequence).label("lag"))
+                .join(counters, counters.c.ledger == c.c.ledger)
+                .order_by(c.c.ledger, c.c.consumer)
+            )
+        ]
 
     # -- single entries -----------------------------------------------------
     def entry(

@@ -114,3 +114,15 @@ account_history = sa.Table(
     sa.Column("debits", sa.BigInteger, nullable=False),
     sa.Column("credits", sa.BigInteger, nullable=False),
 )
+
+# A named consumer's position (AckEntries): it has processed every entry of
+# the ledger up to `sequence`. Only moves forward.
+consumers = sa.Table(
+    "ledger_consumers",
+    metadata,
+    sa.Column("ledger", sa.String(64), primary_key=True),
+    sa.Column("consumer", sa.String(64), primary_key=True),
+    sa.Column("sequence", sa.BigInteger, nullable=False),
+    sa.Column("acked_at", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("sequence >= 0", name="ck_ledger_consumers_sequence_nonnegative"),
+)

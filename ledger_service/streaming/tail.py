@@ -27,6 +27,10 @@ from .watch import HeadWatcher
 
 log = logging.getLogger(__name__)
 
+# Seconds between re-reads while the database is behind a head already
+# announced (a standby replaying), doubling up to the maximum.
+REPLAY_LOOK, REPLAY_LOOK_MAX = 0.005, 0.1
+
 # read(ledger, after_sequence, limit) -> (rows, head or None)
 Reader = Callable[[str, int, int], Awaitable[tuple[list[StoredRow], int | None]]]
 
@@ -115,6 +119,7 @@ class Tails:
             await self._follow(ledger, tail)
 
     async def _follow(self, ledger: str, tail: _Tail) -> None:
+        look = REPLAY_LOOK
         try:
             while True:
                 wake = self._watcher.event(ledger)  # before the read: no lost wake-up
@@ -129,6 +134,14 @@ class Tails:
                     self._notify(tail)
                 if len(rows) == self._read_size:
                     continue
+                if tail.head < self._watcher.heard(ledger):
+                    # Told of entries this database does not show yet (a
+                    # standby, replaying): look again soon, not at the next
+                    # notification, which may never come.
+                    await asyncio.sleep(look)
+                    look = min(look * 2, REPLAY_LOOK_MAX)
+                    continue
+                look = REPLAY_LOOK
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout=self._poll)
         except LedgerError as exc:

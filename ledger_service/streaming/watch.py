@@ -21,6 +21,9 @@ class HeadWatcher:
 
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
+        # The highest head a notification named, per ledger: a reader of a
+        # standby woken before it replayed that far must look again.
+        self._heard: dict[str, int] = {}
         self._following = 0
         # Set while something in this process follows a ledger (see following()).
         self.wanted = asyncio.Event()
@@ -46,7 +49,14 @@ class HeadWatcher:
             ev = self._events[ledger] = asyncio.Event()
         return ev
 
-    def publish(self, ledger: str) -> None:
+    def heard(self, ledger: str) -> int:
+        """The highest head announced for `ledger` (0: none known)."""
+        return self._heard.get(ledger, 0)
+
+    def publish(self, ledger: str, head: int = 0) -> None:
+        """`ledger` has new entries, up to `head` if known."""
+        if head > self._heard.get(ledger, 0):
+            self._heard[ledger] = head
         ev = self._events.pop(ledger, None)
         if ev is not None:
             ev.set()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from ledger_service.api import wire
 from ledger_service.domain.accounts import AccountView, AssetTotals
 from ledger_service.domain.balances import Limits, Movements
+from ledger_service.domain.consumers import ConsumerPosition
 from ledger_service.domain.entries import (
     Balance,
     Counter,
@@ -189,6 +190,25 @@ class FakeRepository:
         self, ledger: str, after_account: str, limit: int
     ) -> tuple[list[tuple[str, list[AssetTotals]]], int] | None:
         raise NotImplementedError("listings are tested against real databases")
+
+    def rows_touching(
+        self, ledger: str, account: str, after_sequence: int, limit: int
+    ) -> EntryRows:
+        raise NotImplementedError("filtered streams are tested against real databases")
+
+    def store_position(
+        self, ledger: str, consumer: str, sequence: int, at: datetime
+    ) -> ConsumerPosition:
+        raise NotImplementedError("consumers are tested against real databases")
+
+    def position(self, ledger: str, consumer: str) -> int | None:
+        raise NotImplementedError("consumers are tested against real databases")
+
+    def consumers(self, ledger: str) -> tuple[list[ConsumerPosition], int] | None:
+        raise NotImplementedError("consumers are tested against real databases")
+
+    def consumer_lags(self) -> list[tuple[str, str, int]]:
+        raise NotImplementedError("consumers are tested against real databases")
 
     def account_view(
         self, ledger: str, account: str, as_of_sequence: int = 0

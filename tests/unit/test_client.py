@@ -29,6 +29,7 @@ class _Scripted:
     StreamEntries, GetAccount, GetLedger = _Base.StreamEntries, _Base.GetAccount, _Base.GetLedger
     SetAccountLimits, ReverseEntry = _Base.SetAccountLimits, _Base.ReverseEntry
     GetEntry, ListAccounts = _Base.GetEntry, _Base.ListAccounts
+    AckEntries, ListConsumers = _Base.AckEntries, _Base.ListConsumers
 
     def __init__(self, fail: Callable[[int, Any], None]) -> None:
         self.keys: list[str] = []
@@ -139,6 +140,7 @@ class _Streams:
     PostEntries, GetAccount, GetLedger = _Base.PostEntries, _Base.GetAccount, _Base.GetLedger
     SetAccountLimits, ReverseEntry = _Base.SetAccountLimits, _Base.ReverseEntry
     GetEntry, ListAccounts = _Base.GetEntry, _Base.ListAccounts
+    AckEntries, ListConsumers = _Base.AckEntries, _Base.ListConsumers
 
     def __init__(self, script: Callable[[int, Any, Any], Iterator[Any]]) -> None:
         self.positions: list[int] = []  # each call's after_sequence
@@ -220,6 +222,7 @@ class _Batches:
     StreamEntries, GetAccount, GetLedger = _Base.StreamEntries, _Base.GetAccount, _Base.GetLedger
     SetAccountLimits, ReverseEntry = _Base.SetAccountLimits, _Base.ReverseEntry
     GetEntry, ListAccounts = _Base.GetEntry, _Base.ListAccounts
+    AckEntries, ListConsumers = _Base.AckEntries, _Base.ListConsumers
 
     def __init__(self, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         self.keys: list[list[str]] = []

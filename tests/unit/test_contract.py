@@ -56,7 +56,7 @@ def test_a_breaking_change_fails_the_guard(tmp_path: Path, change: str, old: str
 def test_an_added_field_passes_the_guard(tmp_path: Path) -> None:
     result = breaking(
         tmp_path,
-        "  bool heartbeat = 4;\n}",
-        "  bool heartbeat = 4;\n  // Added later.\n  string note = 5;\n}",
+        "  int64 through_sequence = 5;\n}",
+        "  int64 through_sequence = 5;\n  // Added later.\n  string note = 6;\n}",
     )
     assert result.returncode == 0, result.stdout + result.stderr

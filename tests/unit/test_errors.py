@@ -83,6 +83,8 @@ class _Failing:
     ReverseEntry = ledger_pb2_grpc.LedgerServiceServicer.ReverseEntry
     GetEntry = ledger_pb2_grpc.LedgerServiceServicer.GetEntry
     ListAccounts = ledger_pb2_grpc.LedgerServiceServicer.ListAccounts
+    AckEntries = ledger_pb2_grpc.LedgerServiceServicer.AckEntries
+    ListConsumers = ledger_pb2_grpc.LedgerServiceServicer.ListConsumers
 
     async def PostEntry(self, request: Any, context: Any) -> Any:
         raise RuntimeError("secret connection string")

@@ -114,6 +114,19 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """GetEntry or ReverseEntry: no such entry in the ledger. Status NOT_FOUND;
     metadata "ledger". Retry: no.
     """
+    ERROR_REASON_STANDBY_BEHIND: _ErrorReason.ValueType  # 17
+    """The server reads from a hot standby (`--read-database-url`) that has
+    not yet replayed what the call needs and the primary has (a new ledger,
+    an entry, a position); it waited `--read-replay-wait` seconds. Status
+    UNAVAILABLE; metadata "ledger" and "replayed_sequence" (the standby's
+    head). Retry: yes, with backoff.
+    """
+    ERROR_REASON_CONSUMER_POSITION_BEHIND: _ErrorReason.ValueType  # 18
+    """AckEntries: the sequence is below the consumer's stored position, which
+    only moves forward. Status FAILED_PRECONDITION; metadata "consumer" and
+    "sequence" (the stored position). Retry: no; the position is already
+    further.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reasons of the errors LedgerService returns.
@@ -218,6 +231,19 @@ number. Retry: no.
 ERROR_REASON_ENTRY_NOT_FOUND: ErrorReason.ValueType  # 16
 """GetEntry or ReverseEntry: no such entry in the ledger. Status NOT_FOUND;
 metadata "ledger". Retry: no.
+"""
+ERROR_REASON_STANDBY_BEHIND: ErrorReason.ValueType  # 17
+"""The server reads from a hot standby (`--read-database-url`) that has
+not yet replayed what the call needs and the primary has (a new ledger,
+an entry, a position); it waited `--read-replay-wait` seconds. Status
+UNAVAILABLE; metadata "ledger" and "replayed_sequence" (the standby's
+head). Retry: yes, with backoff.
+"""
+ERROR_REASON_CONSUMER_POSITION_BEHIND: ErrorReason.ValueType  # 18
+"""AckEntries: the sequence is below the consumer's stored position, which
+only moves forward. Status FAILED_PRECONDITION; metadata "consumer" and
+"sequence" (the stored position). Retry: no; the position is already
+further.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -824,6 +850,8 @@ class StreamEntriesRequest(_message.Message):
     LEDGER_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    CONSUMER_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
     ledger: _builtins.str
     """Ledger name (see InitializeCounterRequest.ledger). Its counter must have
     been initialized.
@@ -839,16 +867,29 @@ class StreamEntriesRequest(_message.Message):
     has been sent. True: it then stays open and sends new entries as they
     commit, with heartbeats while idle.
     """
+    consumer: _builtins.str
+    """A named consumer (AckEntries), 1-64 characters of [A-Za-z0-9._-], as a
+    ledger name. With `after_sequence` 0, the stream starts after the
+    consumer's stored position (from the first entry if it never acked);
+    a non-zero `after_sequence` wins. Empty: no consumer.
+    """
+    account: _builtins.str
+    """Only entries with a posting that debits or credits this account are
+    sent, still in number order; `through_sequence` on every message says
+    how far the filter has looked. Empty: every entry.
+    """
     def __init__(
         self,
         *,
         ledger: _builtins.str = ...,
         after_sequence: _builtins.int = ...,
         follow: _builtins.bool = ...,
+        consumer: _builtins.str = ...,
+        account: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "follow", b"follow", "ledger", b"ledger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "after_sequence", b"after_sequence", "consumer", b"consumer", "follow", b"follow", "ledger", b"ledger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -864,6 +905,7 @@ class StreamEntriesResponse(_message.Message):
     CAUGHT_UP_FIELD_NUMBER: _builtins.int
     HEAD_SEQUENCE_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    THROUGH_SEQUENCE_FIELD_NUMBER: _builtins.int
     caught_up: _builtins.bool
     """True on the message after which the consumer has every entry that was
     committed when the server reached the end of the ledger. Set once per
@@ -877,6 +919,13 @@ class StreamEntriesResponse(_message.Message):
     heartbeat: _builtins.bool
     """True on a message sent only to show the stream is alive while no entry
     arrived (following streams, after being caught up); has no entries.
+    """
+    through_sequence: _builtins.int
+    """Every entry up to this number that the stream should send (all of them,
+    or those matching `account`) has been sent, this message's included.
+    With a filter, the entries of a message need not be consecutive, and
+    this moves on heartbeats too; resume from it (`after_sequence`) to miss
+    nothing. Without a filter it is the last entry sent (or the start).
     """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Entry]:
@@ -893,10 +942,11 @@ class StreamEntriesResponse(_message.Message):
         caught_up: _builtins.bool = ...,
         head_sequence: _builtins.int = ...,
         heartbeat: _builtins.bool = ...,
+        through_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "entries", b"entries", "head_sequence", b"head_sequence", "heartbeat", b"heartbeat"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "entries", b"entries", "head_sequence", b"head_sequence", "heartbeat", b"heartbeat", "through_sequence", b"through_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1403,3 +1453,159 @@ class ListAccountsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAccountsResponse: _TypeAlias = ListAccountsResponse  # noqa: Y015
+
+@_typing.final
+class AckEntriesRequest(_message.Message):
+    """Request for AckEntries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEDGER_FIELD_NUMBER: _builtins.int
+    CONSUMER_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    ledger: _builtins.str
+    """Ledger name (see InitializeCounterRequest.ledger)."""
+    consumer: _builtins.str
+    """The consumer's name: 1-64 characters of [A-Za-z0-9._-], as a ledger
+    name. Created by its first ack.
+    """
+    sequence: _builtins.int
+    """The consumer has processed every entry up to this number: >= 0 and not
+    above the ledger's head (OUT_OF_RANGE otherwise). Positions only move
+    forward: below the stored one gets FAILED_PRECONDITION
+    CONSUMER_POSITION_BEHIND; the stored one again is a success.
+    """
+    def __init__(
+        self,
+        *,
+        ledger: _builtins.str = ...,
+        consumer: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "ledger", b"ledger", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckEntriesRequest: _TypeAlias = AckEntriesRequest  # noqa: Y015
+
+@_typing.final
+class AckEntriesResponse(_message.Message):
+    """Response of AckEntries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    ACKED_AT_FIELD_NUMBER: _builtins.int
+    HEAD_SEQUENCE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The consumer's stored position: `sequence`."""
+    head_sequence: _builtins.int
+    """The ledger's head when the ack was stored; head minus `sequence` is the
+    consumer's lag.
+    """
+    @_builtins.property
+    def acked_at(self) -> _timestamp_pb2.Timestamp:
+        """When the position was stored (its first ack at this sequence)."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        acked_at: _timestamp_pb2.Timestamp | None = ...,
+        head_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "head_sequence", b"head_sequence", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckEntriesResponse: _TypeAlias = AckEntriesResponse  # noqa: Y015
+
+@_typing.final
+class ListConsumersRequest(_message.Message):
+    """Request for ListConsumers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEDGER_FIELD_NUMBER: _builtins.int
+    ledger: _builtins.str
+    """Ledger name (see InitializeCounterRequest.ledger)."""
+    def __init__(
+        self,
+        *,
+        ledger: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ledger", b"ledger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConsumersRequest: _TypeAlias = ListConsumersRequest  # noqa: Y015
+
+@_typing.final
+class Consumer(_message.Message):
+    """One named consumer of a ledger."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMER_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    LAG_FIELD_NUMBER: _builtins.int
+    ACKED_AT_FIELD_NUMBER: _builtins.int
+    consumer: _builtins.str
+    """Its name."""
+    sequence: _builtins.int
+    """Its stored position: it has processed every entry up to this number."""
+    lag: _builtins.int
+    """Entries it has yet to acknowledge: the head minus `sequence`."""
+    @_builtins.property
+    def acked_at(self) -> _timestamp_pb2.Timestamp:
+        """When it last moved its position."""
+
+    def __init__(
+        self,
+        *,
+        consumer: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        lag: _builtins.int = ...,
+        acked_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "consumer", b"consumer", "lag", b"lag", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Consumer: _TypeAlias = Consumer  # noqa: Y015
+
+@_typing.final
+class ListConsumersResponse(_message.Message):
+    """Response of ListConsumers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMERS_FIELD_NUMBER: _builtins.int
+    HEAD_SEQUENCE_FIELD_NUMBER: _builtins.int
+    head_sequence: _builtins.int
+    """The head the lags are measured from."""
+    @_builtins.property
+    def consumers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Consumer]:
+        """The ledger's consumers, ordered by name."""
+
+    def __init__(
+        self,
+        *,
+        consumers: _abc.Iterable[Global___Consumer] | None = ...,
+        head_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumers", b"consumers", "head_sequence", b"head_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConsumersResponse: _TypeAlias = ListConsumersResponse  # noqa: Y015

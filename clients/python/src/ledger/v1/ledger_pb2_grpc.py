@@ -95,6 +95,16 @@ class LedgerServiceStub:
                 request_serializer=ledger_dot_v1_dot_ledger__pb2.ListAccountsRequest.SerializeToString,
                 response_deserializer=ledger_dot_v1_dot_ledger__pb2.ListAccountsResponse.FromString,
                 _registered_method=True)
+        self.AckEntries = channel.unary_unary(
+                '/ledger.v1.LedgerService/AckEntries',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.AckEntriesRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.AckEntriesResponse.FromString,
+                _registered_method=True)
+        self.ListConsumers = channel.unary_unary(
+                '/ledger.v1.LedgerService/ListConsumers',
+                request_serializer=ledger_dot_v1_dot_ledger__pb2.ListConsumersRequest.SerializeToString,
+                response_deserializer=ledger_dot_v1_dot_ledger__pb2.ListConsumersResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -202,6 +212,22 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AckEntries(self, request, context):
+        """Stores a named consumer's position: it has processed every entry up to
+        `sequence` (role: a reader of the ledger). Durable once answered. A
+        StreamEntries call naming the consumer then resumes after it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConsumers(self, request, context):
+        """Lists a ledger's named consumers with their positions and lag.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -254,6 +280,16 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.ListAccounts,
                     request_deserializer=ledger_dot_v1_dot_ledger__pb2.ListAccountsRequest.FromString,
                     response_serializer=ledger_dot_v1_dot_ledger__pb2.ListAccountsResponse.SerializeToString,
+            ),
+            'AckEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.AckEntries,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.AckEntriesRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.AckEntriesResponse.SerializeToString,
+            ),
+            'ListConsumers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConsumers,
+                    request_deserializer=ledger_dot_v1_dot_ledger__pb2.ListConsumersRequest.FromString,
+                    response_serializer=ledger_dot_v1_dot_ledger__pb2.ListConsumersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -537,6 +573,60 @@ class LedgerService:
             '/ledger.v1.LedgerService/ListAccounts',
             ledger_dot_v1_dot_ledger__pb2.ListAccountsRequest.SerializeToString,
             ledger_dot_v1_dot_ledger__pb2.ListAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AckEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/AckEntries',
+            ledger_dot_v1_dot_ledger__pb2.AckEntriesRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.AckEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConsumers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/ListConsumers',
+            ledger_dot_v1_dot_ledger__pb2.ListConsumersRequest.SerializeToString,
+            ledger_dot_v1_dot_ledger__pb2.ListConsumersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -93,6 +93,13 @@ class LedgerServiceStub:
     """Lists a ledger's accounts with their balances, ordered by account name,
     a page at a time (AIP-158).
     """
+    AckEntries: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.AckEntriesRequest, _ledger_pb2.AckEntriesResponse]
+    """Stores a named consumer's position: it has processed every entry up to
+    `sequence` (role: a reader of the ledger). Durable once answered. A
+    StreamEntries call naming the consumer then resumes after it.
+    """
+    ListConsumers: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListConsumersRequest, _ledger_pb2.ListConsumersResponse]
+    """Lists a ledger's named consumers with their positions and lag."""
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -159,6 +166,13 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """Lists a ledger's accounts with their balances, ordered by account name,
     a page at a time (AIP-158).
     """
+    AckEntries: _aio.UnaryUnaryMultiCallable[_ledger_pb2.AckEntriesRequest, _ledger_pb2.AckEntriesResponse]  # type: ignore[assignment]
+    """Stores a named consumer's position: it has processed every entry up to
+    `sequence` (role: a reader of the ledger). Durable once answered. A
+    StreamEntries call naming the consumer then resumes after it.
+    """
+    ListConsumers: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListConsumersRequest, _ledger_pb2.ListConsumersResponse]  # type: ignore[assignment]
+    """Lists a ledger's named consumers with their positions and lag."""
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """LedgerService numbers journal entries gap-free, per ledger.
@@ -282,5 +296,24 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists a ledger's accounts with their balances, ordered by account name,
         a page at a time (AIP-158).
         """
+
+    @_abc_1.abstractmethod
+    def AckEntries(
+        self,
+        request: _ledger_pb2.AckEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.AckEntriesResponse, _abc.Awaitable[_ledger_pb2.AckEntriesResponse]]:
+        """Stores a named consumer's position: it has processed every entry up to
+        `sequence` (role: a reader of the ledger). Durable once answered. A
+        StreamEntries call naming the consumer then resumes after it.
+        """
+
+    @_abc_1.abstractmethod
+    def ListConsumers(
+        self,
+        request: _ledger_pb2.ListConsumersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListConsumersResponse, _abc.Awaitable[_ledger_pb2.ListConsumersResponse]]:
+        """Lists a ledger's named consumers with their positions and lag."""
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file ledger/v1/ledger.proto.
  */
 export const file_ledger_v1_ledger: GenFile = /*@__PURE__*/
-  fileDesc("ChZsZWRnZXIvdjEvbGVkZ2VyLnByb3RvEglsZWRnZXIudjEiVwoHUG9zdGluZxIVCg1kZWJpdF9hY2NvdW50GAEgASgJEhYKDmNyZWRpdF9hY2NvdW50GAIgASgJEg4KBmFtb3VudBgDIAEoAxINCgVhc3NldBgEIAEoCSKuAwoFRW50cnkSDgoGbGVkZ2VyGAEgASgJEhAKCHNlcXVlbmNlGAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRIVCg1kZWJpdF9hY2NvdW50GAQgASgJEhYKDmNyZWRpdF9hY2NvdW50GAUgASgJEg4KBmFtb3VudBgGIAEoAxINCgVhc3NldBgHIAEoCRISCgplbnRyeV90eXBlGAggASgJEhMKC2Rlc2NyaXB0aW9uGAkgASgJEjAKCG1ldGFkYXRhGAogAygLMh4ubGVkZ2VyLnYxLkVudHJ5Lk1ldGFkYXRhRW50cnkSLgoKY3JlYXRlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcG9zdGVkX2J5GAwgASgJEgwKBGhhc2gYDSABKAwSJAoIcG9zdGluZ3MYDiADKAsyEi5sZWRnZXIudjEuUG9zdGluZxIZChFyZXZlcnNlc19zZXF1ZW5jZRgPIAEoAxovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiKgoYSW5pdGlhbGl6ZUNvdW50ZXJSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCSKXAQoZSW5pdGlhbGl6ZUNvdW50ZXJSZXNwb25zZRIOCgZsZWRnZXIYASABKAkSDQoFdmFsdWUYAiABKAMSDwoHY3JlYXRlZBgDIAEoCBIWCg5pbml0aWFsaXplZF9ieRgEIAEoCRIyCg5pbml0aWFsaXplZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiiAMKEFBvc3RFbnRyeVJlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRIVCg1kZWJpdF9hY2NvdW50GAQgASgJEhYKDmNyZWRpdF9hY2NvdW50GAUgASgJEg4KBmFtb3VudBgGIAEoAxINCgVhc3NldBgHIAEoCRISCgplbnRyeV90eXBlGAggASgJEhMKC2Rlc2NyaXB0aW9uGAkgASgJEjsKCG1ldGFkYXRhGAogAygLMikubGVkZ2VyLnYxLlBvc3RFbnRyeVJlcXVlc3QuTWV0YWRhdGFFbnRyeRIkCghwb3N0aW5ncxgOIAMoCzISLmxlZGdlci52MS5Qb3N0aW5nGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUoECAIQA0oECAsQDEoECAwQDUoECA0QDkoECA8QEFIJcG9zdGVkX2J5UgRoYXNoUhFyZXZlcnNlc19zZXF1ZW5jZSJ4ChFQb3N0RW50cnlSZXNwb25zZRIfCgVlbnRyeRgBIAEoCzIQLmxlZGdlci52MS5FbnRyeRIQCghyZXBsYXllZBgCIAEoCBIwCghiYWxhbmNlcxgDIAMoCzIeLmxlZGdlci52MS5BY2NvdW50QXNzZXRCYWxhbmNlInMKE0FjY291bnRBc3NldEJhbGFuY2USDwoHYWNjb3VudBgBIAEoCRINCgVhc3NldBgCIAEoCRIUCgx0b3RhbF9kZWJpdHMYAyABKBASFQoNdG90YWxfY3JlZGl0cxgEIAEoEBIPCgdiYWxhbmNlGAUgASgQIvICCgpFbnRyeUlucHV0EhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRIVCg1kZWJpdF9hY2NvdW50GAQgASgJEhYKDmNyZWRpdF9hY2NvdW50GAUgASgJEg4KBmFtb3VudBgGIAEoAxINCgVhc3NldBgHIAEoCRISCgplbnRyeV90eXBlGAggASgJEhMKC2Rlc2NyaXB0aW9uGAkgASgJEjUKCG1ldGFkYXRhGAogAygLMiMubGVkZ2VyLnYxLkVudHJ5SW5wdXQuTWV0YWRhdGFFbnRyeRIkCghwb3N0aW5ncxgOIAMoCzISLmxlZGdlci52MS5Qb3N0aW5nGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUoECAEQAkoECAIQA0oECAsQDEoECAwQDUoECA0QDkoECA8QEFIJcG9zdGVkX2J5UgRoYXNoUhFyZXZlcnNlc19zZXF1ZW5jZSJMChJQb3N0RW50cmllc1JlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEiYKB2VudHJpZXMYAiADKAsyFS5sZWRnZXIudjEuRW50cnlJbnB1dCJyCgtQb3N0ZWRFbnRyeRIfCgVlbnRyeRgBIAEoCzIQLmxlZGdlci52MS5FbnRyeRIQCghyZXBsYXllZBgCIAEoCBIwCghiYWxhbmNlcxgDIAMoCzIeLmxlZGdlci52MS5BY2NvdW50QXNzZXRCYWxhbmNlIj4KE1Bvc3RFbnRyaWVzUmVzcG9uc2USJwoHcmVzdWx0cxgBIAMoCzIWLmxlZGdlci52MS5Qb3N0ZWRFbnRyeSJOChRTdHJlYW1FbnRyaWVzUmVxdWVzdBIOCgZsZWRnZXIYASABKAkSFgoOYWZ0ZXJfc2VxdWVuY2UYAiABKAMSDgoGZm9sbG93GAMgASgIIncKFVN0cmVhbUVudHJpZXNSZXNwb25zZRIhCgdlbnRyaWVzGAEgAygLMhAubGVkZ2VyLnYxLkVudHJ5EhEKCWNhdWdodF91cBgCIAEoCBIVCg1oZWFkX3NlcXVlbmNlGAMgASgDEhEKCWhlYXJ0YmVhdBgEIAEoCCJMChFHZXRBY2NvdW50UmVxdWVzdBIOCgZsZWRnZXIYASABKAkSDwoHYWNjb3VudBgCIAEoCRIWCg5hc19vZl9zZXF1ZW5jZRgDIAEoAyK5AQoMQXNzZXRCYWxhbmNlEg0KBWFzc2V0GAEgASgJEhQKDHRvdGFsX2RlYml0cxgCIAEoAxIVCg10b3RhbF9jcmVkaXRzGAMgASgDEg8KB2JhbGFuY2UYBCABKAMSGgoNbWF4X25ldF9kZWJpdBgFIAEoA0gAiAEBEhsKDm1heF9uZXRfY3JlZGl0GAYgASgDSAGIAQFCEAoOX21heF9uZXRfZGViaXRCEQoPX21heF9uZXRfY3JlZGl0IngKEkdldEFjY291bnRSZXNwb25zZRIOCgZsZWRnZXIYASABKAkSDwoHYWNjb3VudBgCIAEoCRIpCghiYWxhbmNlcxgDIAMoCzIXLmxlZGdlci52MS5Bc3NldEJhbGFuY2USFgoOYXNfb2Zfc2VxdWVuY2UYBCABKAMiIgoQR2V0TGVkZ2VyUmVxdWVzdBIOCgZsZWRnZXIYASABKAkimQEKEUdldExlZGdlclJlc3BvbnNlEg4KBmxlZGdlchgBIAEoCRIVCg1oZWFkX3NlcXVlbmNlGAIgASgDEhEKCWhlYWRfaGFzaBgDIAEoDBIWCg5pbml0aWFsaXplZF9ieRgEIAEoCRIyCg5pbml0aWFsaXplZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAipwEKF1NldEFjY291bnRMaW1pdHNSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCRIPCgdhY2NvdW50GAIgASgJEg0KBWFzc2V0GAMgASgJEhoKDW1heF9uZXRfZGViaXQYBCABKANIAIgBARIbCg5tYXhfbmV0X2NyZWRpdBgFIAEoA0gBiAEBQhAKDl9tYXhfbmV0X2RlYml0QhEKD19tYXhfbmV0X2NyZWRpdCJ9ChhTZXRBY2NvdW50TGltaXRzUmVzcG9uc2USDgoGbGVkZ2VyGAEgASgJEg8KB2FjY291bnQYAiABKAkSKAoHYmFsYW5jZRgDIAEoCzIXLmxlZGdlci52MS5Bc3NldEJhbGFuY2USFgoOYXNfb2Zfc2VxdWVuY2UYBCABKAMiZQoTUmV2ZXJzZUVudHJ5UmVxdWVzdBIOCgZsZWRnZXIYASABKAkSEAoIc2VxdWVuY2UYAiABKAMSFwoPaWRlbXBvdGVuY3lfa2V5GAMgASgJEhMKC2Rlc2NyaXB0aW9uGAQgASgJInsKFFJldmVyc2VFbnRyeVJlc3BvbnNlEh8KBWVudHJ5GAEgASgLMhAubGVkZ2VyLnYxLkVudHJ5EhAKCHJlcGxheWVkGAIgASgIEjAKCGJhbGFuY2VzGAMgAygLMh4ubGVkZ2VyLnYxLkFjY291bnRBc3NldEJhbGFuY2UiXAoPR2V0RW50cnlSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCRISCghzZXF1ZW5jZRgCIAEoA0gAEhkKD2lkZW1wb3RlbmN5X2tleRgDIAEoCUgAQgoKCHNlbGVjdG9yIjMKEEdldEVudHJ5UmVzcG9uc2USHwoFZW50cnkYASABKAsyEC5sZWRnZXIudjEuRW50cnkiTAoTTGlzdEFjY291bnRzUmVxdWVzdBIOCgZsZWRnZXIYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiTAoOQWNjb3VudFN1bW1hcnkSDwoHYWNjb3VudBgBIAEoCRIpCghiYWxhbmNlcxgCIAMoCzIXLmxlZGdlci52MS5Bc3NldEJhbGFuY2UidAoUTGlzdEFjY291bnRzUmVzcG9uc2USKwoIYWNjb3VudHMYASADKAsyGS5sZWRnZXIudjEuQWNjb3VudFN1bW1hcnkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEhYKDmFzX29mX3NlcXVlbmNlGAMgASgDKv4ECgtFcnJvclJlYXNvbhIcChhFUlJPUl9SRUFTT05fVU5TUEVDSUZJRUQQABIeChpFUlJPUl9SRUFTT05fSU5WQUxJRF9GSUVMRBABEigKJEVSUk9SX1JFQVNPTl9DT1VOVEVSX05PVF9JTklUSUFMSVpFRBACEicKI0VSUk9SX1JFQVNPTl9JREVNUE9URU5DWV9LRVlfUkVVU0VEEAMSJwojRVJST1JfUkVBU09OX0FDQ09VTlRfVE9UQUxfT1ZFUkZMT1cQBBIpCiVFUlJPUl9SRUFTT05fUE9TSVRJT05fQUhFQURfT0ZfTEVER0VSEAUSJAogRVJST1JfUkVBU09OX1NUT1JBR0VfVU5BVkFJTEFCTEUQBhIlCiFFUlJPUl9SRUFTT05fU0VSVkVSX1NIVVRUSU5HX0RPV04QBxInCiNFUlJPUl9SRUFTT05fVE9PX01BTllfUEVORElOR19QT1NUUxAIEiIKHkVSUk9SX1JFQVNPTl9ERUFETElORV9FWENFRURFRBAJEhkKFUVSUk9SX1JFQVNPTl9JTlRFUk5BTBAKEiAKHEVSUk9SX1JFQVNPTl9VTkFVVEhFTlRJQ0FURUQQCxIiCh5FUlJPUl9SRUFTT05fUEVSTUlTU0lPTl9ERU5JRUQQDBIhCh1FUlJPUl9SRUFTT05fVE9PX01BTllfU1RSRUFNUxANEicKI0VSUk9SX1JFQVNPTl9CQUxBTkNFX0xJTUlUX0VYQ0VFREVEEA4SIQodRVJST1JfUkVBU09OX0FMUkVBRFlfUkVWRVJTRUQQDxIgChxFUlJPUl9SRUFTT05fRU5UUllfTk9UX0ZPVU5EEBAysgYKDUxlZGdlclNlcnZpY2USXgoRSW5pdGlhbGl6ZUNvdW50ZXISIy5sZWRnZXIudjEuSW5pdGlhbGl6ZUNvdW50ZXJSZXF1ZXN0GiQubGVkZ2VyLnYxLkluaXRpYWxpemVDb3VudGVyUmVzcG9uc2USRgoJUG9zdEVudHJ5EhsubGVkZ2VyLnYxLlBvc3RFbnRyeVJlcXVlc3QaHC5sZWRnZXIudjEuUG9zdEVudHJ5UmVzcG9uc2USTAoLUG9zdEVudHJpZXMSHS5sZWRnZXIudjEuUG9zdEVudHJpZXNSZXF1ZXN0Gh4ubGVkZ2VyLnYxLlBvc3RFbnRyaWVzUmVzcG9uc2USVAoNU3RyZWFtRW50cmllcxIfLmxlZGdlci52MS5TdHJlYW1FbnRyaWVzUmVxdWVzdBogLmxlZGdlci52MS5TdHJlYW1FbnRyaWVzUmVzcG9uc2UwARJJCgpHZXRBY2NvdW50EhwubGVkZ2VyLnYxLkdldEFjY291bnRSZXF1ZXN0Gh0ubGVkZ2VyLnYxLkdldEFjY291bnRSZXNwb25zZRJGCglHZXRMZWRnZXISGy5sZWRnZXIudjEuR2V0TGVkZ2VyUmVxdWVzdBocLmxlZGdlci52MS5HZXRMZWRnZXJSZXNwb25zZRJbChBTZXRBY2NvdW50TGltaXRzEiIubGVkZ2VyLnYxLlNldEFjY291bnRMaW1pdHNSZXF1ZXN0GiMubGVkZ2VyLnYxLlNldEFjY291bnRMaW1pdHNSZXNwb25zZRJPCgxSZXZlcnNlRW50cnkSHi5sZWRnZXIudjEuUmV2ZXJzZUVudHJ5UmVxdWVzdBofLmxlZGdlci52MS5SZXZlcnNlRW50cnlSZXNwb25zZRJDCghHZXRFbnRyeRIaLmxlZGdlci52MS5HZXRFbnRyeVJlcXVlc3QaGy5sZWRnZXIudjEuR2V0RW50cnlSZXNwb25zZRJPCgxMaXN0QWNjb3VudHMSHi5sZWRnZXIudjEuTGlzdEFjY291bnRzUmVxdWVzdBofLmxlZGdlci52MS5MaXN0QWNjb3VudHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChZsZWRnZXIvdjEvbGVkZ2VyLnByb3RvEglsZWRnZXIudjEiVwoHUG9zdGluZxIVCg1kZWJpdF9hY2NvdW50GAEgASgJEhYKDmNyZWRpdF9hY2NvdW50GAIgASgJEg4KBmFtb3VudBgDIAEoAxINCgVhc3NldBgEIAEoCSKuAwoFRW50cnkSDgoGbGVkZ2VyGAEgASgJEhAKCHNlcXVlbmNlGAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRIVCg1kZWJpdF9hY2NvdW50GAQgASgJEhYKDmNyZWRpdF9hY2NvdW50GAUgASgJEg4KBmFtb3VudBgGIAEoAxINCgVhc3NldBgHIAEoCRISCgplbnRyeV90eXBlGAggASgJEhMKC2Rlc2NyaXB0aW9uGAkgASgJEjAKCG1ldGFkYXRhGAogAygLMh4ubGVkZ2VyLnYxLkVudHJ5Lk1ldGFkYXRhRW50cnkSLgoKY3JlYXRlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcG9zdGVkX2J5GAwgASgJEgwKBGhhc2gYDSABKAwSJAoIcG9zdGluZ3MYDiADKAsyEi5sZWRnZXIudjEuUG9zdGluZxIZChFyZXZlcnNlc19zZXF1ZW5jZRgPIAEoAxovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiKgoYSW5pdGlhbGl6ZUNvdW50ZXJSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCSKXAQoZSW5pdGlhbGl6ZUNvdW50ZXJSZXNwb25zZRIOCgZsZWRnZXIYASABKAkSDQoFdmFsdWUYAiABKAMSDwoHY3JlYXRlZBgDIAEoCBIWCg5pbml0aWFsaXplZF9ieRgEIAEoCRIyCg5pbml0aWFsaXplZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiiAMKEFBvc3RFbnRyeVJlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRIVCg1kZWJpdF9hY2NvdW50GAQgASgJEhYKDmNyZWRpdF9hY2NvdW50GAUgASgJEg4KBmFtb3VudBgGIAEoAxINCgVhc3NldBgHIAEoCRISCgplbnRyeV90eXBlGAggASgJEhMKC2Rlc2NyaXB0aW9uGAkgASgJEjsKCG1ldGFkYXRhGAogAygLMikubGVkZ2VyLnYxLlBvc3RFbnRyeVJlcXVlc3QuTWV0YWRhdGFFbnRyeRIkCghwb3N0aW5ncxgOIAMoCzISLmxlZGdlci52MS5Qb3N0aW5nGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUoECAIQA0oECAsQDEoECAwQDUoECA0QDkoECA8QEFIJcG9zdGVkX2J5UgRoYXNoUhFyZXZlcnNlc19zZXF1ZW5jZSJ4ChFQb3N0RW50cnlSZXNwb25zZRIfCgVlbnRyeRgBIAEoCzIQLmxlZGdlci52MS5FbnRyeRIQCghyZXBsYXllZBgCIAEoCBIwCghiYWxhbmNlcxgDIAMoCzIeLmxlZGdlci52MS5BY2NvdW50QXNzZXRCYWxhbmNlInMKE0FjY291bnRBc3NldEJhbGFuY2USDwoHYWNjb3VudBgBIAEoCRINCgVhc3NldBgCIAEoCRIUCgx0b3RhbF9kZWJpdHMYAyABKBASFQoNdG90YWxfY3JlZGl0cxgEIAEoEBIPCgdiYWxhbmNlGAUgASgQIvICCgpFbnRyeUlucHV0EhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRIVCg1kZWJpdF9hY2NvdW50GAQgASgJEhYKDmNyZWRpdF9hY2NvdW50GAUgASgJEg4KBmFtb3VudBgGIAEoAxINCgVhc3NldBgHIAEoCRISCgplbnRyeV90eXBlGAggASgJEhMKC2Rlc2NyaXB0aW9uGAkgASgJEjUKCG1ldGFkYXRhGAogAygLMiMubGVkZ2VyLnYxLkVudHJ5SW5wdXQuTWV0YWRhdGFFbnRyeRIkCghwb3N0aW5ncxgOIAMoCzISLmxlZGdlci52MS5Qb3N0aW5nGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUoECAEQAkoECAIQA0oECAsQDEoECAwQDUoECA0QDkoECA8QEFIJcG9zdGVkX2J5UgRoYXNoUhFyZXZlcnNlc19zZXF1ZW5jZSJMChJQb3N0RW50cmllc1JlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEiYKB2VudHJpZXMYAiADKAsyFS5sZWRnZXIudjEuRW50cnlJbnB1dCJyCgtQb3N0ZWRFbnRyeRIfCgVlbnRyeRgBIAEoCzIQLmxlZGdlci52MS5FbnRyeRIQCghyZXBsYXllZBgCIAEoCBIwCghiYWxhbmNlcxgDIAMoCzIeLmxlZGdlci52MS5BY2NvdW50QXNzZXRCYWxhbmNlIj4KE1Bvc3RFbnRyaWVzUmVzcG9uc2USJwoHcmVzdWx0cxgBIAMoCzIWLmxlZGdlci52MS5Qb3N0ZWRFbnRyeSJxChRTdHJlYW1FbnRyaWVzUmVxdWVzdBIOCgZsZWRnZXIYASABKAkSFgoOYWZ0ZXJfc2VxdWVuY2UYAiABKAMSDgoGZm9sbG93GAMgASgIEhAKCGNvbnN1bWVyGAQgASgJEg8KB2FjY291bnQYBSABKAkikQEKFVN0cmVhbUVudHJpZXNSZXNwb25zZRIhCgdlbnRyaWVzGAEgAygLMhAubGVkZ2VyLnYxLkVudHJ5EhEKCWNhdWdodF91cBgCIAEoCBIVCg1oZWFkX3NlcXVlbmNlGAMgASgDEhEKCWhlYXJ0YmVhdBgEIAEoCBIYChB0aHJvdWdoX3NlcXVlbmNlGAUgASgDIkwKEUdldEFjY291bnRSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCRIPCgdhY2NvdW50GAIgASgJEhYKDmFzX29mX3NlcXVlbmNlGAMgASgDIrkBCgxBc3NldEJhbGFuY2USDQoFYXNzZXQYASABKAkSFAoMdG90YWxfZGViaXRzGAIgASgDEhUKDXRvdGFsX2NyZWRpdHMYAyABKAMSDwoHYmFsYW5jZRgEIAEoAxIaCg1tYXhfbmV0X2RlYml0GAUgASgDSACIAQESGwoObWF4X25ldF9jcmVkaXQYBiABKANIAYgBAUIQCg5fbWF4X25ldF9kZWJpdEIRCg9fbWF4X25ldF9jcmVkaXQieAoSR2V0QWNjb3VudFJlc3BvbnNlEg4KBmxlZGdlchgBIAEoCRIPCgdhY2NvdW50GAIgASgJEikKCGJhbGFuY2VzGAMgAygLMhcubGVkZ2VyLnYxLkFzc2V0QmFsYW5jZRIWCg5hc19vZl9zZXF1ZW5jZRgEIAEoAyIiChBHZXRMZWRnZXJSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCSKZAQoRR2V0TGVkZ2VyUmVzcG9uc2USDgoGbGVkZ2VyGAEgASgJEhUKDWhlYWRfc2VxdWVuY2UYAiABKAMSEQoJaGVhZF9oYXNoGAMgASgMEhYKDmluaXRpYWxpemVkX2J5GAQgASgJEjIKDmluaXRpYWxpemVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKnAQoXU2V0QWNjb3VudExpbWl0c1JlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEg8KB2FjY291bnQYAiABKAkSDQoFYXNzZXQYAyABKAkSGgoNbWF4X25ldF9kZWJpdBgEIAEoA0gAiAEBEhsKDm1heF9uZXRfY3JlZGl0GAUgASgDSAGIAQFCEAoOX21heF9uZXRfZGViaXRCEQoPX21heF9uZXRfY3JlZGl0In0KGFNldEFjY291bnRMaW1pdHNSZXNwb25zZRIOCgZsZWRnZXIYASABKAkSDwoHYWNjb3VudBgCIAEoCRIoCgdiYWxhbmNlGAMgASgLMhcubGVkZ2VyLnYxLkFzc2V0QmFsYW5jZRIWCg5hc19vZl9zZXF1ZW5jZRgEIAEoAyJlChNSZXZlcnNlRW50cnlSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoAxIXCg9pZGVtcG90ZW5jeV9rZXkYAyABKAkSEwoLZGVzY3JpcHRpb24YBCABKAkiewoUUmV2ZXJzZUVudHJ5UmVzcG9uc2USHwoFZW50cnkYASABKAsyEC5sZWRnZXIudjEuRW50cnkSEAoIcmVwbGF5ZWQYAiABKAgSMAoIYmFsYW5jZXMYAyADKAsyHi5sZWRnZXIudjEuQWNjb3VudEFzc2V0QmFsYW5jZSJcCg9HZXRFbnRyeVJlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEhIKCHNlcXVlbmNlGAIgASgDSAASGQoPaWRlbXBvdGVuY3lfa2V5GAMgASgJSABCCgoIc2VsZWN0b3IiMwoQR2V0RW50cnlSZXNwb25zZRIfCgVlbnRyeRgBIAEoCzIQLmxlZGdlci52MS5FbnRyeSJMChNMaXN0QWNjb3VudHNSZXF1ZXN0Eg4KBmxlZGdlchgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJMCg5BY2NvdW50U3VtbWFyeRIPCgdhY2NvdW50GAEgASgJEikKCGJhbGFuY2VzGAIgAygLMhcubGVkZ2VyLnYxLkFzc2V0QmFsYW5jZSJ0ChRMaXN0QWNjb3VudHNSZXNwb25zZRIrCghhY2NvdW50cxgBIAMoCzIZLmxlZGdlci52MS5BY2NvdW50U3VtbWFyeRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkSFgoOYXNfb2Zfc2VxdWVuY2UYAyABKAMiRwoRQWNrRW50cmllc1JlcXVlc3QSDgoGbGVkZ2VyGAEgASgJEhAKCGNvbnN1bWVyGAIgASgJEhAKCHNlcXVlbmNlGAMgASgDImsKEkFja0VudHJpZXNSZXNwb25zZRIQCghzZXF1ZW5jZRgBIAEoAxIsCghhY2tlZF9hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoNaGVhZF9zZXF1ZW5jZRgDIAEoAyImChRMaXN0Q29uc3VtZXJzUmVxdWVzdBIOCgZsZWRnZXIYASABKAkiaQoIQ29uc3VtZXISEAoIY29uc3VtZXIYASABKAkSEAoIc2VxdWVuY2UYAiABKAMSCwoDbGFnGAMgASgDEiwKCGFja2VkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJWChVMaXN0Q29uc3VtZXJzUmVzcG9uc2USJgoJY29uc3VtZXJzGAEgAygLMhMubGVkZ2VyLnYxLkNvbnN1bWVyEhUKDWhlYWRfc2VxdWVuY2UYAiABKAMqygUKC0Vycm9yUmVhc29uEhwKGEVSUk9SX1JFQVNPTl9VTlNQRUNJRklFRBAAEh4KGkVSUk9SX1JFQVNPTl9JTlZBTElEX0ZJRUxEEAESKAokRVJST1JfUkVBU09OX0NPVU5URVJfTk9UX0lOSVRJQUxJWkVEEAISJwojRVJST1JfUkVBU09OX0lERU1QT1RFTkNZX0tFWV9SRVVTRUQQAxInCiNFUlJPUl9SRUFTT05fQUNDT1VOVF9UT1RBTF9PVkVSRkxPVxAEEikKJUVSUk9SX1JFQVNPTl9QT1NJVElPTl9BSEVBRF9PRl9MRURHRVIQBRIkCiBFUlJPUl9SRUFTT05fU1RPUkFHRV9VTkFWQUlMQUJMRRAGEiUKIUVSUk9SX1JFQVNPTl9TRVJWRVJfU0hVVFRJTkdfRE9XThAHEicKI0VSUk9SX1JFQVNPTl9UT09fTUFOWV9QRU5ESU5HX1BPU1RTEAgSIgoeRVJST1JfUkVBU09OX0RFQURMSU5FX0VYQ0VFREVEEAkSGQoVRVJST1JfUkVBU09OX0lOVEVSTkFMEAoSIAocRVJST1JfUkVBU09OX1VOQVVUSEVOVElDQVRFRBALEiIKHkVSUk9SX1JFQVNPTl9QRVJNSVNTSU9OX0RFTklFRBAMEiEKHUVSUk9SX1JFQVNPTl9UT09fTUFOWV9TVFJFQU1TEA0SJwojRVJST1JfUkVBU09OX0JBTEFOQ0VfTElNSVRfRVhDRUVERUQQDhIhCh1FUlJPUl9SRUFTT05fQUxSRUFEWV9SRVZFUlNFRBAPEiAKHEVSUk9SX1JFQVNPTl9FTlRSWV9OT1RfRk9VTkQQEBIfChtFUlJPUl9SRUFTT05fU1RBTkRCWV9CRUhJTkQQERIpCiVFUlJPUl9SRUFTT05fQ09OU1VNRVJfUE9TSVRJT05fQkVISU5EEBIy0QcKDUxlZGdlclNlcnZpY2USXgoRSW5pdGlhbGl6ZUNvdW50ZXISIy5sZWRnZXIudjEuSW5pdGlhbGl6ZUNvdW50ZXJSZXF1ZXN0GiQubGVkZ2VyLnYxLkluaXRpYWxpemVDb3VudGVyUmVzcG9uc2USRgoJUG9zdEVudHJ5EhsubGVkZ2VyLnYxLlBvc3RFbnRyeVJlcXVlc3QaHC5sZWRnZXIudjEuUG9zdEVudHJ5UmVzcG9uc2USTAoLUG9zdEVudHJpZXMSHS5sZWRnZXIudjEuUG9zdEVudHJpZXNSZXF1ZXN0Gh4ubGVkZ2VyLnYxLlBvc3RFbnRyaWVzUmVzcG9uc2USVAoNU3RyZWFtRW50cmllcxIfLmxlZGdlci52MS5TdHJlYW1FbnRyaWVzUmVxdWVzdBogLmxlZGdlci52MS5TdHJlYW1FbnRyaWVzUmVzcG9uc2UwARJJCgpHZXRBY2NvdW50EhwubGVkZ2VyLnYxLkdldEFjY291bnRSZXF1ZXN0Gh0ubGVkZ2VyLnYxLkdldEFjY291bnRSZXNwb25zZRJGCglHZXRMZWRnZXISGy5sZWRnZXIudjEuR2V0TGVkZ2VyUmVxdWVzdBocLmxlZGdlci52MS5HZXRMZWRnZXJSZXNwb25zZRJbChBTZXRBY2NvdW50TGltaXRzEiIubGVkZ2VyLnYxLlNldEFjY291bnRMaW1pdHNSZXF1ZXN0GiMubGVkZ2VyLnYxLlNldEFjY291bnRMaW1pdHNSZXNwb25zZRJPCgxSZXZlcnNlRW50cnkSHi5sZWRnZXIudjEuUmV2ZXJzZUVudHJ5UmVxdWVzdBofLmxlZGdlci52MS5SZXZlcnNlRW50cnlSZXNwb25zZRJDCghHZXRFbnRyeRIaLmxlZGdlci52MS5HZXRFbnRyeVJlcXVlc3QaGy5sZWRnZXIudjEuR2V0RW50cnlSZXNwb25zZRJPCgxMaXN0QWNjb3VudHMSHi5sZWRnZXIudjEuTGlzdEFjY291bnRzUmVxdWVzdBofLmxlZGdlci52MS5MaXN0QWNjb3VudHNSZXNwb25zZRJJCgpBY2tFbnRyaWVzEhwubGVkZ2VyLnYxLkFja0VudHJpZXNSZXF1ZXN0Gh0ubGVkZ2VyLnYxLkFja0VudHJpZXNSZXNwb25zZRJSCg1MaXN0Q29uc3VtZXJzEh8ubGVkZ2VyLnYxLkxpc3RDb25zdW1lcnNSZXF1ZXN0GiAubGVkZ2VyLnYxLkxpc3RDb25zdW1lcnNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * One movement of an entry: `amount` of `asset` moves from `credit_account`
@@ -654,6 +654,25 @@ export type StreamEntriesRequest = Message<"ledger.v1.StreamEntriesRequest"> & {
    * @generated from field: bool follow = 3;
    */
   follow: boolean;
+
+  /**
+   * A named consumer (AckEntries), 1-64 characters of [A-Za-z0-9._-], as a
+   * ledger name. With `after_sequence` 0, the stream starts after the
+   * consumer's stored position (from the first entry if it never acked);
+   * a non-zero `after_sequence` wins. Empty: no consumer.
+   *
+   * @generated from field: string consumer = 4;
+   */
+  consumer: string;
+
+  /**
+   * Only entries with a posting that debits or credits this account are
+   * sent, still in number order; `through_sequence` on every message says
+   * how far the filter has looked. Empty: every entry.
+   *
+   * @generated from field: string account = 5;
+   */
+  account: string;
 };
 
 /**
@@ -704,6 +723,17 @@ export type StreamEntriesResponse = Message<"ledger.v1.StreamEntriesResponse"> &
    * @generated from field: bool heartbeat = 4;
    */
   heartbeat: boolean;
+
+  /**
+   * Every entry up to this number that the stream should send (all of them,
+   * or those matching `account`) has been sent, this message's included.
+   * With a filter, the entries of a message need not be consecutive, and
+   * this moves on heartbeats too; resume from it (`after_sequence`) to miss
+   * nothing. Without a filter it is the last entry sent (or the start).
+   *
+   * @generated from field: int64 through_sequence = 5;
+   */
+  throughSequence: bigint;
 };
 
 /**
@@ -1265,6 +1295,172 @@ export const ListAccountsResponseSchema: GenMessage<ListAccountsResponse> = /*@_
   messageDesc(file_ledger_v1_ledger, 26);
 
 /**
+ * Request for AckEntries.
+ *
+ * @generated from message ledger.v1.AckEntriesRequest
+ */
+export type AckEntriesRequest = Message<"ledger.v1.AckEntriesRequest"> & {
+  /**
+   * Ledger name (see InitializeCounterRequest.ledger).
+   *
+   * @generated from field: string ledger = 1;
+   */
+  ledger: string;
+
+  /**
+   * The consumer's name: 1-64 characters of [A-Za-z0-9._-], as a ledger
+   * name. Created by its first ack.
+   *
+   * @generated from field: string consumer = 2;
+   */
+  consumer: string;
+
+  /**
+   * The consumer has processed every entry up to this number: >= 0 and not
+   * above the ledger's head (OUT_OF_RANGE otherwise). Positions only move
+   * forward: below the stored one gets FAILED_PRECONDITION
+   * CONSUMER_POSITION_BEHIND; the stored one again is a success.
+   *
+   * @generated from field: int64 sequence = 3;
+   */
+  sequence: bigint;
+};
+
+/**
+ * Describes the message ledger.v1.AckEntriesRequest.
+ * Use `create(AckEntriesRequestSchema)` to create a new message.
+ */
+export const AckEntriesRequestSchema: GenMessage<AckEntriesRequest> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 27);
+
+/**
+ * Response of AckEntries.
+ *
+ * @generated from message ledger.v1.AckEntriesResponse
+ */
+export type AckEntriesResponse = Message<"ledger.v1.AckEntriesResponse"> & {
+  /**
+   * The consumer's stored position: `sequence`.
+   *
+   * @generated from field: int64 sequence = 1;
+   */
+  sequence: bigint;
+
+  /**
+   * When the position was stored (its first ack at this sequence).
+   *
+   * @generated from field: google.protobuf.Timestamp acked_at = 2;
+   */
+  ackedAt?: Timestamp | undefined;
+
+  /**
+   * The ledger's head when the ack was stored; head minus `sequence` is the
+   * consumer's lag.
+   *
+   * @generated from field: int64 head_sequence = 3;
+   */
+  headSequence: bigint;
+};
+
+/**
+ * Describes the message ledger.v1.AckEntriesResponse.
+ * Use `create(AckEntriesResponseSchema)` to create a new message.
+ */
+export const AckEntriesResponseSchema: GenMessage<AckEntriesResponse> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 28);
+
+/**
+ * Request for ListConsumers.
+ *
+ * @generated from message ledger.v1.ListConsumersRequest
+ */
+export type ListConsumersRequest = Message<"ledger.v1.ListConsumersRequest"> & {
+  /**
+   * Ledger name (see InitializeCounterRequest.ledger).
+   *
+   * @generated from field: string ledger = 1;
+   */
+  ledger: string;
+};
+
+/**
+ * Describes the message ledger.v1.ListConsumersRequest.
+ * Use `create(ListConsumersRequestSchema)` to create a new message.
+ */
+export const ListConsumersRequestSchema: GenMessage<ListConsumersRequest> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 29);
+
+/**
+ * One named consumer of a ledger.
+ *
+ * @generated from message ledger.v1.Consumer
+ */
+export type Consumer = Message<"ledger.v1.Consumer"> & {
+  /**
+   * Its name.
+   *
+   * @generated from field: string consumer = 1;
+   */
+  consumer: string;
+
+  /**
+   * Its stored position: it has processed every entry up to this number.
+   *
+   * @generated from field: int64 sequence = 2;
+   */
+  sequence: bigint;
+
+  /**
+   * Entries it has yet to acknowledge: the head minus `sequence`.
+   *
+   * @generated from field: int64 lag = 3;
+   */
+  lag: bigint;
+
+  /**
+   * When it last moved its position.
+   *
+   * @generated from field: google.protobuf.Timestamp acked_at = 4;
+   */
+  ackedAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message ledger.v1.Consumer.
+ * Use `create(ConsumerSchema)` to create a new message.
+ */
+export const ConsumerSchema: GenMessage<Consumer> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 30);
+
+/**
+ * Response of ListConsumers.
+ *
+ * @generated from message ledger.v1.ListConsumersResponse
+ */
+export type ListConsumersResponse = Message<"ledger.v1.ListConsumersResponse"> & {
+  /**
+   * The ledger's consumers, ordered by name.
+   *
+   * @generated from field: repeated ledger.v1.Consumer consumers = 1;
+   */
+  consumers: Consumer[];
+
+  /**
+   * The head the lags are measured from.
+   *
+   * @generated from field: int64 head_sequence = 2;
+   */
+  headSequence: bigint;
+};
+
+/**
+ * Describes the message ledger.v1.ListConsumersResponse.
+ * Use `create(ListConsumersResponseSchema)` to create a new message.
+ */
+export const ListConsumersResponseSchema: GenMessage<ListConsumersResponse> = /*@__PURE__*/
+  messageDesc(file_ledger_v1_ledger, 31);
+
+/**
  * The reasons of the errors LedgerService returns.
  *
  * Every error carries a `google.rpc.ErrorInfo` whose `domain` is "ledger.v1"
@@ -1438,6 +1634,27 @@ export enum ErrorReason {
    * @generated from enum value: ERROR_REASON_ENTRY_NOT_FOUND = 16;
    */
   ENTRY_NOT_FOUND = 16,
+
+  /**
+   * The server reads from a hot standby (`--read-database-url`) that has
+   * not yet replayed what the call needs and the primary has (a new ledger,
+   * an entry, a position); it waited `--read-replay-wait` seconds. Status
+   * UNAVAILABLE; metadata "ledger" and "replayed_sequence" (the standby's
+   * head). Retry: yes, with backoff.
+   *
+   * @generated from enum value: ERROR_REASON_STANDBY_BEHIND = 17;
+   */
+  STANDBY_BEHIND = 17,
+
+  /**
+   * AckEntries: the sequence is below the consumer's stored position, which
+   * only moves forward. Status FAILED_PRECONDITION; metadata "consumer" and
+   * "sequence" (the stored position). Retry: no; the position is already
+   * further.
+   *
+   * @generated from enum value: ERROR_REASON_CONSUMER_POSITION_BEHIND = 18;
+   */
+  CONSUMER_POSITION_BEHIND = 18,
 }
 
 /**
@@ -1582,6 +1799,28 @@ export const LedgerService: GenService<{
     methodKind: "unary";
     input: typeof ListAccountsRequestSchema;
     output: typeof ListAccountsResponseSchema;
+  },
+  /**
+   * Stores a named consumer's position: it has processed every entry up to
+   * `sequence` (role: a reader of the ledger). Durable once answered. A
+   * StreamEntries call naming the consumer then resumes after it.
+   *
+   * @generated from rpc ledger.v1.LedgerService.AckEntries
+   */
+  ackEntries: {
+    methodKind: "unary";
+    input: typeof AckEntriesRequestSchema;
+    output: typeof AckEntriesResponseSchema;
+  },
+  /**
+   * Lists a ledger's named consumers with their positions and lag.
+   *
+   * @generated from rpc ledger.v1.LedgerService.ListConsumers
+   */
+  listConsumers: {
+    methodKind: "unary";
+    input: typeof ListConsumersRequestSchema;
+    output: typeof ListConsumersResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_ledger_v1_ledger, 0);
