@@ -11,6 +11,7 @@ import sys
 
 import sqlalchemy as sa
 
+from . import workers
 from .auth.tokens import new_token, token_digest
 from .config import Settings
 from .domain.errors import LedgerError
@@ -279,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         return _failed(settings, exc, 2)
     try:
         if args.command == "serve":
+            if settings.worker_count() > 1:
+                # A supervisor of worker processes, each a `serve` with --workers 1.
+                return workers.supervise(settings, sys.argv[1:] if argv is None else argv)
             asyncio.run(serve(settings))
         elif args.command == "migrate":
             engine = create_engine(settings.database_url, pool_size=1, timeouts=timeouts)

@@ -8,6 +8,7 @@ import functools
 import gc
 import ipaddress
 import logging
+import os
 import signal
 import socket
 from typing import Any
@@ -36,6 +37,24 @@ SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 HEALTH_INTERVAL = 1.0
 # Seconds between two looks at the auth file for a change.
 AUTH_RELOAD_INTERVAL = 1.0
+# Seconds between two looks, in worker mode, at whether the supervisor lives.
+SUPERVISOR_CHECK_INTERVAL = 1.0
+
+# Worker mode (ledger_service/workers.py): the supervisor sets these in each
+# worker it starts: its index, and the pipe it writes "ready" to once it serves.
+WORKER_INDEX_ENV = "LEDGER_WORKER_INDEX"
+WORKER_READY_FD_ENV = "LEDGER_WORKER_READY_FD"
+
+
+def worker_index() -> int | None:
+    """This process's index among the supervisor's workers; None when it
+    serves on its own. ValueError if the variable is not a number."""
+    raw = os.environ.get(WORKER_INDEX_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"{WORKER_INDEX_ENV}: not a whole number: {raw!r}")
+    return int(raw)
 
 
 def settle_startup_objects() -> None:
@@ -50,10 +69,12 @@ def settle_startup_objects() -> None:
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Runs until SIGTERM/SIGINT (or `stop` is set), then drains."""
     try:
+        worker = worker_index()
         tls = settings.tls_files()
         if tls is not None:
             tls_module.validate(tls)  # a bad file stops the start, named
-        _check_free(settings.listen, "--listen")
+        if worker is None:  # workers share the supervisor's port on purpose
+            _check_free(settings.listen, "--listen")
         if settings.metrics_listen:
             _check_free(settings.metrics_listen, "--metrics-listen")
         _check_exposure(settings, tls)
@@ -78,7 +99,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         if settings.metrics_listen and registry is not None:
             metrics_host, metrics_port = split_host_port(settings.metrics_listen, "")
             metrics_server = MetricsServer(metrics_host, metrics_port, registry)
-            log.info("metrics at http://%s/metrics", _join(metrics_host, metrics_server.port))
+            where = _join(metrics_host, metrics_server.port)
+            if worker is None:
+                log.info("metrics at http://%s/metrics", where)
+            else:
+                log.info("worker %d metrics at http://%s/metrics", worker, where)
     except (RuntimeError, OSError) as exc:  # taken after _check_free looked, or refused
         await app.close()
         raise StartupError(f"cannot listen: {exc}") from exc
@@ -101,6 +126,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     if app.listener is not None:
         listener_task = asyncio.create_task(app.listener.run(), name="pg-listener")
 
+    orphan_task = None
+    if worker is not None:
+        orphan_task = asyncio.create_task(_drain_if_orphaned(stop), name="supervisor-watch")
+
     await server.start()
     settle_startup_objects()
     # "": the process serves (liveness). The service: it can reach its
@@ -116,8 +145,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         _report_health(app.readiness, app.probe, health_servicer), name="health"
     )
     database = normalize_url(settings.database_url).render_as_string()
-    # Tests and scripts wait for this exact line (it carries the real port).
-    log.info("ledger-service listening on %s:%d (database %s)", host, port, database)
+    if worker is None:
+        # Tests and scripts wait for this exact line (it carries the real port).
+        log.info("ledger-service listening on %s:%d (database %s)", host, port, database)
+    else:
+        # Not "listening on": the supervisor says that once every worker serves.
+        pid = os.getpid()
+        log.info(
+            "worker %d (pid %d) serving on %s:%d (database %s)", worker, pid, host, port, database
+        )
+        _tell_supervisor_ready()
 
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({stopping, health_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -135,7 +172,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     await health_servicer.enter_graceful_shutdown()
     app.servicer.begin_shutdown()
     await server.stop(settings.shutdown_grace)
-    for task in (listener_task, auth_task):
+    for task in (listener_task, auth_task, orphan_task):
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -153,8 +190,9 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ms = 1000
     return [
         # gRPC enables SO_REUSEPORT by default: a second server on the same
-        # port would silently share it. Fail loudly instead.
-        ("grpc.so_reuseport", 0),
+        # port would silently share it. Fail loudly instead, except for the
+        # workers of one supervisor, which share its port on purpose.
+        ("grpc.so_reuseport", 0 if worker_index() is None else 1),
         ("grpc.max_receive_message_length", settings.max_request_bytes),
         ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
         # A client pinging more often than this gets GOAWAY (too_many_pings).
@@ -242,6 +280,31 @@ def _is_loopback_address(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a host name, or all addresses ("", 0.0.0.0)
+
+
+def _tell_supervisor_ready() -> None:
+    """Writes "ready" to the supervisor's pipe: a signal of its own, so that
+    it does not depend on the log level or format."""
+    raw = os.environ.pop(WORKER_READY_FD_ENV, "")
+    if not raw.isdigit():
+        return
+    fd = int(raw)
+    with contextlib.suppress(OSError):  # a supervisor gone: the orphan watch sees it
+        os.write(fd, b"ready\n")
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+async def _drain_if_orphaned(stop: asyncio.Event) -> None:
+    """Drains the worker once its supervisor is gone (killed, say), so that
+    no worker serves on unsupervised."""
+    parent = os.getppid()
+    while True:  # a poll: nothing wakes a process when its parent dies
+        await asyncio.sleep(SUPERVISOR_CHECK_INTERVAL)
+        if os.getppid() != parent:
+            break
+    log.warning("the supervisor (pid %d) is gone: draining", parent)
+    stop.set()
 
 
 async def _watch_auth_file(auth_file: AuthFile) -> None:

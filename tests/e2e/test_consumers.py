@@ -281,10 +281,11 @@ def test_filtered_heartbeats_carry_the_position_past_other_entries(
             ledger_pb2.StreamEntriesRequest(ledger=ledger, account="mine", follow=True),
             timeout=60,
         )
-        first = next(call)
+        messages: Iterator[ledger_pb2.StreamEntriesResponse] = iter(call)
+        first = next(messages)
         assert sequences([first]) == [1, 2] and first.caught_up
         post_n(stub, ledger, 4, prefix="x", debit_account="a", credit_account="b")  # 3..6
-        beats: Iterator[ledger_pb2.StreamEntriesResponse] = (m for m in call if m.heartbeat)
+        beats = (m for m in messages if m.heartbeat)
         for _ in range(50):  # bounded: heartbeats come every 0.3 s
             beat = next(beats)
             assert not beat.entries
