@@ -868,8 +868,7 @@ class StreamEntriesRequest(_message.Message):
     commit, with heartbeats while idle.
     """
     consumer: _builtins.str
-    """A named consumer (AckEntries), 1-64 characters of [A-Za-z0-9._-], as a
-    ledger name. With `after_sequence` 0, the stream starts after the
+    """A named consumer (AckEntries), named by the ledger name rules. With `after_sequence` 0, the stream starts after the
     consumer's stored position (from the first entry if it never acked);
     a non-zero `after_sequence` wins. Empty: no consumer.
     """
@@ -914,7 +913,9 @@ class StreamEntriesResponse(_message.Message):
     head_sequence: _builtins.int
     """The ledger's last committed number as known to the server when it sent
     this message (>= the last entry sent so far); the consumer's lag is
-    head_sequence minus its position.
+    head_sequence minus its position. A server reading from a hot standby
+    (--read-database-url) means the standby's replay point, here and for
+    `caught_up`.
     """
     heartbeat: _builtins.bool
     """True on a message sent only to show the stream is alive while no entry
@@ -1466,8 +1467,9 @@ class AckEntriesRequest(_message.Message):
     ledger: _builtins.str
     """Ledger name (see InitializeCounterRequest.ledger)."""
     consumer: _builtins.str
-    """The consumer's name: 1-64 characters of [A-Za-z0-9._-], as a ledger
-    name. Created by its first ack.
+    """The consumer's name, by the ledger name rules (1-64 characters: letters,
+    digits and _ - . :, starting with a letter or digit). Created by its
+    first ack.
     """
     sequence: _builtins.int
     """The consumer has processed every entry up to this number: >= 0 and not

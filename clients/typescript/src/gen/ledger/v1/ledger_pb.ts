@@ -656,8 +656,7 @@ export type StreamEntriesRequest = Message<"ledger.v1.StreamEntriesRequest"> & {
   follow: boolean;
 
   /**
-   * A named consumer (AckEntries), 1-64 characters of [A-Za-z0-9._-], as a
-   * ledger name. With `after_sequence` 0, the stream starts after the
+   * A named consumer (AckEntries), named by the ledger name rules. With `after_sequence` 0, the stream starts after the
    * consumer's stored position (from the first entry if it never acked);
    * a non-zero `after_sequence` wins. Empty: no consumer.
    *
@@ -710,7 +709,9 @@ export type StreamEntriesResponse = Message<"ledger.v1.StreamEntriesResponse"> &
   /**
    * The ledger's last committed number as known to the server when it sent
    * this message (>= the last entry sent so far); the consumer's lag is
-   * head_sequence minus its position.
+   * head_sequence minus its position. A server reading from a hot standby
+   * (--read-database-url) means the standby's replay point, here and for
+   * `caught_up`.
    *
    * @generated from field: int64 head_sequence = 3;
    */
@@ -1308,8 +1309,9 @@ export type AckEntriesRequest = Message<"ledger.v1.AckEntriesRequest"> & {
   ledger: string;
 
   /**
-   * The consumer's name: 1-64 characters of [A-Za-z0-9._-], as a ledger
-   * name. Created by its first ack.
+   * The consumer's name, by the ledger name rules (1-64 characters: letters,
+   * digits and _ - . :, starting with a letter or digit). Created by its
+   * first ack.
    *
    * @generated from field: string consumer = 2;
    */
