@@ -141,6 +141,13 @@ def _reads(
     engine = create_engine(
         settings.read_database_url, pool_size=settings.pool_size, timeouts=timeouts
     )
+    try:
+        # Reachable and unmigrated: a standby of another database. Unreachable:
+        # serve anyway (its reads fail UNAVAILABLE until it answers).
+        Readiness(engine).check_schema()
+    except BaseException:
+        engine.dispose()
+        raise
     standby: UowFactory = functools.partial(SqlUnitOfWork, engine, timeouts=timeouts)
     return Reads(run, standby, primary, replay_wait=settings.read_replay_wait), engine.dispose
 

@@ -219,7 +219,8 @@ def _touching_statement(dialect_name: str) -> sa.Select[Any]:
         per_asset = (
             sa.select(h.c.sequence)
             .where(
-                h.c.ledger == t.c.ledger,
+                # The constant, not t.ledger: one shard under Citus (docs/scaling.md).
+                h.c.ledger == sa.bindparam("ledger"),
                 h.c.account == t.c.account,
                 h.c.asset == t.c.asset,
                 h.c.sequence > sa.bindparam("after"),
