@@ -5,8 +5,9 @@
 // twice) within a time bound on the whole call, and streams that resume after
 // their last entry when the connection drops, for as long as
 // reconnectTimeoutMs allows, checking the hash chain if asked
-// (docs/integrity.md), and pages of accounts walked to the end. int64 fields
-// are bigint, exact.
+// (docs/integrity.md), and pages of accounts walked to the end; named
+// consumers that acknowledge what they processed (consume). int64 fields are
+// bigint, exact.
 import { randomUUID } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import { BinaryReader } from "@bufbuild/protobuf/wire";
@@ -14,6 +15,7 @@ import { Code, ConnectError, createClient, type Client, type Interceptor } from 
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import {
   type AccountSummary,
+  type AckEntriesResponse,
   type Entry,
   type EntryInput,
   EntryInputSchema,
@@ -25,6 +27,7 @@ import {
   type InitializeCounterResponse,
   LedgerService,
   type ListAccountsResponse,
+  type ListConsumersResponse,
   type PostEntriesResponse,
   PostEntriesRequestSchema,
   type PostEntryResponse,
@@ -34,6 +37,7 @@ import {
   ReverseEntryRequestSchema,
   type SetAccountLimitsResponse,
   SetAccountLimitsRequestSchema,
+  type StreamEntriesResponse,
 } from "./gen/ledger/v1/ledger_pb.js";
 import { ChainBroken, ChainVerifier, HASH_SIZE, orderProblem } from "./integrity.js";
 
@@ -141,16 +145,48 @@ export interface ClientOptions {
   reconnectTimeoutMs?: number | null;
 }
 
-export interface StreamOptions {
+export interface MessageStreamOptions {
   /** Entries after this number are yielded (default 0: from the first). */
   afterSequence?: bigint;
   /** Keep going as entries commit, instead of ending at the ledger's end. */
   follow?: boolean;
   signal?: AbortSignal;
-  /** Check the hash chain; a break throws ChainBroken out of the iterator. */
+  /**
+   * A named consumer (ackEntries): with afterSequence 0 the server starts after
+   * its stored position; a reconnect resumes from the client's own position.
+   */
+  consumer?: string;
+  /**
+   * Only entries with a posting on this account, in number order but not
+   * consecutive; the stream resumes from the last message's throughSequence.
+   */
+  account?: string;
+}
+
+export interface StreamOptions extends MessageStreamOptions {
+  /**
+   * Check the hash chain; a break throws ChainBroken out of the iterator. It
+   * needs every entry from a known start: not with `account`, and with
+   * `consumer` only with a non-zero afterSequence (a TypeError otherwise).
+   */
   verify?: boolean;
   /** With `verify`, the hash of entry `afterSequence`, from your own records. */
   previousHash?: Uint8Array;
+}
+
+export interface ConsumeOptions {
+  /** Acknowledge after this many processed entries (default 100). */
+  ackEvery?: number;
+  /**
+   * Acknowledge once this many milliseconds passed since the last ack (default
+   * 1000), checked as entries and heartbeats arrive; `null`: by count only.
+   */
+  ackIntervalMs?: number | null;
+  /** Only this account's entries; the position still moves over the others. */
+  account?: string;
+  /** Keep following once caught up (default true); false: end there. */
+  follow?: boolean;
+  signal?: AbortSignal;
 }
 
 // Codes after which a unary call is sent again: a post or reversal with its
@@ -352,11 +388,58 @@ export class LedgerClient {
     } while (pageToken !== "");
   }
 
+  /** Stores `consumer`'s position: it has processed every entry up to `sequence`. */
+  ackEntries(ledger: string, consumer: string, sequence: bigint): Promise<AckEntriesResponse> {
+    // The same position again is a success: safe to retry. Below the stored one:
+    // FAILED_PRECONDITION, CONSUMER_POSITION_BEHIND.
+    const request = { ledger, consumer, sequence };
+    return this.retrying((timeoutMs) => this.raw.ackEntries(request, { timeoutMs }));
+  }
+
+  /** A ledger's named consumers with their positions and lag. */
+  listConsumers(ledger: string): Promise<ListConsumersResponse> {
+    // A read: safe to retry.
+    return this.retrying((timeoutMs) => this.raw.listConsumers({ ledger }, { timeoutMs }));
+  }
+
   /**
-   * Entries after `afterSequence`, in order. With `follow`, keeps going as
-   * entries commit; after UNAVAILABLE it reconnects from the last entry it
-   * yielded, so no entry is yielded twice or skipped, for reconnectTimeoutMs
-   * after the last message received.
+   * Follows `consumer` from after its stored position and acknowledges what the
+   * caller processed: an entry is processed once the next one is asked for.
+   * Acks go out every `ackEvery` entries or `ackIntervalMs`, whichever first,
+   * on `ack()` and on `close()`. After a crash the consumer gets again exactly
+   * the entries after its last ack: at least once, in order.
+   */
+  consume(ledger: string, consumer: string, options: ConsumeOptions = {}): ConsumerStream {
+    const stop = new AbortController();
+    const signal = options.signal ? AbortSignal.any([options.signal, stop.signal]) : stop.signal;
+    const messages = this.streamMessages(ledger, {
+      follow: options.follow ?? true,
+      consumer,
+      account: options.account,
+      signal,
+    });
+    return new ConsumerStream(messages, (sequence) => this.ackEntries(ledger, consumer, sequence), stop, {
+      ackEvery: options.ackEvery ?? 100,
+      ackIntervalMs: options.ackIntervalMs === undefined ? 1000 : options.ackIntervalMs,
+    });
+  }
+
+  /**
+   * StreamEntries messages (entries, caught-up markers, heartbeats) after
+   * `afterSequence`. After UNAVAILABLE it reconnects from its position (the
+   * last message's throughSequence, or its last entry), so no entry is
+   * yielded twice or skipped, for reconnectTimeoutMs after the last message.
+   */
+  streamMessages(ledger: string, options: MessageStreamOptions = {}): AsyncGenerator<StreamEntriesResponse> {
+    return this.messages(ledger, options, true);
+  }
+
+  /**
+   * Entries after `afterSequence` (with `consumer` and afterSequence 0: after
+   * the consumer's stored position), in order; with `account`, only those
+   * posting to it. With `follow`, keeps going as entries commit; after
+   * UNAVAILABLE it reconnects from its position, so no entry is yielded twice
+   * or skipped, for reconnectTimeoutMs after the last message received.
    *
    * With `verify`, every entry is checked against the hash chain before it
    * is yielded, across reconnects too: a changed, skipped or repeated entry
@@ -367,16 +450,68 @@ export class LedgerClient {
    * yield it, and trusts its hash as the starting point: the entries after N
    * are proven to extend N, not N itself. If the ledger has no entry N yet
    * that fails OUT_OF_RANGE, as the server does for a position beyond its end.
+   * The chain needs a known start and every entry: verify with `account`, or
+   * with `consumer` and afterSequence 0, throws a TypeError.
    */
   async *streamEntries(ledger: string, options: StreamOptions = {}): AsyncGenerator<Entry> {
     const verify = options.verify ?? false;
-    let position = options.afterSequence ?? 0n;
-    let verifier: ChainVerifier | undefined;
-    if (verify && (position === 0n || options.previousHash !== undefined)) {
-      verifier = new ChainVerifier(position, options.previousHash);
-    } else if (verify) {
-      position -= 1n; // to read entry N, for its hash
+    let start = options.afterSequence ?? 0n;
+    if (verify && (options.account ?? "") !== "") {
+      throw new TypeError("verify checks consecutive entries: it cannot be combined with account");
     }
+    if (verify && (options.consumer ?? "") !== "" && start === 0n) {
+      throw new TypeError(
+        "verify needs a known start: with consumer, pass afterSequence (the consumer's position) and previousHash",
+      );
+    }
+    let verifier: ChainVerifier | undefined;
+    if (verify && (start === 0n || options.previousHash !== undefined)) {
+      verifier = new ChainVerifier(start, options.previousHash);
+    } else if (verify) {
+      start -= 1n; // to read entry N, for its hash
+    }
+    const { follow, signal, account } = options;
+    // With verify, afterSequence wins over a consumer's position, so it is not sent;
+    // the verifier checks the order, naming the entry.
+    const consumer = verify ? undefined : options.consumer;
+    const messages = this.messages(ledger, { afterSequence: start, follow, signal, consumer, account }, !verify);
+    for await (const message of messages) {
+      for (const entry of message.entries) {
+        if (verifier !== undefined) {
+          verifier.check(entry);
+        } else if (verify) {
+          // Entry N, read only to take its hash on trust as the starting point.
+          const problem = orderProblem(start, entry.sequence);
+          if (problem !== undefined) throw new ChainBroken(ledger, entry.sequence, problem);
+          if (entry.hash.length !== HASH_SIZE) {
+            throw new ChainBroken(ledger, entry.sequence, `no hash to start from (${entry.hash.length} bytes)`);
+          }
+          verifier = new ChainVerifier(entry.sequence, entry.hash);
+          continue;
+        }
+        yield entry;
+      }
+      if (verifier === undefined && verify && message.caughtUp) {
+        // Streaming from N-1 made the server accept a position one beyond its end.
+        throw new ConnectError(
+          `${ledger}: after_sequence ${start + 1n} is beyond the last entry ${message.headSequence}`,
+          Code.OutOfRange,
+        );
+      }
+    }
+  }
+
+  /** The resuming stream of messages; `checkOrder` false when a verifier checks it instead. */
+  private async *messages(
+    ledger: string,
+    options: MessageStreamOptions,
+    checkOrder: boolean,
+  ): AsyncGenerator<StreamEntriesResponse> {
+    const account = options.account ?? "";
+    const consumer = options.consumer ?? "";
+    let position = options.afterSequence ?? 0n;
+    // Until a message came, a consumer's start (position 0) is the server's.
+    let startUnknown = consumer !== "" && position === 0n;
     let failures = 0;
     let since = Date.now(); // the budget restarts with every message
     for (;;) {
@@ -385,39 +520,31 @@ export class LedgerClient {
       const call = new AbortController();
       const signal = options.signal ? AbortSignal.any([options.signal, call.signal]) : call.signal;
       try {
-        const stream = this.raw.streamEntries(
-          { ledger, afterSequence: position, follow: options.follow ?? false },
-          { signal },
-        );
-        for await (const message of stream) {
+        const request = {
+          ledger,
+          afterSequence: position,
+          follow: options.follow ?? false,
+          consumer: startUnknown ? consumer : "",
+          account,
+        };
+        for await (const message of this.raw.streamEntries(request, { signal })) {
           failures = 0;
           since = Date.now();
-          for (const entry of message.entries) {
-            if (verifier !== undefined) {
-              verifier.check(entry);
-            } else if (verify) {
-              // Entry N, read only to take its hash on trust as the starting point.
-              const problem = orderProblem(position, entry.sequence);
-              if (problem !== undefined) throw new ChainBroken(ledger, entry.sequence, problem);
-              if (entry.hash.length !== HASH_SIZE) {
-                throw new ChainBroken(ledger, entry.sequence, `no hash to start from (${entry.hash.length} bytes)`);
+          if (checkOrder) {
+            // Guards the guarantee rather than trusting it.
+            let last = startUnknown ? undefined : position;
+            for (const { sequence } of message.entries) {
+              if (last !== undefined && (account !== "" ? sequence <= last : sequence !== last + 1n)) {
+                const expected = account !== "" ? `above ${last}` : `${last + 1n}`;
+                throw new Error(`stream out of order: expected ${expected}, got ${sequence}`);
               }
-              verifier = new ChainVerifier(entry.sequence, entry.hash);
-              position = entry.sequence;
-              continue;
-            } else if (entry.sequence !== position + 1n) {
-              throw new Error(`stream out of order: expected ${position + 1n}, got ${entry.sequence}`);
+              last = sequence;
             }
-            position = entry.sequence;
-            yield entry;
           }
-          if (verifier === undefined && verify && message.caughtUp) {
-            // Streaming from N-1 made the server accept a position one beyond its end.
-            throw new ConnectError(
-              `${ledger}: after_sequence ${position + 1n} is beyond the last entry ${message.headSequence}`,
-              Code.OutOfRange,
-            );
-          }
+          for (const { sequence } of message.entries) if (sequence > position) position = sequence;
+          if (message.throughSequence > position) position = message.throughSequence;
+          startUnknown = false;
+          yield message;
         }
         return;
       } catch (error) {
@@ -432,6 +559,149 @@ export class LedgerClient {
       }
     }
   }
+}
+
+/**
+ * A named consumer's entries from after its stored position (LedgerClient.consume),
+ * an async iterator that acknowledges what was processed.
+ *
+ * An entry counts as processed once the next one is asked for, or on `ack()` or
+ * `close()`. Leaving a `for await` loop (break, or an error in its body) ends the
+ * call and acknowledges the entries before the one in hand, which a restart then
+ * delivers again: a loop cannot tell a break from a failure. Call `close()` (or
+ * `ack()`) first to count the one in hand too.
+ */
+export class ConsumerStream implements AsyncIterableIterator<Entry> {
+  private readonly ackEvery: number;
+  private readonly ackIntervalMs: number | null;
+  private position_ = 0n;
+  private acked_ = 0n;
+  private pending: Entry[] = [];
+  private through = 0n;
+  private inHand: bigint | undefined; // the position the entry in hand reaches
+  private processed = 0; // entries processed since the last ack
+  private lastAck = Date.now();
+  private closed = false;
+
+  constructor(
+    private readonly messages: AsyncGenerator<StreamEntriesResponse>,
+    private readonly sendAck: (sequence: bigint) => Promise<AckEntriesResponse>,
+    private readonly stop: AbortController,
+    options: { ackEvery: number; ackIntervalMs: number | null },
+  ) {
+    if (!(options.ackEvery >= 1)) throw new RangeError("ackEvery must be at least 1");
+    if (options.ackIntervalMs !== null && !(options.ackIntervalMs > 0)) {
+      throw new RangeError("ackIntervalMs must be positive, or null");
+    }
+    this.ackEvery = options.ackEvery;
+    this.ackIntervalMs = options.ackIntervalMs;
+  }
+
+  /**
+   * The number the next ack stores: every entry the stream should send up to it
+   * was processed (0n before any). With `account` it moves over the entries that
+   * did not match, as the messages' throughSequence does.
+   */
+  get position(): bigint {
+    return this.position_;
+  }
+
+  /** The last position this stream acknowledged (0n: none yet). */
+  get acked(): bigint {
+    return this.acked_;
+  }
+
+  [Symbol.asyncIterator](): ConsumerStream {
+    return this;
+  }
+
+  async next(): Promise<IteratorResult<Entry, undefined>> {
+    if (this.closed) return { done: true, value: undefined };
+    this.settle();
+    await this.ackIfDue();
+    for (;;) {
+      const entry = this.pending.shift();
+      if (entry !== undefined) {
+        this.inHand = this.pending.length > 0 ? entry.sequence : max(entry.sequence, this.through);
+        return { done: false, value: entry };
+      }
+      let step: IteratorResult<StreamEntriesResponse>;
+      try {
+        step = await this.messages.next();
+      } catch (error) {
+        if (this.closed) return { done: true, value: undefined }; // close() ended the call
+        throw error;
+      }
+      if (step.done) {
+        await this.close(); // the stream ended (follow false): all of it processed
+        return { done: true, value: undefined };
+      }
+      const message = step.value;
+      if (message.entries.length > 0) {
+        this.pending = [...message.entries];
+        this.through = message.throughSequence;
+      } else {
+        // A caught-up marker or heartbeat: the filter's progress moves on.
+        this.position_ = max(this.position_, message.throughSequence);
+        await this.ackIfDue();
+      }
+    }
+  }
+
+  /** Leaving a `for await` loop: ends the call, the entry in hand not counted. */
+  async return(): Promise<IteratorResult<Entry, undefined>> {
+    this.inHand = undefined;
+    await this.close();
+    return { done: true, value: undefined };
+  }
+
+  /** Counts the entry in hand as processed and stores the position now; returns the stored position. */
+  async ack(): Promise<bigint> {
+    this.settle();
+    await this.sendIfAhead();
+    return this.acked_;
+  }
+
+  /** Counts the entry in hand as processed, acknowledges, and ends the call. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      await this.ack();
+    } finally {
+      this.stop.abort();
+      await this.messages.return(undefined).catch(() => undefined);
+    }
+  }
+
+  private settle(): void {
+    if (this.inHand !== undefined) {
+      this.position_ = max(this.position_, this.inHand);
+      this.processed++;
+      this.inHand = undefined;
+    }
+  }
+
+  private async ackIfDue(): Promise<void> {
+    if (this.position_ <= this.acked_) return;
+    const interval = this.ackIntervalMs;
+    if (this.processed >= this.ackEvery || (interval !== null && Date.now() - this.lastAck >= interval)) {
+      await this.sendIfAhead();
+    }
+  }
+
+  private async sendIfAhead(): Promise<void> {
+    const position = this.position_;
+    if (position <= this.acked_) return;
+    const stored = await this.sendAck(position);
+    this.acked_ = max(this.acked_, stored.sequence);
+    this.processed = 0;
+    this.lastAck = Date.now();
+  }
+}
+
+function max(a: bigint, b: bigint): bigint {
+  return a > b ? a : b;
 }
 
 /**

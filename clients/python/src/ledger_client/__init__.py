@@ -6,7 +6,8 @@ TLS, mTLS) on every call, an idempotency key per post, retries of UNAVAILABLE
 and DEADLINE_EXCEEDED with that same key (so a retry never posts twice) within
 a time bound on the whole call, and streams that resume from the last entry
 they yielded after a disconnect, for as long as `reconnect_timeout` allows.
-Reads, limits and reversals (with their own key) are retried the same way.
+Reads, limits, reversals (with their own key) and acks are retried the same
+way; `consume` follows a named consumer and acknowledges what was processed.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ from grpc_status import rpc_status
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from . import integrity
+from .consumer import AsyncConsumerStream, ConsumerStream
 
 __all__ = [
+    "AsyncConsumerStream",
     "AsyncLedgerClient",
+    "ConsumerStream",
     "EntryLike",
     "LedgerClient",
     "Pem",
@@ -167,31 +171,67 @@ class _Attempts:
 class _Resume:
     """One resuming stream: its position, checked on every message, and after
     a failure the delay before reconnecting, or None to give up. The time
-    budget restarts with every message received."""
+    budget restarts with every message received.
 
-    def __init__(self, client: _ClientBase, ledger: str, after: int, follow: bool) -> None:
+    The position is the message's `through_sequence` (every entry the stream
+    should send up to it was sent), or its last entry's number if higher.
+    Without `account`, a message's first entry must be the one after the
+    position (a verifying stream checks each one); with it, entries must
+    only increase. With `consumer` and position 0 the server picks
+    the start (after the consumer's stored position), so the first message
+    is not checked against a position until one is known; once any message
+    came, a reconnect resumes from the client's own position."""
+
+    def __init__(
+        self,
+        client: _ClientBase,
+        ledger: str,
+        after: int,
+        follow: bool,
+        consumer: str = "",
+        account: str = "",
+    ) -> None:
         self._client = client
         self._ledger, self._follow = ledger, follow
+        self._consumer, self._account = consumer, account
         self.position = after
+        # Until a message came, a consumer's start (position 0) is the server's.
+        self._start_unknown = bool(consumer) and after == 0
         self._failures = 0
         self._since = time.monotonic()
 
     def request(self) -> ledger_pb2.StreamEntriesRequest:
         return ledger_pb2.StreamEntriesRequest(
-            ledger=self._ledger, after_sequence=self.position, follow=self._follow
+            ledger=self._ledger,
+            after_sequence=self.position,
+            follow=self._follow,
+            consumer=self._consumer if self._start_unknown else "",
+            account=self._account,
         )
 
     def received(self, message: ledger_pb2.StreamEntriesResponse) -> None:
         self._failures, self._since = 0, time.monotonic()
-        if message.entries:
-            # A resumed stream starts right after `position`; this check
-            # guards the guarantee rather than trusting it.
-            first = message.entries[0].sequence
-            if first != self.position + 1:
-                raise RuntimeError(
-                    f"stream out of order: expected {self.position + 1}, got {first}"
-                )
-            self.position = message.entries[-1].sequence
+        entries = message.entries
+        if entries:
+            # This check guards the guarantee rather than trusting it.
+            if self._account:
+                previous = None if self._start_unknown else self.position
+                for entry in entries:
+                    if previous is not None and entry.sequence <= previous:
+                        raise RuntimeError(
+                            f"stream out of order: expected above {previous}, got {entry.sequence}"
+                        )
+                    previous = entry.sequence
+            elif not self._start_unknown:
+                # A resumed stream starts right after `position`.
+                first = entries[0].sequence
+                if first != self.position + 1:
+                    raise RuntimeError(
+                        f"stream out of order: expected {self.position + 1}, got {first}"
+                    )
+            self.position = max(self.position, entries[-1].sequence)
+        self.position = max(self.position, message.through_sequence)
+        self._start_unknown = False
 
     def after(self, error: grpc.RpcError) -> float | None:
         self._failures += 1
@@ -202,6 +242,24 @@ class _Resume:
         if budget is not None and time.monotonic() + delay >= self._since + budget:
             return None  # the server has been away longer than the budget
         return delay
+
+
+def _stream_check(
+    after_sequence: int,
+    previous_hash: bytes | None,
+    consumer: str,
+    account: str,
+) -> integrity.StreamCheck:
+    """A verifying stream's check; the chain needs consecutive entries from a
+    start the client knows."""
+    if account:
+        raise ValueError("verify checks consecutive entries: it cannot be combined with account")
+    if consumer and after_sequence == 0:
+        raise ValueError(
+            "verify needs a known start: with consumer, pass after_sequence (the consumer's"
+            " position, e.g. from list_consumers) and that entry's hash as previous_hash"
+        )
+    return integrity.StreamCheck(after_sequence, previous_hash)
 
 
 class _ClientBase:
@@ -522,13 +580,24 @@ class LedgerClient(_ClientBase):
                 return
 
     def stream_messages(
-        self, ledger: str, *, after_sequence: int = 0, follow: bool = False
+        self,
+        ledger: str,
+        *,
+        after_sequence: int = 0,
+        follow: bool = False,
+        consumer: str = "",
+        account: str = "",
     ) -> Generator[ledger_pb2.StreamEntriesResponse, None, None]:
         """StreamEntries messages (entries, caught-up markers, heartbeats). After
-        UNAVAILABLE it reconnects from the last entry it yielded, so no entry
-        is yielded twice or skipped, for `reconnect_timeout` after the last
-        message received."""
-        resume = _Resume(self, ledger, after_sequence, follow)
+        UNAVAILABLE it reconnects from its position (the last message's
+        `through_sequence`), so no entry is yielded twice or skipped, for
+        `reconnect_timeout` after the last message received.
+
+        `consumer` with after_sequence 0: the server starts after that
+        consumer's stored position (AckEntries); reconnects resume from the
+        client's own position. `account`: only entries with a posting on it,
+        in number order but not consecutive."""
+        resume = _Resume(self, ledger, after_sequence, follow, consumer, account)
         while True:
             call = self._stub.StreamEntries(resume.request(), metadata=self._metadata)
             try:
@@ -552,16 +621,30 @@ class LedgerClient(_ClientBase):
         follow: bool = False,
         verify: bool = False,
         previous_hash: bytes | None = None,
+        consumer: str = "",
+        account: str = "",
     ) -> Generator[ledger_pb2.Entry, None, None]:
-        """Entries in order from after_sequence + 1, resuming after disconnects.
+        """Entries in order from after_sequence + 1 (with `consumer` and
+        after_sequence 0: after the consumer's stored position), resuming
+        after disconnects; with `account`, only those posting to it.
 
         `verify`: check each entry's number and hash chain as it arrives
         (docs/integrity.md), raising integrity.ChainBroken, which names the
         entry. After entry N, pass N's hash as `previous_hash`; without it
-        entry N is read too and its hash trusted."""
-        check = integrity.StreamCheck(after_sequence, previous_hash) if verify else None
+        entry N is read too and its hash trusted. The chain needs every entry
+        from a known start: verify with `account` is a ValueError, and so is
+        verify with `consumer` unless after_sequence is given (which wins over
+        the consumer's position anyway)."""
+        check = _stream_check(after_sequence, previous_hash, consumer, account) if verify else None
         start = after_sequence if check is None else check.request_after
-        for message in self.stream_messages(ledger, after_sequence=start, follow=follow):
+        messages = self.stream_messages(
+            ledger,
+            after_sequence=start,
+            follow=follow,
+            consumer="" if verify else consumer,
+            account=account,
+        )
+        for message in messages:
             for entry in message.entries:
                 if check is None or check.accept(entry):
                     yield entry
@@ -572,6 +655,44 @@ class LedgerClient(_ClientBase):
         """The ledger's head number and head hash, to anchor the chain."""
         request = ledger_pb2.GetLedgerRequest(ledger=ledger)
         return self._unary_with_retries(self._stub.GetLedger, request)
+
+    def ack_entries(
+        self, ledger: str, consumer: str, sequence: int
+    ) -> ledger_pb2.AckEntriesResponse:
+        """Stores `consumer`'s position: it has processed every entry up to
+        `sequence`. Retried: the same position again is a success. Below the
+        stored one: FAILED_PRECONDITION, reason CONSUMER_POSITION_BEHIND."""
+        request = ledger_pb2.AckEntriesRequest(ledger=ledger, consumer=consumer, sequence=sequence)
+        return self._unary_with_retries(self._stub.AckEntries, request)
+
+    def list_consumers(self, ledger: str) -> ledger_pb2.ListConsumersResponse:
+        """The ledger's named consumers, with their positions and lag."""
+        request = ledger_pb2.ListConsumersRequest(ledger=ledger)
+        return self._unary_with_retries(self._stub.ListConsumers, request)
+
+    def consume(
+        self,
+        ledger: str,
+        consumer: str,
+        *,
+        ack_every: int = 100,
+        ack_interval: float | None = 1.0,
+        account: str = "",
+        follow: bool = True,
+    ) -> ConsumerStream:
+        """Follows `consumer` from after its stored position and acknowledges
+        what the caller processed (an entry is, once the next one is asked
+        for): every `ack_every` entries or `ack_interval` seconds (None: by
+        count only), on `ack()` and on leaving the `with` block. With
+        `account`, only its entries, and the position also moves over the
+        others. `follow=False` ends once caught up."""
+        messages = self.stream_messages(ledger, follow=follow, consumer=consumer, account=account)
+        return ConsumerStream(
+            messages,
+            lambda sequence: self.ack_entries(ledger, consumer, sequence),
+            ack_every=ack_every,
+            ack_interval=ack_interval,
+        )
 
 
 class AsyncLedgerClient(_ClientBase):
@@ -711,10 +832,16 @@ class AsyncLedgerClient(_ClientBase):
                 return
 
     async def stream_messages(
-        self, ledger: str, *, after_sequence: int = 0, follow: bool = False
+        self,
+        ledger: str,
+        *,
+        after_sequence: int = 0,
+        follow: bool = False,
+        consumer: str = "",
+        account: str = "",
     ) -> AsyncGenerator[ledger_pb2.StreamEntriesResponse, None]:
         """As LedgerClient.stream_messages."""
-        resume = _Resume(self, ledger, after_sequence, follow)
+        resume = _Resume(self, ledger, after_sequence, follow, consumer, account)
         while True:
             call = self._stub.StreamEntries(resume.request(), metadata=self._metadata)
             try:
@@ -738,11 +865,19 @@ class AsyncLedgerClient(_ClientBase):
         follow: bool = False,
         verify: bool = False,
         previous_hash: bytes | None = None,
+        consumer: str = "",
+        account: str = "",
     ) -> AsyncGenerator[ledger_pb2.Entry, None]:
         """As LedgerClient.stream_entries."""
-        check = integrity.StreamCheck(after_sequence, previous_hash) if verify else None
+        check = _stream_check(after_sequence, previous_hash, consumer, account) if verify else None
         start = after_sequence if check is None else check.request_after
-        messages = self.stream_messages(ledger, after_sequence=start, follow=follow)
+        messages = self.stream_messages(
+            ledger,
+            after_sequence=start,
+            follow=follow,
+            consumer="" if verify else consumer,
+            account=account,
+        )
         async with contextlib.aclosing(messages):
             async for message in messages:
                 for entry in message.entries:
@@ -755,3 +890,35 @@ class AsyncLedgerClient(_ClientBase):
         """As LedgerClient.get_ledger."""
         request = ledger_pb2.GetLedgerRequest(ledger=ledger)
         return await self._unary_with_retries(self._stub.GetLedger, request)
+
+    async def ack_entries(
+        self, ledger: str, consumer: str, sequence: int
+    ) -> ledger_pb2.AckEntriesResponse:
+        """As LedgerClient.ack_entries."""
+        request = ledger_pb2.AckEntriesRequest(ledger=ledger, consumer=consumer, sequence=sequence)
+        return await self._unary_with_retries(self._stub.AckEntries, request)
+
+    async def list_consumers(self, ledger: str) -> ledger_pb2.ListConsumersResponse:
+        """As LedgerClient.list_consumers."""
+        request = ledger_pb2.ListConsumersRequest(ledger=ledger)
+        return await self._unary_with_retries(self._stub.ListConsumers, request)
+
+    def consume(
+        self,
+        ledger: str,
+        consumer: str,
+        *,
+        ack_every: int = 100,
+        ack_interval: float | None = 1.0,
+        account: str = "",
+        follow: bool = True,
+    ) -> AsyncConsumerStream:
+        """As LedgerClient.consume: `async with client.consume(...) as stream:
+        async for entry in stream: ...`."""
+        messages = self.stream_messages(ledger, follow=follow, consumer=consumer, account=account)
+        return AsyncConsumerStream(
+            messages,
+            lambda sequence: self.ack_entries(ledger, consumer, sequence),
+            ack_every=ack_every,
+            ack_interval=ack_interval,
+        )
