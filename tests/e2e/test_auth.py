@@ -51,6 +51,10 @@ ALLOWED = {
     "PostEntries": WRITERS,
     "StreamEntries": READERS,
     "GetAccount": READERS,
+    "GetLedger": READERS,
+    "ListAccounts": READERS,
+    "AckEntries": READERS,
+    "ListConsumers": READERS,
 }
 
 
@@ -99,6 +103,18 @@ def call(server: ServerProcess, rpc: str, token: str | None, ledger: str = BOOKS
     if rpc == "GetAccount":
         request = ledger_pb2.GetAccountRequest(ledger=ledger, account="cash")
         return stub.GetAccount(request, metadata=metadata, timeout=10)
+    if rpc == "GetLedger":
+        request = ledger_pb2.GetLedgerRequest(ledger=ledger)
+        return stub.GetLedger(request, metadata=metadata, timeout=10)
+    if rpc == "ListAccounts":
+        request = ledger_pb2.ListAccountsRequest(ledger=ledger)
+        return stub.ListAccounts(request, metadata=metadata, timeout=10)
+    if rpc == "AckEntries":
+        request = ledger_pb2.AckEntriesRequest(ledger=ledger, consumer="audit", sequence=0)
+        return stub.AckEntries(request, metadata=metadata, timeout=10)
+    if rpc == "ListConsumers":
+        request = ledger_pb2.ListConsumersRequest(ledger=ledger)
+        return stub.ListConsumers(request, metadata=metadata, timeout=10)
     assert rpc == "StreamEntries"
     request = ledger_pb2.StreamEntriesRequest(ledger=ledger)
     return list(stub.StreamEntries(request, metadata=metadata, timeout=10))

@@ -70,6 +70,10 @@ EXPECTED = [
     ['"sequence": "5"', '"idempotency_key": "order-1005"', '"credit_account": "tax"'],
     ['"account": "cash"', '"account": "sales"', '"next_page_token": "', '"as_of_sequence": "6"'],
     ['"total_debits": "1280"', '"as_of_sequence": "3"'],
+    ['"sequence": "5"', '"sequence": "6"', '"caught_up": true', '"through_sequence": "6"'],
+    ['"sequence": "3"', '"head_sequence": "6"', '"acked_at": "'],
+    ['"consumer": "projection"', '"sequence": "3"', '"lag": "3"', '"head_sequence": "6"'],
+    ['"sequence": "4"', '"sequence": "6"', '"through_sequence": "6"'],
 ]
 
 
