@@ -58,15 +58,45 @@ def check_gap_free(url: str, ledger: str) -> None:
         )
 
 
+def entries_per_write(url: str, ledgers: list[str]) -> float:
+    """The entries of `ledgers` per write statement that numbered them:
+    this server's write takes one timestamp for all the entries it numbers
+    (storage/numbering.py), so its writes are the distinct (ledger,
+    created_at) pairs. How large the groups of group commit were."""
+    import psycopg
+
+    with psycopg.connect(libpq_conninfo(sa.make_url(url))) as conn:
+        row = conn.execute(
+            "SELECT count(*), count(DISTINCT (ledger, created_at)) FROM ledger_entries"
+            " WHERE ledger = ANY(%s)",
+            (ledgers,),
+        ).fetchone()
+    assert row is not None
+    return float(row[0] / row[1]) if row[1] else float("nan")
+
+
 # The seeded ledger's hot account: every 10th entry debits it instead of
 # "cash", so that it holds a tenth of the ledger's entries (100k of 1M), the
 # account GetAccount's as-of reads are measured on.
 HOT = "hot"
+# And its rare account: the entries numbered RARE_OFFSET modulo 100 (5, 105,
+# 205, ...; never one of the hot account's) debit it instead of "cash", so
+# that it holds exactly a hundredth of them (10k of 1M): the account a
+# filtered StreamEntries catches up on.
+RARE = "rare"
+RARE_OFFSET = 5
 
 
 def seeded_debit(sequence: int) -> str:
     """The account entry `sequence` of the seeded ledger debits."""
-    return HOT if sequence % 10 == 0 else "cash"
+    if sequence % 10 == 0:
+        return HOT
+    return RARE if sequence % 100 == RARE_OFFSET else "cash"
+
+
+def rare_entries(n: int) -> list[int]:
+    """The numbers of the rare account's entries among 1..n."""
+    return list(range(RARE_OFFSET, n + 1, 100))
 
 
 def seeded_amount(sequence: int) -> int:

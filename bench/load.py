@@ -1,9 +1,10 @@
 """Load generator: one process of a scenario, started by bench/run.py.
 
-`python -m bench.load '<json spec>'` prints one JSON line of results. Every
-process of a run waits for the same wall-clock `start_at`, warms up, then
-counts only what completes inside the measurement window, so several load
-processes measure the same interval.
+`python -m bench.load '<json spec>'` prints READY once imported, reads the
+run's wall-clock `start_at` from its standard input, and prints one JSON
+line of results. Every process of a run waits for that same `start_at`,
+warms up, then counts only what completes inside the measurement window, so
+several load processes measure the same interval.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import statistics
 import sys
 import threading
 import time
@@ -27,6 +29,9 @@ from ledger_service.domain.balances import Movements
 from ledger_service.domain.validation import validate_new_entry
 from ledger_service.storage.numbering import TAKE_AND_INSERT_PG, statement_params
 from ledger_service.storage.timeouts import libpq_conninfo
+
+# What a load process prints once it is ready to be given its start time.
+READY = "ready"
 
 
 def worker_name(process: int, caller: int) -> str:
@@ -64,14 +69,24 @@ def _request(ledger: str, key: str, worker: str, postings: int = 0) -> ledger_pb
     )
 
 
-def _channel(spec: dict[str, Any]) -> grpc.aio.Channel:
-    """TLS when the spec names a CA to trust (the server's certificate is for localhost)."""
+def _channel(spec: dict[str, Any], own_connection: bool = False) -> grpc.aio.Channel:
+    """TLS when the spec names a CA to trust (the server's certificate is for
+    localhost). `own_connection`: a TCP connection of the channel's own (gRPC
+    otherwise shares one between the channels of a process to one address)."""
+    options: list[tuple[str, Any]] = []
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
     if "root_ca" not in spec:
-        return grpc.aio.insecure_channel(spec["address"])
+        return grpc.aio.insecure_channel(spec["address"], options=options)
     with open(spec["root_ca"], "rb") as ca:
         credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
-    options = [("grpc.ssl_target_name_override", "localhost")]
+    options.append(("grpc.ssl_target_name_override", "localhost"))
     return grpc.aio.secure_channel(spec["address"], credentials, options=options)
+
+
+def _loop_time(t: float) -> float:
+    """The event loop's clock at wall-clock time `t`."""
+    return asyncio.get_running_loop().time() + t - time.time()
 
 
 async def _wait_until(t: float) -> None:
@@ -81,31 +96,55 @@ async def _wait_until(t: float) -> None:
 async def post_load(spec: dict[str, Any]) -> dict[str, Any]:
     """`concurrency` callers posting one entry per call (or `batch` per
     PostEntries call) as fast as they can; each entry of one posting, or of
-    `postings` (PostEntry only)."""
+    `postings` (PostEntry only).
+
+    `ledgers` (instead of `ledger`): caller i of the run (`first_caller` + i
+    of this process) posts to ledgers[i % len(ledgers)]. `channels` (default
+    1): that many channels, each its own TCP connection, all connected
+    before the measurement window; caller i's n-th call goes on channel
+    (i + n) % channels, so that every caller's calls spread over all the
+    connections (and so over the workers a kernel spreads them to)."""
     start, end = (
         spec["start_at"] + spec["warmup"],
         spec["start_at"] + spec["warmup"] + spec["duration"],
     )
     batch = spec.get("batch", 0)
     postings = spec.get("postings", 0)
+    ledgers: list[str] = spec.get("ledgers") or [spec["ledger"]]
+    first = spec.get("first_caller", 0)
+    count = spec.get("channels", 1)
     latencies: list[float] = []
+    done: list[float] = []  # when each call completed, from the start
     entries = 0
     metadata = (("authorization", f"Bearer {spec['token']}"),) if "token" in spec else None
-    async with _channel(spec) as channel:
-        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+    channels = [_channel(spec, own_connection=count > 1) for _ in range(count)]
+    try:
+        if count > 1:
+            # Connected by the start, as a rule (bench/scenarios.py
+            # START_MARGIN); late into the warm-up is fine still.
+            try:
+                async with asyncio.timeout_at(_loop_time(start)):
+                    await asyncio.gather(*(c.channel_ready() for c in channels))
+            except TimeoutError:
+                raise RuntimeError(
+                    f"{count} connections not ready when the measurement window opened"
+                ) from None
+        stubs = [ledger_pb2_grpc.LedgerServiceStub(c) for c in channels]
 
         async def caller(i: int) -> None:
             nonlocal entries
             worker = worker_name(spec["process"], i)
+            ledger = ledgers[(first + i) % len(ledgers)]
             n = 0
             await _wait_until(spec["start_at"])
             while time.time() < end:
                 n += 1
+                stub = stubs[(i + n) % count]
                 t0 = time.time()
                 if batch:
                     await stub.PostEntries(
                         ledger_pb2.PostEntriesRequest(
-                            ledger=spec["ledger"],
+                            ledger=ledger,
                             entries=[
                                 ledger_pb2.EntryInput(
                                     idempotency_key=f"{worker}-{n}-{j}",
@@ -122,16 +161,27 @@ async def post_load(spec: dict[str, Any]) -> dict[str, Any]:
                     )
                 else:
                     await stub.PostEntry(
-                        _request(spec["ledger"], f"{worker}-{n}", worker, postings),
+                        _request(ledger, f"{worker}-{n}", worker, postings),
                         timeout=60,
                         metadata=metadata,
                     )
                 t1 = time.time()
+                done.append(t1 - spec["start_at"])
                 if start <= t1 <= end:
                     latencies.append(t1 - t0)
                     entries += batch or 1
 
         await asyncio.gather(*(caller(i) for i in range(spec["concurrency"])))
+    finally:
+        await asyncio.gather(*(c.close(None) for c in channels))
+    if not entries:  # a stall, counted as such; said, so that it is not taken for noise
+        print(
+            f"load process {spec['process']}: not one call completed inside the measurement"
+            f" window ({spec['warmup']:.1f} s to {spec['warmup'] + spec['duration']:.1f} s"
+            f" from the start); {len(done)} completed, at {[round(t, 2) for t in done[:5]]}"
+            f"..{[round(t, 2) for t in done[-5:]]} s",
+            file=sys.stderr,
+        )
     return {"entries": entries, "seconds": spec["duration"], "latencies": latencies}
 
 
@@ -204,21 +254,61 @@ async def followers(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 async def catch_up(spec: dict[str, Any]) -> dict[str, Any]:
-    """Reads a ledger from the start (follow=false), up to `limit` entries."""
+    """Reads a ledger from the start (follow=false), up to `limit` entries.
+
+    With `account`: the stream filtered to that account's entries, read to
+    its caught_up marker, `reads` times one after the other (`seconds`: the
+    median); every entry must have a posting of the account, and the
+    marker's message must say the stream has looked through the head."""
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    account = spec.get("account", "")
     async with grpc.aio.insecure_channel(spec["address"], options=options) as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        call = stub.StreamEntries(ledger_pb2.StreamEntriesRequest(ledger=spec["ledger"]))
-        count, last, t0 = 0, 0, time.time()
-        async for message in call:
-            if message.entries:
-                count += len(message.entries)
-                last = message.entries[-1].sequence
-            if count >= spec["limit"]:
-                call.cancel()
-                break
-        elapsed = time.time() - t0
-    return {"entries": count, "last": last, "seconds": elapsed}
+        if not account:
+            return await _read_from_start(stub, spec["ledger"], "", spec["limit"])
+        await channel.channel_ready()
+        reads = [
+            await _read_from_start(stub, spec["ledger"], account, 0)
+            for _ in range(spec.get("reads", 1))
+        ]
+    if any(r != {**reads[0], "seconds": r["seconds"]} for r in reads):
+        raise RuntimeError(f"the stream filtered to {account} read differently: {reads}")
+    return {**reads[0], "seconds": statistics.median(r["seconds"] for r in reads)}
+
+
+async def _read_from_start(
+    stub: ledger_pb2_grpc.LedgerServiceAsyncStub, ledger: str, account: str, limit: int
+) -> dict[str, Any]:
+    """One catch-up: to `limit` entries, or with `account` to the marker."""
+    t0 = time.time()
+    call = stub.StreamEntries(ledger_pb2.StreamEntriesRequest(ledger=ledger, account=account))
+    count, last, through, head, caught_up = 0, 0, 0, 0, False
+    async for message in call:
+        if message.entries:
+            count += len(message.entries)
+            last = message.entries[-1].sequence
+            if account and not all(_touches(e, account) for e in message.entries):
+                raise RuntimeError(f"the stream filtered to {account} sent another's entry")
+        through, head = message.through_sequence, message.head_sequence
+        if account and message.caught_up:
+            caught_up = True
+            break
+        if not account and count >= limit:
+            call.cancel()
+            break
+    elapsed = time.time() - t0
+    if account and not (caught_up and through == head):
+        raise RuntimeError(
+            f"the stream filtered to {account} ended through {through}"
+            f" (caught up: {caught_up}), the head being {head}"
+        )
+    return {"entries": count, "last": last, "through": through, "seconds": elapsed}
+
+
+def _touches(entry: ledger_pb2.Entry, account: str) -> bool:
+    pairs = [(p.debit_account, p.credit_account) for p in entry.postings]
+    pairs.append((entry.debit_account, entry.credit_account))
+    return any(account in pair for pair in pairs)
 
 
 async def as_of_load(spec: dict[str, Any]) -> dict[str, Any]:
@@ -377,6 +467,11 @@ def db_load(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    # Imported: say so, and get the start time of all the run's processes
+    # (bench/scenarios.py load()), so that a process slow to start on a busy
+    # machine does not begin inside the measurement window.
+    print(READY, flush=True)
+    spec["start_at"] = float(sys.stdin.readline())
     kind = spec["kind"]
     if kind == "db":
         result = db_load(spec)

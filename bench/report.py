@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.database import ADMIN_URL
-from bench.scenarios import AS_OF_CALLERS, LIST_CALLERS, LIST_ENTRIES, LIST_PAGE, POST_MODES
+from bench.scenarios import (
+    AS_OF_CALLERS,
+    FILTERED_READS,
+    LEDGERS,
+    LIST_CALLERS,
+    LIST_ENTRIES,
+    LIST_PAGE,
+    POST_MODES,
+    SPREAD_CHANNELS,
+    WORKERS,
+)
 from bench.targets import A_PRIME, A, B, C, D
 from ledger_service.storage.uow import create_engine
 
@@ -87,7 +97,8 @@ def write_report(result: dict[str, Any], out_dir: Path, md_path: Path, png_path:
         )
     lines += ["", "Also measured (no target):", ""]
     lines += [
-        f"- {c['name']}: {c['value']:,.2f} {c.get('unit', 'x')}" for c in result["comparisons"]
+        f"- {c['name']}: {c['value']:,.2f}" + (f" {c['unit']}" if c.get("unit", "x") else "")
+        for c in result["comparisons"]
     ]
     lines += [
         "",
@@ -133,7 +144,30 @@ def write_report(result: dict[str, Any], out_dir: Path, md_path: Path, png_path:
             " (`get_account_current`: the same calls for its current totals, right after);"
             f" `list_accounts_{LIST_PAGE}` pages through a ledger of {LIST_ENTRIES + 1:,}"
             f" accounts with ListAccounts, {LIST_PAGE} a page, {LIST_CALLERS} callers (its"
-            " latencies: per page).",
+            " latencies: per page)."
+            f" `post_ledgers_{LEDGERS}_64` is PostEntry at 64 callers spread over {LEDGERS}"
+            f" ledgers (caller i posts to ledger i % {LEDGERS}; each ledger checked 1..N),"
+            " `post_ledgers_1_64` the same load on one ledger, right before or after it on the"
+            " same server (the order alternates between repetitions, as in the workers'"
+            f" pairs); `post_unbatched_ledgers_*` the same pair against the server run with"
+            " `--no-group-commit`, where each post is a transaction of its own."
+            f" `post_workers_{WORKERS}_64` and `post_entries_1000_workers_{WORKERS}`"
+            f" are `post_ledger_64` and `post_entries_1000` against this server run as"
+            f" {WORKERS} worker processes sharing its port (`serve --workers {WORKERS}`,"
+            " SO_REUSEPORT; warmed up by one unmeasured run), `post_workers_1_64` and"
+            " `post_entries_1000_workers_1` the same loads against the one-process server,"
+            " side by side; the kernel spreads connections, not calls, over the workers, so both"
+            f" sides go over {SPREAD_CHANNELS} connections per load process, each caller's"
+            " calls in turn over all of them (the other post runs: one per load process);"
+            " entries per write is how many entries each of the server's write statements"
+            " numbered, the size of group commit's groups. `stream_account_1pct` is"
+            " StreamEntries of the seeded ledger filtered to its account that holds every"
+            " 100th entry (5, 105, ...; `account` in the request: the server reads the"
+            " account's history rows), to the"
+            f" caught_up marker, the median of {FILTERED_READS} reads, every entry checked;"
+            " its entries/s count the matching entries, and its time is set against"
+            " reading the whole ledger unfiltered (`catch_up_ledger`, same repetition), what"
+            " a consumer filtering on its side waits for at least.",
             width=84,
             break_on_hyphens=False,
         ),

@@ -23,7 +23,11 @@ against baselines measured in the same run (bench/targets.py, bench/report.py):
 and this server with tokens and TLS against the same without: the cost of
 authentication, roles and encryption on every call; and with --metrics-listen
 against the same without: the cost of recording the metrics; and without
-the hash chain (bench/unchained.py) against the same with: its cost.
+the hash chain (bench/unchained.py) against the same with: its cost. Side
+by side too: 64 callers on 8 ledgers against 64 on one; this server as 2
+worker processes on one port (`serve --workers 2`) against one process,
+over many connections; and a catch-up filtered to one account by the
+server against reading the whole ledger.
 
 Full run: docs/BENCHMARKS.md, docs/benchmarks.png, bench/results/latest.json.
 --quick: one repetition of short runs into bench/results/quick/ (a smoke test).

@@ -4,19 +4,29 @@ scenario, and the interleaved repetitions whose samples the report reads."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from bench import ROOT
-from bench.database import bench_database, check_gap_free, seed
-from bench.load import planned_posts, worker_name
+from bench.database import (
+    RARE,
+    bench_database,
+    check_gap_free,
+    entries_per_write,
+    rare_entries,
+    seed,
+)
+from bench.load import READY, planned_posts, worker_name
 from ledger_service.integrity import verify
 from ledger_service.storage import migrate
 from ledger_service.storage.uow import create_engine
@@ -49,25 +59,61 @@ LIST_PAGE = 1000
 # Concurrent callers of the read scenarios (one load process each).
 AS_OF_CALLERS = 4
 LIST_CALLERS = 2
+# PostEntry at 64 callers spread over LEDGERS ledgers (caller i posts to
+# ledger i % LEDGERS), against 64 on one, side by side on the same server.
+LEDGERS = 8
+# Seconds from the moment every load process of a run has started (imported)
+# to their common start: time to connect and be waiting.
+START_MARGIN = 0.5
+# This server as a supervisor of WORKERS processes sharing its port
+# (`serve --workers`), against one process; both driven over
+# SPREAD_CHANNELS connections per load process, so that the kernel has
+# connections to spread over the workers (bench/load.py: `channels`).
+WORKERS = 2
+SPREAD_CHANNELS = 32
 
 
-def load(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs load processes together, aligned on one start time."""
-    start_at = time.time() + 1.5  # time for the processes to import and connect
+def alternating(pair: tuple[int, int], rep: int) -> tuple[int, ...]:
+    """An A/B pair in the order of repetition `rep`: baseline first in odd
+    ones, last in even ones, so that neither side always runs first."""
+    return pair if rep % 2 else pair[::-1]
+
+
+def load(
+    specs: list[dict[str, Any]], during: Callable[[], None] | None = None
+) -> list[dict[str, Any]]:
+    """Runs load processes together, aligned on one start time, given once
+    all of them have started (bench/load.py); `during` is called in the
+    middle of their measurement window."""
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.load",
-                json.dumps({**s, "start_at": start_at, "process": i}),
-            ],
+            [sys.executable, "-m", "bench.load", json.dumps({**s, "process": i})],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,
         )
         for i, s in enumerate(specs)
     ]
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            if p.stdout.readline().strip() != READY:
+                raise RuntimeError(f"load process failed to start ({p.wait(60)})")
+    except BaseException:
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise
+    start_at = time.time() + START_MARGIN
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(f"{start_at!r}\n")
+        p.stdin.flush()
+    if during is not None:
+        middle = start_at + specs[0].get("warmup", 0.0) + specs[0].get("duration", 0.0) / 2
+        time.sleep(max(0.0, middle - time.time()))
+        during()
     results = []
     for p in procs:
         out, _ = p.communicate(timeout=900)
@@ -102,6 +148,39 @@ def summarize(results: list[dict[str, Any]], rate: str = "entries_per_s") -> dic
     }
 
 
+def connection_spread(port: int) -> list[int]:
+    """The established TCP connections to `port` per process serving them,
+    most first (from `ss`; empty if it cannot tell)."""
+    try:
+        out = subprocess.run(
+            ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    pids = Counter(m.group(1) for m in re.finditer(r"pid=(\d+)", out))
+    return sorted(pids.values(), reverse=True)
+
+
+def load_watching(specs: list[dict[str, Any]], port: int) -> tuple[list[dict[str, Any]], list[int]]:
+    """load(), and the connection_spread() of `port` in the middle of its window."""
+    spread: list[int] = []
+    results = load(specs, during=lambda: spread.extend(connection_spread(port)))
+    return results, spread
+
+
+def first_callers(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Numbers the callers of a load's processes across all of them (caller
+    i of process k is caller sum(concurrencies before k) + i)."""
+    first = 0
+    for spec in specs:
+        spec["first_caller"] = first
+        first += spec["concurrency"]
+    return specs
+
+
 def new_ledger(server: ServerProcess, prefix: str) -> str:
     from ledger.v1 import ledger_pb2
 
@@ -132,8 +211,9 @@ def run(quick: bool) -> dict[str, Any]:
         engine = create_engine(url, pool_size=1)
         migrate.upgrade(engine)
         engine.dispose()
-        # 8 connections (+8 overflow) per server: all of them, the psycopg
-        # clients and the stream readers stay under Postgres' 100 connections.
+        # 8 connections (+8 overflow) per server process, opened as used:
+        # all of them, the psycopg clients and the stream readers stay under
+        # Postgres' 100 connections.
         pool = ["--pool-size", "8"]
         servers: dict[str, ServerProcess] = {
             "ledger": ServerProcess(url, extra_args=pool),
@@ -145,6 +225,8 @@ def run(quick: bool) -> dict[str, Any]:
             ),
             "unbatched": ServerProcess(url, extra_args=[*pool, "--no-group-commit"]),
             "one_per_message": ServerProcess(url, extra_args=[*pool, "--stream-batch", "1"]),
+            # A supervisor of WORKERS such processes on one port.
+            "workers": ServerProcess(url, extra_args=[*pool, "--workers", str(WORKERS)]),
         }
         for mode in ("plain", "sequence", "noop"):
             servers[mode] = _baseline_server(url, mode)
@@ -186,6 +268,13 @@ def run(quick: bool) -> dict[str, Any]:
                     record(f"post_{mode}_{callers}", value)
                     if mode in GAP_FREE or mode in VARIANTS_64:
                         check_gap_free(url, ledger)
+            for name, value in many_ledgers(url, servers["ledger"], timed, rep):
+                record(name, value)
+            # One transaction per post: the counter row alone is the limit.
+            for name, value in many_ledgers(url, servers["unbatched"], timed, rep, "unbatched_"):
+                record(name, value)
+            for name, value in workers_pairs(url, servers, timed, rep):
+                record(name, value)
             ledger = new_ledger(servers["ledger"], "db")
             specs = timed(split(16, 2), kind="db", url=url, ledger=ledger, size=1)
             record("db_single_16", summarize(load(specs)))
@@ -212,6 +301,11 @@ def run(quick: bool) -> dict[str, Any]:
                 )
                 assert r["entries"] == limit, r
                 record(f"catch_up_{mode}", {"entries_per_s": r["entries"] / r["seconds"]})
+            unfiltered = catchup_n / samples["catch_up_ledger"][-1]["entries_per_s"]
+            record(
+                "stream_account_1pct",
+                filtered_catch_up(servers["ledger"], catchup_ledger, catchup_n, unfiltered),
+            )
             record("verify_ledger", verify_rate(url, catchup_ledger, catchup_n))
             # The latency target at one caller (the read itself); at
             # AS_OF_CALLERS too, where the callers, the server and Postgres
@@ -244,6 +338,119 @@ def run(quick: bool) -> dict[str, Any]:
         for name, values in samples.items()
     }
     return {"samples": samples, "medians": medians}
+
+
+# A load spec for every process, given each one's callers (run.timed).
+Timed = Callable[..., list[dict[str, Any]]]
+
+
+def many_ledgers(
+    url: str, server: ServerProcess, timed: Timed, rep: int, label: str = ""
+) -> list[tuple[str, dict[str, float]]]:
+    """PostEntry at 64 callers on one ledger and on LEDGERS (caller i to
+    ledger i % LEDGERS), side by side on the same server, over the same
+    connections as every other post run; every ledger checked 1..N. The
+    rows are post_{label}ledgers_{count}_64."""
+    out = []
+    for count in alternating((1, LEDGERS), rep):
+        ledgers = [new_ledger(server, "many") for _ in range(count)]
+        specs = first_callers(
+            timed(split(64, 2), kind="post", address=server.address, ledgers=ledgers)
+        )
+        value = summarize(load(specs))
+        for ledger in ledgers:
+            check_gap_free(url, ledger)
+        value["entries_per_write"] = entries_per_write(url, ledgers)
+        out.append((f"post_{label}ledgers_{count}_64", value))
+    return out
+
+
+# The workers' A/B loads: (name, callers per load process, PostEntries batch
+# or 0 for PostEntry).
+WORKER_LOADS: tuple[tuple[str, Sequence[int], int], ...] = (
+    ("post_workers_{}_64", split(64, 2), 0),
+    ("post_entries_1000_workers_{}", [2, 2], 1000),
+)
+
+
+def workers_pairs(
+    url: str, servers: dict[str, ServerProcess], timed: Timed, rep: int
+) -> list[tuple[str, dict[str, float]]]:
+    """Each of WORKER_LOADS against this server in one process and as
+    WORKERS workers, side by side, both over SPREAD_CHANNELS connections per
+    load process. The workers' runs say how the kernel spread the
+    connections: `busiest_share`, the busiest worker's share of them
+    (1/WORKERS: even); each ledger checked 1..N."""
+    out = []
+    if rep == 1:
+        # The workers are new processes: warmed up as the one process has
+        # been by every run before, by one such run, not measured.
+        ledger = new_ledger(servers["ledger"], "warm")
+        address = servers["workers"].address
+        load(
+            timed(
+                split(64, 2), kind="post", address=address, ledger=ledger, channels=SPREAD_CHANNELS
+            )
+        )
+    for name, callers, batch in WORKER_LOADS:
+        for workers in alternating((1, WORKERS), rep):
+            server = servers["ledger" if workers == 1 else "workers"]
+            ledger = new_ledger(servers["ledger"], "workers")
+            extra = {"batch": batch} if batch else {}
+            specs = timed(
+                list(callers),
+                kind="post",
+                address=server.address,
+                ledger=ledger,
+                channels=SPREAD_CHANNELS,
+                **extra,
+            )
+            results, spread = load_watching(specs, server.port)
+            value = summarize(results)
+            if workers > 1:  # NaN if `ss` could not tell
+                value["busiest_share"] = spread[0] / sum(spread) if spread else float("nan")
+            check_gap_free(url, ledger)
+            value["entries_per_write"] = entries_per_write(url, [ledger])
+            out.append((name.format(workers), value))
+    return out
+
+
+# Reads of the filtered catch-up per repetition, one after the other: the
+# median is its time (a read is short; one would be mostly noise).
+FILTERED_READS = 3
+
+
+def filtered_catch_up(
+    server: ServerProcess, ledger: str, n: int, unfiltered_s: float
+) -> dict[str, float]:
+    """StreamEntries of the seeded ledger filtered to its rare account (1%
+    of its entries), read to the caught_up marker FILTERED_READS times, each
+    checked (bench/load.py: every entry the account's; here: all of them,
+    through the head); and `unfiltered_ms`, the whole ledger read
+    unfiltered in the same repetition (catch_up_ledger): what a client that
+    filters on its side waits for, at least."""
+    expected = rare_entries(n)
+    (r,) = load(
+        [
+            {
+                "kind": "catch_up",
+                "address": server.address,
+                "ledger": ledger,
+                "account": RARE,
+                "reads": FILTERED_READS,
+            }
+        ]
+    )
+    if (r["entries"], r["last"], r["through"]) != (len(expected), expected[-1], n):
+        raise RuntimeError(
+            f"filtered stream: {r['entries']} entries up to {r['last']}, through"
+            f" {r['through']}; the seed has {len(expected)} up to {expected[-1]}, head {n}"
+        )
+    return {
+        "entries_per_s": len(expected) / r["seconds"],
+        "caught_up_ms": r["seconds"] * 1000,
+        "unfiltered_ms": unfiltered_s * 1000,
+    }
 
 
 def set_wide_limits(server: ServerProcess, ledger: str, concurrencies: list[int]) -> None:

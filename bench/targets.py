@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.scenarios import LEDGERS, SPREAD_CHANNELS, WORKERS
+
 # Named in the report, so that it reads without the key; the letters stay
 # because readers know them (bench/run.py describes each baseline).
 A = "plain gap-free server (a)"
@@ -123,6 +125,60 @@ COMPARISONS = [
         "get_account_current",
         ("p99_ms", "p99_ms"),
     ),
+    # Each ledger is a serialization domain of its own (its counter row),
+    # so LEDGERS of them are held back by the database and the process, not
+    # by one counter row; but each one's group is a LEDGERS-th of the
+    # callers (entries per write, below).
+    (
+        f"PostEntry @64 on {LEDGERS} ledgers (caller i to ledger i % {LEDGERS}) vs on 1,"
+        " same server, side by side",
+        f"post_ledgers_{LEDGERS}_64",
+        "post_ledgers_1_64",
+        RATE,
+    ),
+    # Without group commit each post is a transaction of its own, so one
+    # ledger is held to one counter-row lock at a time: there, LEDGERS
+    # ledgers are LEDGERS locks taken at once.
+    (
+        f"PostEntry @64, one transaction per post (--no-group-commit), on {LEDGERS} ledgers"
+        " vs on 1, side by side",
+        f"post_unbatched_ledgers_{LEDGERS}_64",
+        "post_unbatched_ledgers_1_64",
+        RATE,
+    ),
+    # The kernel spreads connections, not calls, over the workers: both
+    # sides of these pairs go over the same many connections.
+    (
+        f"PostEntry @64 over {2 * SPREAD_CHANNELS} connections, {WORKERS} workers"
+        " (serve --workers) vs 1 process",
+        f"post_workers_{WORKERS}_64",
+        "post_workers_1_64",
+        RATE,
+    ),
+    (
+        f"PostEntries 1000 over {2 * SPREAD_CHANNELS} connections, {WORKERS} workers vs 1 process",
+        f"post_entries_1000_workers_{WORKERS}",
+        "post_entries_1000_workers_1",
+        RATE,
+    ),
+    # What the workers' connection pattern costs one process by itself (not
+    # side by side: the 2-connection run is earlier in the repetition).
+    (
+        f"PostEntry @64, 1 process: over {2 * SPREAD_CHANNELS} connections vs over 2",
+        "post_workers_1_64",
+        "post_ledger_64",
+        RATE,
+    ),
+    # Lower is better: the time a consumer of one account waits to be
+    # caught up, filtered by the server (its index) against reading the
+    # whole ledger, as a client filtering on its side must.
+    (
+        "StreamEntries catch-up on an account with 1% of the seeded ledger's entries, filtered"
+        " by the server vs the whole ledger unfiltered (catch_up_ledger): time to caught up",
+        "stream_account_1pct",
+        "stream_account_1pct",
+        ("caught_up_ms", "unfiltered_ms"),
+    ),
 ]
 
 # Values reported on their own: (name, scenario, its value, unit). ListAccounts
@@ -144,6 +200,51 @@ MEASURED = [
         "/s",
     ),
     ("ListAccounts, pages of 1000 accounts: p99 per page", "list_accounts_1000", "p99_ms", "ms"),
+    (
+        "PostEntry @64 on 1 ledger: entries per write (group commit's groups)",
+        "post_ledgers_1_64",
+        "entries_per_write",
+        "",
+    ),
+    (
+        f"PostEntry @64 on {LEDGERS} ledgers: entries per write",
+        f"post_ledgers_{LEDGERS}_64",
+        "entries_per_write",
+        "",
+    ),
+    (
+        f"PostEntry @64 over {2 * SPREAD_CHANNELS} connections: entries per write, 1 process",
+        "post_workers_1_64",
+        "entries_per_write",
+        "",
+    ),
+    (
+        f"PostEntry @64 over {2 * SPREAD_CHANNELS} connections: entries per write,"
+        f" {WORKERS} workers",
+        f"post_workers_{WORKERS}_64",
+        "entries_per_write",
+        "",
+    ),
+    (
+        f"PostEntry @64, {WORKERS} workers: the busiest worker's share of the connections",
+        f"post_workers_{WORKERS}_64",
+        "busiest_share",
+        "",
+    ),
+    (
+        "StreamEntries filtered to an account with 1% of the seeded ledger's entries:"
+        " its entries/s",
+        "stream_account_1pct",
+        "entries_per_s",
+        "/s",
+    ),
+    (
+        "StreamEntries filtered to an account with 1% of the seeded ledger's entries:"
+        " time to caught up",
+        "stream_account_1pct",
+        "caught_up_ms",
+        "ms",
+    ),
 ]
 
 

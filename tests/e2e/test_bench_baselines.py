@@ -12,7 +12,16 @@ import pytest
 import sqlalchemy as sa
 from ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
-from bench.database import HOT, check_gap_free, hot_debits, seed, seeded_amount, seeded_debit
+from bench.database import (
+    HOT,
+    RARE,
+    check_gap_free,
+    hot_debits,
+    rare_entries,
+    seed,
+    seeded_amount,
+    seeded_debit,
+)
 from ledger_service.storage.uow import create_engine
 from ledger_service.testing import ServerProcess
 
@@ -149,4 +158,13 @@ def test_the_seed_writes_the_totals_and_history_the_server_writes(
         assert [(b.total_debits, b.total_credits) for b in r.balances] == (
             [(hot[as_of // 10], 0)] if as_of >= 10 else []
         )
+    # The filtered catch-up's account: exactly its entries, through the head.
+    messages = list(
+        stub.StreamEntries(
+            ledger_pb2.StreamEntriesRequest(ledger="bench-seeded", account=RARE), timeout=30
+        )
+    )
+    assert [e.sequence for m in messages for e in m.entries] == rare_entries(n) == [5]
+    assert messages[-1].caught_up
+    assert messages[-1].through_sequence == n
     assert_books_hold(pg_url, "bench-seeded")
