@@ -58,8 +58,8 @@ def main() -> None:
         "machine": machine(),
         **measured,
     }
-    result["targets"] = evaluate(result["medians"])
-    result["comparisons"] = compare(result["medians"])
+    result["targets"] = evaluate(result["medians"], result["samples"])
+    result["comparisons"] = compare(result["medians"], result["samples"])
     if args.quick:
         out_dir = ROOT / "bench" / "results" / "quick"
         out_dir.mkdir(parents=True, exist_ok=True)

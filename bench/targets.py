@@ -3,6 +3,7 @@ baselines of the same run, and the ratios reported beside them."""
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from bench.scenarios import LEDGERS, SPREAD_CHANNELS, WORKERS
@@ -248,9 +249,32 @@ MEASURED = [
 ]
 
 
-def compare(medians: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+Samples = dict[str, list[dict[str, float]]]
+
+
+def ratio(
+    medians: dict[str, dict[str, float]],
+    samples: Samples | None,
+    num: str,
+    den: str,
+    top: str = "entries_per_s",
+    bottom: str = "entries_per_s",
+) -> float:
+    """num/den: the median of the ratios within each repetition when both
+    have one sample per repetition (an A/B pair measured side by side stays
+    a pair; on this shared machine the drift between runs further apart is
+    larger than some budgets), else the ratio of the medians."""
+    a, b = (samples or {}).get(num, []), (samples or {}).get(den, [])
+    if a and len(a) == len(b) and num != den:
+        return statistics.median(x[top] / y[bottom] for x, y in zip(a, b, strict=True))
+    return medians[num][top] / medians[den][bottom]
+
+
+def compare(
+    medians: dict[str, dict[str, float]], samples: Samples | None = None
+) -> list[dict[str, Any]]:
     rows = [
-        {"name": name, "value": medians[num][top] / medians[den][bottom], "unit": "x"}
+        {"name": name, "value": ratio(medians, samples, num, den, top, bottom), "unit": "x"}
         for name, num, den, (top, bottom) in COMPARISONS
     ]
     rows += [
@@ -260,12 +284,13 @@ def compare(medians: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     return rows
 
 
-def evaluate(medians: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+def evaluate(
+    medians: dict[str, dict[str, float]], samples: Samples | None = None
+) -> list[dict[str, Any]]:
     rows = []
     for name, num, den, threshold, unit in TARGETS:
-        value = medians[num]["entries_per_s"]
-        if den is not None:
-            value /= medians[den]["entries_per_s"]
+        rate = medians[num]["entries_per_s"]
+        value = rate if den is None else ratio(medians, samples, num, den)
         rows.append(
             {
                 "target": name,
