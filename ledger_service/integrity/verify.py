@@ -15,6 +15,7 @@ here.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -108,52 +109,69 @@ _POSTINGS_PG = f"""CASE
 # reader (proto3) and domain.chain.version_of see them.
 _REVERSAL_PG = "COALESCE(reverses_sequence, 0) = 0"
 
+# Field 9, metadata, from the entry's metadata and its text (`metadata_text`,
+# jsonb's own rendering of it, cheaper to take apart than a JSON path query,
+# the dearest part of the encoding): none, or one pair whose key and value
+# are strings that jsonb renders without an escape (no backslash in the
+# text, so the text between the quotes is the string itself, and the text
+# rebuilt from those parts is the text: one pair, both strings), the common
+# cases; anything else the JSON path query of all pairs decides, sorted.
+_ONE_KEY = "split_part(metadata_text, '\"', 2)"
+_ONE_VALUE = "split_part(metadata_text, '\"', 4)"
+_METADATA_PG = f"""CASE
+        WHEN metadata_text = '{{}}' THEN '\\x00000000'::BYTEA
+        WHEN strpos(metadata_text, '\\') = 0
+             AND metadata_text = '{{"' || {_ONE_KEY} || '": "' || {_ONE_VALUE} || '"}}' THEN
+            '\\x00000001'::BYTEA || {_text(_ONE_KEY)} || {_text(_ONE_VALUE)}
+        ELSE (SELECT CASE jsonb_array_length(pairs)
+                  WHEN 0 THEN '\\x00000000'::BYTEA
+                  WHEN 1 THEN '\\x00000001'::BYTEA || {_text("pairs->0->>'key'")}
+                              || {_text("pairs->0->>'value'")}
+                  ELSE (SELECT int4send(count(*)::INT) || string_agg(
+                            {_text("key")} || {_text("value")}, ''::BYTEA
+                            ORDER BY textsend(key))
+                        FROM jsonb_each_text(metadata)) END
+              FROM jsonb_path_query_array(metadata, '$.keyvalue()') AS pairs)
+        END"""
+
 # One page of a ledger's entries, checked: for each entry the number before
 # it and whether its stored hash is SHA-256(previous stored hash || canonical
 # bytes), the canonical bytes built column by column as docs/integrity.md
-# defines them. Only problems come back, and the page's last entry.
+# defines them. Only problems come back, and the page's last entry (`last`).
+# One pass over the page in its index's order: no sort, no second scan.
 _CHECK_PAGE_PG = f"""
-    WITH page AS (
-        SELECT sequence, hash,
-               CASE WHEN {_REVERSAL_PG} THEN '\\x01'::BYTEA ELSE '\\x02'::BYTEA END
-               || int8send(sequence)
-               -- Microseconds since the epoch, exactly, without numeric
-               -- arithmetic: whole seconds, then the microseconds within.
-               || int8send(date_part('epoch', date_trunc('second', created_at))::BIGINT
-                           * 1000000 + date_part('microseconds', created_at)::BIGINT %% 1000000)
-               -- The WHERE clause fixes the ledger: its bytes are the parameter's.
-               || %(ledger_text)s::BYTEA || {_text("idempotency_key")}
-               || {_POSTINGS_PG}
-               || {_text("entry_type")} || {_text("description")}
-               || CASE jsonb_array_length(pairs)
-                      WHEN 0 THEN '\\x00000000'::BYTEA
-                      -- One pair, the common case, needs no sort and no subquery.
-                      WHEN 1 THEN '\\x00000001'::BYTEA || {_text("pairs->0->>'key'")}
-                                  || {_text("pairs->0->>'value'")}
-                      ELSE (SELECT int4send(count(*)::INT) || string_agg(
-                                {_text("key")} || {_text("value")}, ''::BYTEA
-                                ORDER BY textsend(key))
-                            FROM jsonb_each_text(metadata)) END
-               || {_text("posted_by")}
-               || CASE WHEN {_REVERSAL_PG} THEN ''::BYTEA
-                       ELSE int8send(reverses_sequence) END AS canonical
-        FROM ledger_entries,
-             LATERAL jsonb_path_query_array(metadata, '$.keyvalue()') AS pairs
-        WHERE ledger = %(ledger)s AND sequence > %(after)s AND sequence <= %(through)s
-        ORDER BY sequence
-        LIMIT %(limit)s
-    ), checked AS (
+    SELECT sequence, hash, previous, chained, last FROM (
         SELECT sequence, hash,
                lag(sequence, 1, %(after)s::BIGINT) OVER w AS previous,
-               hash IS NOT DISTINCT FROM
-                   sha256(lag(hash, 1, %(previous_hash)s::BYTEA) OVER w || canonical) AS chained
-        FROM page
-        WINDOW w AS (ORDER BY sequence)
-    )
-    SELECT sequence, hash, previous, chained FROM checked
-    WHERE NOT chained OR previous <> sequence - 1
-    UNION ALL  -- and last, the page's last entry: where the next page starts
-    (SELECT sequence, hash, sequence - 1, true FROM page ORDER BY sequence DESC LIMIT 1)
+               hash IS NOT DISTINCT FROM sha256(lag(hash, 1, %(previous_hash)s::BYTEA) OVER w
+                   || CASE WHEN {_REVERSAL_PG} THEN '\\x01'::BYTEA ELSE '\\x02'::BYTEA END
+                   || int8send(sequence)
+                   -- Microseconds since the epoch, exactly, without numeric
+                   -- arithmetic: whole seconds, then the microseconds within.
+                   || int8send(date_part('epoch', date_trunc('second', created_at))::BIGINT
+                               * 1000000 + date_part('microseconds', created_at)::BIGINT %% 1000000)
+                   -- The WHERE clause fixes the ledger: its bytes are the parameter's.
+                   || %(ledger_text)s::BYTEA || {_text("idempotency_key")}
+                   || {_POSTINGS_PG}
+                   || {_text("entry_type")} || {_text("description")}
+                   || {_METADATA_PG}
+                   || {_text("posted_by")}
+                   || CASE WHEN {_REVERSAL_PG} THEN ''::BYTEA
+                           ELSE int8send(reverses_sequence) END) AS chained,
+               lead(sequence) OVER w IS NULL AS last
+        FROM (
+            SELECT sequence, hash, created_at, idempotency_key, debit_account, credit_account,
+                   amount, asset, postings, entry_type, description, metadata, posted_by,
+                   reverses_sequence, metadata::TEXT AS metadata_text
+            FROM ledger_entries
+            WHERE ledger = %(ledger)s AND sequence > %(after)s AND sequence <= %(through)s
+            ORDER BY sequence
+            LIMIT %(limit)s
+        ) AS page
+        -- (A frame that lag and lead do not use: it lets the window forget the rows behind.)
+        WINDOW w AS (ORDER BY sequence ROWS BETWEEN CURRENT ROW AND CURRENT ROW)
+    ) AS checked
+    WHERE NOT chained OR previous <> sequence - 1 OR last
 """
 
 # What each entry of a ledger moves, one row per posting side: (sequence,
@@ -219,23 +237,29 @@ _TOTALS = """
     ORDER BY 1, 2
 """
 
-# Postgres: whether the history holds, cheaply (no sort: the history in its
-# index's order, joined to its entries by number), as a screen before
-# _HISTORY, which sorts the entries' moves to name the problems (twice the
-# time). Each history row must be touched by its entry, its change from the
-# account's row before it (0 before the first) exactly what the entry moved
-# on that account and asset; and there must be as many rows as (entry,
-# account, asset) the entries touch. Then the rows are those the entries
-# touch, one each, and by induction each holds the running totals. NULL (a
-# malformed posting) never holds: then _HISTORY decides.
-_HISTORY_HOLDS_PG = f"""
-    WITH h AS (
-        SELECT account, asset, sequence,
-               debits - lag(debits, 1, 0::BIGINT) OVER w AS debits,
-               credits - lag(credits, 1, 0::BIGINT) OVER w AS credits
-        FROM ledger_account_history WHERE ledger = :ledger
-        WINDOW w AS (PARTITION BY account, asset ORDER BY sequence)
-    )
+# The bounds of a range that has none, below or above.
+_LOWEST, _HIGHEST = -(2**63), 2**63 - 1
+
+# Postgres: whether the history holds, cheaply (no sort, no summing), as a
+# screen before _HISTORY, which sorts the entries' moves to name the
+# problems (several times the time). Each history row must be touched by its
+# entry, its change from the account's row before it (0 before the first)
+# exactly what the entry moved on that account and asset; and there must be
+# as many rows as (entry, account, asset) the entries touch. Then the rows
+# are those the entries touch, one each, and by induction each holds the
+# running totals. NULL (a malformed posting) never holds: then _HISTORY
+# decides.
+#
+# For the rows numbered :low..:high only (with the entries so numbered), so
+# that a large ledger's history is screened in ranges at once, each right
+# after its range of the chain, the change of each account's first row in
+# the range taken from its last row before the range (one probe). Ranges
+# that together cover every number screen what the whole history's screen
+# does: each row against the same row before it, and the counts add up.
+#
+# `h` below is the history rows of the range with their changes: the two
+# ways of reading them follow.
+_HISTORY_CHECKED_PG = f"""
     SELECT count(*) FILTER (WHERE NOT COALESCE(holds, FALSE)) = 0 AND count(*) = (
                SELECT COALESCE(sum(CASE
                    WHEN postings IS NULL OR NOT {_multi_pg("postings")} THEN
@@ -245,7 +269,8 @@ _HISTORY_HOLDS_PG = f"""
                              FROM jsonb_array_elements(postings) AS x(p),
                                   LATERAL (VALUES (x.p->>0), (x.p->>1)) AS m(account)) AS k)
                    END), 0)
-               FROM ledger_entries WHERE ledger = :ledger)
+               FROM ledger_entries
+               WHERE ledger = :ledger AND sequence >= :low AND sequence <= :high)
     FROM (
         SELECT CASE
             WHEN e.sequence IS NULL THEN FALSE
@@ -262,9 +287,101 @@ _HISTORY_HOLDS_PG = f"""
                            AS m(account, debits, credits)
                   WHERE m.account = h.account AND x.p->>3 = h.asset)
             END AS holds
-        FROM h LEFT JOIN ledger_entries AS e ON e.ledger = :ledger AND e.sequence = h.sequence
+        FROM h LEFT JOIN {{entries}}
     ) AS checked
 """
+
+# A ledger of few accounts (each with an asset: _MERGED_ACCOUNTS at most),
+# named beforehand (:account<i>, :asset<i>): each account's rows in the
+# range read by its part of the index, in number order, merged into one
+# stream in number order and that merged with the entries in theirs. No
+# hash table, no sort: the cheapest way by far. (The planner, misjudging how
+# many rows an account has, would look each entry up instead: the settings
+# of _MERGED_SETTINGS leave it the merges.)
+_MERGED_ACCOUNTS = 64
+
+
+def _one_account_pg(i: int) -> str:
+    def before(side: str) -> str:
+        return (
+            f"COALESCE((SELECT b.{side} FROM ledger_account_history AS b"
+            f" WHERE :low > {_LOWEST} AND b.ledger = :ledger AND b.account = :account{i}"
+            f" AND b.asset = :asset{i} AND b.sequence < :low"
+            f" ORDER BY b.sequence DESC LIMIT 1), 0::BIGINT)"
+        )
+
+    return f"""(
+        SELECT account, asset, sequence,
+               debits - lag(debits, 1, {before("debits")}) OVER k AS debits,
+               credits - lag(credits, 1, {before("credits")}) OVER k AS credits
+        FROM ledger_account_history
+        WHERE ledger = :ledger AND account = :account{i} AND asset = :asset{i}
+          AND sequence >= :low AND sequence <= :high
+        WINDOW k AS (ORDER BY sequence ROWS BETWEEN CURRENT ROW AND CURRENT ROW))"""
+
+
+@functools.cache
+def _history_holds_merged_pg(accounts: int) -> str:
+    """The screen of a ledger whose history has `accounts` (account, asset)."""
+    rows = "\n        UNION ALL ".join(_one_account_pg(i) for i in range(accounts))
+    if not accounts:
+        rows = "SELECT NULL::TEXT, NULL::TEXT, NULL::BIGINT, NULL::BIGINT, NULL::BIGINT WHERE false"
+    # The entries as a subquery in number order, one row per number (as
+    # they are): the planner then sees them unique and in the order merged.
+    return f"WITH h (account, asset, sequence, debits, credits) AS ({rows}\n    ORDER BY 3)" + (
+        _HISTORY_CHECKED_PG.format(
+            entries="""(
+            SELECT DISTINCT ON (sequence) sequence, debit_account, credit_account, amount,
+                   asset, postings
+            FROM ledger_entries
+            WHERE ledger = :ledger AND sequence >= :low AND sequence <= :high
+            ORDER BY sequence) AS e ON e.sequence = h.sequence"""
+        )
+    )
+
+
+# Any ledger: its history in its index's order (the rows outside the range
+# left in the index), joined to its entries by a hash.
+_HISTORY_HOLDS_PG = f"""
+    WITH w AS (
+        SELECT account, asset, sequence, debits, credits,
+               lag(debits) OVER k AS before_debits, lag(credits) OVER k AS before_credits
+        FROM ledger_account_history
+        WHERE ledger = :ledger AND sequence >= :low AND sequence <= :high
+        WINDOW k AS (PARTITION BY account, asset ORDER BY sequence
+                     ROWS BETWEEN CURRENT ROW AND CURRENT ROW)
+    ), h AS (
+        SELECT account, asset, sequence,
+               debits - COALESCE(before_debits, (
+                   SELECT b.debits FROM ledger_account_history AS b
+                   WHERE :low > {_LOWEST} AND b.ledger = :ledger AND b.account = w.account
+                     AND b.asset = w.asset AND b.sequence < :low
+                   ORDER BY b.sequence DESC LIMIT 1), 0) AS debits,
+               credits - COALESCE(before_credits, (
+                   SELECT b.credits FROM ledger_account_history AS b
+                   WHERE :low > {_LOWEST} AND b.ledger = :ledger AND b.account = w.account
+                     AND b.asset = w.asset AND b.sequence < :low
+                   ORDER BY b.sequence DESC LIMIT 1), 0) AS credits
+        FROM w
+    )""" + _HISTORY_CHECKED_PG.format(
+    entries="""ledger_entries AS e ON e.ledger = :ledger AND e.sequence = h.sequence
+             AND e.sequence >= :low AND e.sequence <= :high"""
+)
+
+# The (account, asset) of a ledger's history, by a skip scan of its index.
+_HISTORY_ACCOUNTS_PG = """
+    WITH RECURSIVE keys AS (
+        (SELECT account, asset FROM ledger_account_history WHERE ledger = :ledger
+         ORDER BY account, asset LIMIT 1)
+        UNION ALL
+        SELECT n.account, n.asset FROM keys AS k, LATERAL (
+            SELECT account, asset FROM ledger_account_history
+            WHERE ledger = :ledger AND (account, asset) > (k.account, k.asset)
+            ORDER BY account, asset LIMIT 1) AS n
+    )
+    SELECT account, asset FROM keys LIMIT :most
+"""
+
 
 # Each account's totals in an asset right after each entry that touched it,
 # summed from the entries (an entry's postings on one account and asset are
@@ -362,48 +479,48 @@ def _ledger(
             yield Problem(ledger, f"entry {start} missing: cannot start the chain after it")
             return
         start_hash = stored.hash
-    conn.rollback()  # idle while the ranges run: no transaction left open
+    sums = from_sequence <= 1  # the sums need every entry
     # Each range is checked from the last stored entry before it, so a
     # range's check needs nothing from the others: they can run at once.
     # Entries 1..head were committed before the counter said head; those
     # above it may be posts made while this runs (see _beyond_the_counter).
     n = workers if in_sql and head - start > 2 * PAGE else 1
     cuts = [start + (head - start) * i // n for i in range(n)] + [head]
+    # On Postgres each range screens its part of the history too, right
+    # after its part of the chain (the first range's from the lowest number,
+    # the last's to the highest, so that every row is in one): the ranges
+    # then share the whole work evenly, none left to run alone at the end.
+    screen = in_sql and sums
+    conn.rollback()  # idle while the ranges run: no transaction left open
     counted = _Counter(ledger, head - start, progress)
     pages = _pages_pg if in_sql else _pages_python
 
     def check(i: int) -> _Range:
         anchor = (start, start_hash) if i == 0 else None
-        return _check_range(engine, ledger, cuts[i], cuts[i + 1], anchor, pages, counted)
-
-    def sums(check_sums: Callable[[Connection, str], Iterator[str]]) -> Callable[[], list[str]]:
-        def checked() -> list[str]:
-            if from_sequence > 1:  # the sums need every entry
-                return []
-            with engine.connect() as own:
-                return list(check_sums(own, ledger))
-
-        return checked
+        history = None
+        if screen:
+            history = (
+                _LOWEST if i == 0 else cuts[i] + 1,
+                _HIGHEST if i == n - 1 else cuts[i + 1],
+            )
+        return _check_range(engine, ledger, cuts[i], cuts[i + 1], anchor, pages, counted, history)
 
     if in_sql:
-        # The history screened first and, when it holds, the totals against
-        # its last rows (cheap); else both summed from the entries. Beside
-        # the ranges, on the cores a range leaves idle.
-        both = sums(_totals_and_history_pg)
-        if n == 1:
-            ranges, found = [check(0)], both()
-        else:
-            with ThreadPoolExecutor(n + 1, thread_name_prefix="verify") as pool:
-                summed = pool.submit(both)
-                ranges = list(pool.map(check, range(n)))
-                found = summed.result()
+        with ThreadPoolExecutor(n, thread_name_prefix="verify") as pool:
+            ranges = list(pool.map(check, range(n)))
+        found = []
+        if sums:
+            holds = all(r.holds for r in ranges)
+            with engine.connect() as own:
+                found = list(_totals_and_history_pg(own, ledger, holds))
         totals_problems = [p for p in found if not p.startswith(_HISTORY_MARK)]
         history_problems = [
             p.removeprefix(_HISTORY_MARK) for p in found if p not in totals_problems
         ]
     else:
         ranges = [check(0)]
-        totals_problems, history_problems = sums(_totals)(), sums(_history)()
+        totals_problems = _sums(engine, ledger, _totals) if sums else []
+        history_problems = _sums(engine, ledger, _history) if sums else []
     for r in ranges:
         yield from (Problem(ledger, p) for p in r.problems)
     last, last_hash = start, start_hash
@@ -419,6 +536,13 @@ def _ledger(
         yield Problem(ledger, f"head hash differs from entry {head}'s hash")
     yield from (Problem(ledger, p) for p in totals_problems)
     yield from (Problem(ledger, p) for p in history_problems)
+
+
+def _sums(
+    engine: Engine, ledger: str, check_sums: Callable[[Connection, str], Iterator[str]]
+) -> list[str]:
+    with engine.connect() as own:
+        return list(check_sums(own, ledger))
 
 
 def _beyond_the_counter(conn: Connection, ledger: str) -> str | None:
@@ -441,6 +565,7 @@ def _beyond_the_counter(conn: Connection, ledger: str) -> str | None:
 class _Range:
     problems: list[str]
     last: tuple[int, bytes] | None  # the range's last stored entry and its hash
+    holds: bool | None = None  # whether its part of the history holds; None: not screened
 
 
 class _Counter:
@@ -472,9 +597,12 @@ def _check_range(
     anchor: tuple[int, bytes] | None,
     pages: PageChecker,
     counted: _Counter,
+    history: tuple[int, int] | None = None,
 ) -> _Range:
     """The entries numbered after..through, each checked against the entry
-    stored before it (`anchor`, or the last one found at or below `after`)."""
+    stored before it (`anchor`, or the last one found at or below `after`);
+    then, given `history` (low, high), the history rows numbered low..high
+    screened (_history_holds_pg) on the same connection."""
     with engine.connect() as conn:
         if anchor is None:
             before = conn.execute(
@@ -490,7 +618,15 @@ def _check_range(
             problems += page_problems
             last = page_last
             counted.add(rows)
-        return _Range(problems, last)
+        if history is None:
+            return _Range(problems, last)
+        # The pages' transaction ended (begun by the driver's own cursor),
+        # for the screen's own.
+        conn.rollback()
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        raw.rollback()
+        return _Range(problems, last, _history_holds_pg(conn, ledger, *history))
 
 
 def _pages_pg(
@@ -521,14 +657,17 @@ def _pages_pg(
         if not rows:
             return
         problems = []
-        for sequence, entry_hash, previous, chained in sorted(rows[:-1], key=lambda row: row[0]):
+        rows.sort(key=lambda row: row[0])
+        for sequence, entry_hash, previous, chained, _ in rows:
             if previous != sequence - 1:
                 # What chained to the missing entries is gone: the chain resumes here.
                 problems.append(_missing(previous + 1, sequence - 1))
             elif not chained:
                 problems.append(_mismatch(sequence, entry_hash))
-        checked = rows[-1][0] - after  # the numbers covered: progress needs no more
-        after, previous_hash = rows[-1][0], rows[-1][1] or b""
+        last, last_hash, _, _, is_last = rows[-1]
+        assert is_last
+        checked = last - after  # the numbers covered: progress needs no more
+        after, previous_hash = last, last_hash or b""
         yield problems, checked, (after, previous_hash)
 
 
@@ -648,13 +787,77 @@ def _differing(
             yield f"account {account} {asset}: {side} {value} != {expected} summed from entries"
 
 
-def _history_holds_pg(conn: Connection, ledger: str) -> bool:
-    """_HISTORY_HOLDS_PG: True only if _HISTORY would find nothing."""
+def _history_holds_pg(
+    conn: Connection, ledger: str, low: int = _LOWEST, high: int = _HIGHEST
+) -> bool:
+    """The history screen over the rows numbered low..high (by default all
+    of them): True only if _HISTORY would find nothing there. Outside a
+    transaction, its accounts are listed and its rows read in one snapshot
+    (repeatable read): an account first posted to meanwhile (above the
+    counter) is then one of those listed, or none of its rows is read."""
+    if not conn.in_transaction():
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    return _screen_pg(conn, ledger, low, high, _history_accounts(conn, ledger))
+
+
+def _screen_pg(
+    conn: Connection, ledger: str, low: int, high: int, accounts: list[tuple[str, str]] | None
+) -> bool:
+    """_history_holds_pg's screen, given `accounts` (_history_accounts())."""
+    nested = conn.begin_nested()  # rolled back after: the settings go with it
     try:
-        with conn.begin_nested():
-            return bool(conn.execute(sa.text(_HISTORY_HOLDS_PG), {"ledger": ledger}).scalar())
+        params: dict[str, Any] = {"ledger": ledger, "low": low, "high": high}
+        if accounts is not None:
+            conn.execute(_settings(_SCREEN_SETTINGS + _MERGED_SETTINGS))
+            for i, (account, asset) in enumerate(accounts):
+                params[f"account{i}"], params[f"asset{i}"] = account, asset
+            sql = _history_holds_merged_pg(len(accounts))
+        else:
+            conn.execute(_settings(_SCREEN_SETTINGS))
+            sql = _HISTORY_HOLDS_PG
+        return bool(conn.execute(sa.text(sql), params).scalar())
     except sa.exc.DataError:
         return False  # rows doctored beyond int64 arithmetic: _HISTORY's sums tell
+    finally:
+        nested.rollback()
+
+
+def _history_accounts(conn: Connection, ledger: str) -> list[tuple[str, str]] | None:
+    """Every (account, asset) of the ledger's history; None when there are
+    more than _MERGED_ACCOUNTS (the listing stops there)."""
+    params = {"ledger": ledger, "most": _MERGED_ACCOUNTS + 1}
+    rows = conn.execute(sa.text(_HISTORY_ACCOUNTS_PG), params).all()
+    if len(rows) > _MERGED_ACCOUNTS:
+        return None
+    return [(account, asset) for account, asset in rows]
+
+
+# The screen's plan: every table read by a range of its index (the planner,
+# misjudging the rows per account, would rather scan the whole of
+# ledger_entries, every ledger's, for each range), what it holds in memory
+# held there, no JIT (as the pages'), no workers beside the ranges' own.
+_SCREEN_SETTINGS = (
+    ("work_mem", "64MB"),
+    ("jit", "off"),
+    ("enable_seqscan", "off"),
+    ("enable_bitmapscan", "off"),
+    ("enable_memoize", "off"),  # (from Postgres 14; set only where it exists)
+    ("max_parallel_workers_per_gather", "0"),
+    # (Nor an index probe into the entries for each history row.)
+    ("enable_nestloop", "off"),
+)
+# And for _history_holds_merged_pg's: the merges.
+_MERGED_SETTINGS = (("enable_hashjoin", "off"),)
+
+
+def _settings(settings: tuple[tuple[str, str], ...]) -> sa.TextClause:
+    """SET LOCAL of each of `settings` that the server has."""
+    values = ", ".join(f"('{name}', '{value}')" for name, value in settings)
+    return sa.text(
+        "SELECT set_config(s.name, s.value, true)"
+        f" FROM (VALUES {values}) AS s(name, value)"
+        " WHERE s.name IN (SELECT name FROM pg_settings)"
+    )
 
 
 def _history(conn: Connection, ledger: str) -> Iterator[str]:
@@ -709,12 +912,17 @@ _TOTALS_BY_HISTORY_PG = """
 _HISTORY_MARK = "\x00history:"
 
 
-def _totals_and_history_pg(conn: Connection, ledger: str) -> Iterator[str]:
+def _totals_and_history_pg(
+    conn: Connection, ledger: str, holds: bool | None = None
+) -> Iterator[str]:
     """Both sums' problems, the history's marked: when the history holds
-    (the screen), the totals against it; else both summed from the entries."""
+    (the screen, `holds` if it was made already), the totals against it;
+    else both summed from the entries."""
     conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
     conn.exec_driver_sql("SET LOCAL jit = off")
-    if not _history_holds_pg(conn, ledger):
+    if holds is None:
+        holds = _history_holds_pg(conn, ledger)
+    if not holds:
         yield from _totals(conn, ledger)
         yield from (_HISTORY_MARK + p for p in _history_problems(conn, ledger))
         return
