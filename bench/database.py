@@ -35,10 +35,10 @@ def bench_database() -> Iterator[str]:
         admin.dispose()
 
 
-def check_gap_free(url: str, ledger: str) -> None:
+def check_gap_free(url: str, ledger: str) -> int:
     """A gap-free server's run must leave its ledger numbered exactly 1..N,
     N being the counter's value: a baseline that skipped the guarantee would
-    be measuring something else."""
+    be measuring something else. Returns N."""
     import psycopg
 
     with psycopg.connect(libpq_conninfo(sa.make_url(url))) as conn:
@@ -56,6 +56,7 @@ def check_gap_free(url: str, ledger: str) -> None:
         raise RuntimeError(
             f"{ledger}: counter {value}, {count} entries numbered {first}..{last}: not 1..N"
         )
+    return int(value)
 
 
 def entries_per_write(url: str, ledgers: list[str]) -> float:

@@ -4,6 +4,7 @@ scenario, and the interleaved repetitions whose samples the report reads."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -148,6 +149,15 @@ def summarize(results: list[dict[str, Any]], rate: str = "entries_per_s") -> dic
     }
 
 
+def server_cpu_seconds(server: ServerProcess) -> float:
+    """CPU (user + system, every thread) the server process has used so far."""
+    assert server.proc is not None
+    stat = Path(f"/proc/{server.proc.pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)"
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
 def connection_spread(port: int) -> list[int]:
     """The established TCP connections to `port` per process serving them,
     most first (from `ss`; empty if it cannot tell)."""
@@ -267,12 +277,17 @@ def run(quick: bool) -> dict[str, Any]:
                     specs = timed(
                         concurrencies, kind="post", address=server.address, ledger=ledger, **extra
                     )
+                    cpu = server_cpu_seconds(server)
                     value = summarize(load(specs))
+                    cpu = server_cpu_seconds(server) - cpu
                     if mode == "multi":
                         value["postings_per_s"] = value["entries_per_s"] * MULTI_POSTINGS
                     record(f"post_{mode}_{callers}", value)
                     if mode in GAP_FREE or mode in VARIANTS_64:
-                        check_gap_free(url, ledger)
+                        posted = check_gap_free(url, ledger)
+                        # Its whole run's CPU (warm-up included) over every
+                        # entry it posted: steadier than entries/s here.
+                        value["cpu_us_per_entry"] = cpu / posted * 1e6
             for name, value in many_ledgers(url, servers["ledger"], timed, rep):
                 record(name, value)
             # One transaction per post: the counter row alone is the limit.
