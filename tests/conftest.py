@@ -11,12 +11,15 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
+import grpc
 import pytest
 import sqlalchemy as sa
+from ledger.v1 import ledger_pb2_grpc
 
 from ledger_service.storage import migrate
 from ledger_service.storage.uow import create_engine
@@ -143,3 +146,24 @@ def db_url(request: pytest.FixtureRequest) -> str:
 def ledger() -> str:
     """A fresh ledger name, so tests never depend on each other's data."""
     return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[object], str]]:
+    """serve(servicer) -> address: a scripted LedgerService (a stand-in for
+    the server, for a client's retry and resume rules) on loopback, stopped
+    after the test."""
+    servers: list[grpc.Server] = []
+
+    def start(servicer: object) -> str:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        servicer_ = cast(ledger_pb2_grpc.LedgerServiceServicer, servicer)
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer_, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.stop(None)

@@ -20,9 +20,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import pytest
@@ -423,24 +422,6 @@ class _Streams:
         return getattr(ledger_pb2_grpc.LedgerServiceServicer, name).__get__(self)
 
 
-@pytest.fixture
-def scripted() -> Iterator[Callable[[_Streams], str]]:
-    servers: list[grpc.Server] = []
-
-    def start(servicer: _Streams) -> str:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        servicer_ = cast(ledger_pb2_grpc.LedgerServiceServicer, servicer)
-        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer_, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}"
-
-    yield start
-    for server in servers:
-        server.stop(None)
-
-
 def _message(*sequences: int, through: int = 0, **fields: Any) -> ledger_pb2.StreamEntriesResponse:
     entries = [ledger_pb2.Entry(sequence=s) for s in sequences]
     return ledger_pb2.StreamEntriesResponse(
@@ -467,7 +448,7 @@ def _dropped(context: Any) -> None:
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_a_consumers_stream_names_it_until_a_message_came_then_resumes_from_its_position(
-    scripted: Callable[[_Streams], str], kind: str
+    serve: Callable[[object], str], kind: str
 ) -> None:
     def script(call: int, request: Any, context: Any) -> Iterator[Any]:
         if call == 1:
@@ -478,14 +459,14 @@ def test_a_consumers_stream_names_it_until_a_message_came_then_resumes_from_its_
         yield _message(8, caught_up=True)
 
     servicer = _Streams(script)
-    assert _read(scripted(servicer), kind, consumer="c") == [6, 7, 8]
+    assert _read(serve(servicer), kind, consumer="c") == [6, 7, 8]
     asked = [(r.consumer, r.after_sequence) for r in servicer.requests]
     assert asked == [("c", 0), ("c", 0), ("", 7)]
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_a_filtered_stream_resumes_from_through_sequence_and_checks_entries_only_increase(
-    scripted: Callable[[_Streams], str], kind: str
+    serve: Callable[[object], str], kind: str
 ) -> None:
     def script(call: int, request: Any, context: Any) -> Iterator[Any]:
         if call == 1:
@@ -495,7 +476,7 @@ def test_a_filtered_stream_resumes_from_through_sequence_and_checks_entries_only
         yield _message(12, through=14, caught_up=True)
 
     servicer = _Streams(script)
-    assert _read(scripted(servicer), kind, account="cash", follow=True) == [2, 5, 12]
+    assert _read(serve(servicer), kind, account="cash", follow=True) == [2, 5, 12]
     asked = [(r.account, r.after_sequence) for r in servicer.requests]
     assert asked == [("cash", 0), ("cash", 9)]
 
@@ -504,7 +485,7 @@ def test_a_filtered_stream_resumes_from_through_sequence_and_checks_entries_only
         yield _message(6, through=8)  # not above the position, 6
 
     with pytest.raises(RuntimeError, match="expected above 6, got 6"):
-        _read(scripted(_Streams(backwards)), kind, account="cash")
+        _read(serve(_Streams(backwards)), kind, account="cash")
 
 
 def test_the_typescript_consumer_helper_passes_its_tests_against_a_real_server(

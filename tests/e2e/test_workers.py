@@ -15,10 +15,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import pytest
 import sqlalchemy as sa
-from ledger.v1 import ledger_pb2_grpc
 
 from ledger_service.auth.tokens import new_token, token_digest
 from ledger_service.testing import ServerProcess
@@ -30,26 +28,6 @@ from .traffic import Callers, check_books
 WORKERS = [*FAST, "--pool-size", "4", "--workers", "2"]
 # What each worker logs once it serves (never "listening on": the supervisor says that).
 SERVING = re.compile(r"worker (\d+) \(pid (\d+)\) serving on ")
-
-
-class SpreadCallers(Callers):
-    """Callers whose channels each open a TCP connection of their own (gRPC
-    otherwise shares one between channels to one address), so that the
-    kernel spreads them over the workers."""
-
-    def _run(self, i: int) -> None:
-        options = [("grpc.use_local_subchannel_pool", 1)]
-        with grpc.insecure_channel(self.address, options=options) as channel:
-            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-            j = 0
-            while not self._stop.is_set():
-                j += 1
-                try:
-                    self._post_until_acknowledged(stub, f"c{i}-{j}")
-                except BaseException as exc:
-                    with self._lock:
-                        self.failures.append(exc)
-                    return
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
@@ -87,7 +65,7 @@ def test_a_worker_killed_under_load_is_replaced_and_every_post_is_there_once(
         assert f"serving on 127.0.0.1:{server.port} " in "".join(server.lines)
         assert "(database " in "".join(server.lines) and "2 workers)" in "".join(server.lines)
         init(server.stub, ledger)
-        with SpreadCallers(server.address, ledger, n=12) as callers:
+        with Callers(server.address, ledger, n=12, separate_connections=True) as callers:
             callers.wait_for_acks(100)
             os.kill(workers[1], signal.SIGKILL)
             wait_until(

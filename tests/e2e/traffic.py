@@ -41,10 +41,22 @@ class Callers:
     """`n` threads, each posting keys one after another to `ledger` through
     its own channel, retrying a key (same request) after a retryable status
     until it is acknowledged. `errors` counts the statuses seen; anything
-    else non-retryable ends that caller and lands in `failures`."""
+    else non-retryable ends that caller and lands in `failures`.
+    `separate_connections`: each channel opens a TCP connection of its own
+    (gRPC otherwise shares one between channels to one address), so that a
+    kernel spreading connections over processes (`serve --workers`) sees them."""
 
-    def __init__(self, address: str, ledger: str, *, n: int = 8, deadline: float = 2.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        ledger: str,
+        *,
+        n: int = 8,
+        deadline: float = 2.0,
+        separate_connections: bool = False,
+    ) -> None:
         self.address = address
+        self._options = [("grpc.use_local_subchannel_pool", 1)] if separate_connections else []
         self.ledger = ledger
         self.deadline = deadline
         self.acks: list[Ack] = []
@@ -70,7 +82,7 @@ class Callers:
         assert not any(t.is_alive() for t in self._threads), "a caller never got its key in"
 
     def _run(self, i: int) -> None:
-        with grpc.insecure_channel(self.address) as channel:
+        with grpc.insecure_channel(self.address, options=self._options) as channel:
             stub = ledger_pb2_grpc.LedgerServiceStub(channel)
             j = 0
             while not self._stop.is_set():

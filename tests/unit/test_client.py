@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import pytest
@@ -40,24 +39,6 @@ class _Scripted:
         self._fail(len(self.keys), context)
         entry = ledger_pb2.Entry(sequence=1, idempotency_key=request.idempotency_key)
         return ledger_pb2.PostEntryResponse(entry=entry, replayed=len(self.keys) > 1)
-
-
-@pytest.fixture
-def serve() -> Iterator[Any]:
-    servers: list[grpc.Server] = []
-
-    def start(servicer: object) -> str:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-        servicer_ = cast(ledger_pb2_grpc.LedgerServiceServicer, servicer)
-        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer_, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}"
-
-    yield start
-    for server in servers:
-        server.stop(None)
 
 
 def _post(client: LedgerClient) -> ledger_pb2.PostEntryResponse:
