@@ -368,8 +368,9 @@ _HISTORY_HOLDS_PG = f"""
              AND e.sequence >= :low AND e.sequence <= :high"""
 )
 
-# The (account, asset) of a ledger's history, by a skip scan of its index.
-_HISTORY_ACCOUNTS_PG = """
+# The (account, asset) keys of a ledger's history, as the CTE `keys`: a skip
+# scan of its index, one probe per key.
+_HISTORY_KEYS_PG = """
     WITH RECURSIVE keys AS (
         (SELECT account, asset FROM ledger_account_history WHERE ledger = :ledger
          ORDER BY account, asset LIMIT 1)
@@ -378,9 +379,15 @@ _HISTORY_ACCOUNTS_PG = """
             SELECT account, asset FROM ledger_account_history
             WHERE ledger = :ledger AND (account, asset) > (k.account, k.asset)
             ORDER BY account, asset LIMIT 1) AS n
-    )
+    )"""
+
+# The (account, asset) of a ledger's history.
+_HISTORY_ACCOUNTS_PG = (
+    _HISTORY_KEYS_PG
+    + """
     SELECT account, asset FROM keys LIMIT :most
 """
+)
 
 
 # Each account's totals in an asset right after each entry that touched it,
@@ -879,16 +886,9 @@ def _history(conn: Connection, ledger: str) -> Iterator[str]:
 # keys counted by a skip scan of its index, which must all have a total.
 # The history holds the running sums of the entries, so its last rows are
 # their sums: this checks the totals as _TOTALS does, without summing.
-_TOTALS_BY_HISTORY_PG = """
-    WITH RECURSIVE keys AS (
-        (SELECT account, asset FROM ledger_account_history WHERE ledger = :ledger
-         ORDER BY account, asset LIMIT 1)
-        UNION ALL
-        SELECT n.account, n.asset FROM keys AS k, LATERAL (
-            SELECT account, asset FROM ledger_account_history
-            WHERE ledger = :ledger AND (account, asset) > (k.account, k.asset)
-            ORDER BY account, asset LIMIT 1) AS n
-    ), checked AS (
+_TOTALS_BY_HISTORY_PG = (
+    _HISTORY_KEYS_PG
+    + """, checked AS (
         SELECT t.account, t.asset, t.debits, t.credits, h.debits AS last_debits,
                h.credits AS last_credits
         FROM ledger_account_totals AS t LEFT JOIN LATERAL (
@@ -907,6 +907,7 @@ _TOTALS_BY_HISTORY_PG = """
            (SELECT count(*) FROM keys) - (SELECT count(*) FROM checked
                                           WHERE last_debits IS NOT NULL)
 """
+)
 
 # Marks the history's problems among _totals_and_history_pg's.
 _HISTORY_MARK = "\x00history:"
