@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,6 +33,14 @@ ADMIN_URL = os.environ.get("LEDGER_TEST_ADMIN_URL") or (
     if _GIVEN_URL
     else "postgresql://postgres@127.0.0.1:5432/postgres"
 )
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def missing_requirement(message: str) -> NoReturn:

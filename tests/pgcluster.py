@@ -6,11 +6,12 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 from types import TracebackType
+
+from .conftest import free_port
 
 
 def _bindir() -> Path | None:
@@ -27,13 +28,6 @@ def cluster_unavailable() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class PgCluster:
     """`with PgCluster(max_connections=12) as cluster: cluster.url("postgres")`;
     stop() and start() as an operator would; removed afterwards."""
@@ -44,7 +38,7 @@ class PgCluster:
         self._bin = bindir
         self._dir = Path(tempfile.mkdtemp(prefix="ledger-pg-"))
         self._data = self._dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self._max_connections = max_connections
         # initdb refuses to run as root: the files belong to postgres then.
         self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []

@@ -27,7 +27,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from .conftest import migrated, missing_requirement
+from .conftest import free_port, migrated, missing_requirement
 
 BINDIR = Path("/usr/lib/postgresql/15/bin")
 _TOOLS = ("initdb", "pg_ctl", "pg_basebackup", "postgres")
@@ -62,13 +61,6 @@ def pair_unavailable() -> str | None:
         except KeyError:
             return "initdb refuses root and there is no postgres user to run it as"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _connect(url: str) -> psycopg.Connection[tuple[object, ...]]:
@@ -264,9 +256,9 @@ def replicated_pair(
         cleanup.callback(clusters.remove)
         clusters.hand_over()
         root = clusters.root
-        primary_port, standby_port = _free_port(), _free_port()
+        primary_port, standby_port = free_port(), free_port()
         while standby_port == primary_port:
-            standby_port = _free_port()
+            standby_port = free_port()
 
         clusters.run(
             "initdb", "-D", str(root / "primary"), "-U", "postgres", "--auth=trust",

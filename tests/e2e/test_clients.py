@@ -11,7 +11,6 @@ import json
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -29,7 +28,7 @@ from ledger_client import AsyncLedgerClient, EntryLike, LedgerClient, error_info
 from ledger_service.auth.principals import token_digest
 from ledger_service.testing import ServerProcess
 
-from ..conftest import missing_requirement
+from ..conftest import free_port, missing_requirement
 from .conftest import FAST
 
 OUTAGE = 5.0  # seconds the server stays down between its two runs
@@ -51,13 +50,6 @@ AUTH_TOML = (
 )
 REFUSED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN}  # a failed handshake
 TS_DIR = Path(__file__).resolve().parents[2] / "clients" / "typescript"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
