@@ -36,9 +36,9 @@ from ..domain.validation import (
 from ..service import use_cases
 from ..service.group_commit import GroupCommitter
 from ..service.ports import Blocking, EntryRows, StoredRow, UowFactory
-from ..service.reads import Reads
+from ..service.reads import Reads, ReplayLooks
 from ..service.writes import Writes
-from ..streaming.tail import REPLAY_LOOK, REPLAY_LOOK_MAX, Tails
+from ..streaming.tail import Tails
 from ..streaming.watch import HeadWatcher
 from . import page_tokens, wire
 from .convert import (
@@ -371,7 +371,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         per_read = max(ROWS_PER_READ, settings.message_size)
         caught_up = False
         last_sent = time.monotonic()
-        look = REPLAY_LOOK
+        looks = ReplayLooks()
         with self._watcher.following() if follow else contextlib.nullcontext():
             while True:
                 if self._stopping:
@@ -400,10 +400,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 if not follow:
                     return
                 if head < self._watcher.heard(ledger):  # a standby, replaying
-                    await asyncio.sleep(look)
-                    look = min(look * 2, REPLAY_LOOK_MAX)
+                    await asyncio.sleep(looks.next())
                     continue
-                look = REPLAY_LOOK
+                looks.reset()
                 idle = time.monotonic() - last_sent
                 if idle >= settings.heartbeat_interval:
                     yield ledger_pb2.StreamEntriesResponse(

@@ -28,6 +28,22 @@ _MAYBE_STALE = (CounterNotInitialized, PositionAhead, EntryNotFound)
 _FIRST_LOOK, _LAST_LOOK = 0.005, 0.1
 
 
+class ReplayLooks:
+    """The pauses between looks at a database that is behind a head known
+    to exist (a standby, replaying): short at first, doubling up to
+    _LAST_LOOK; reset() once it has caught up."""
+
+    def __init__(self) -> None:
+        self._next = _FIRST_LOOK
+
+    def next(self) -> float:
+        delay, self._next = self._next, min(self._next * 2, _LAST_LOOK)
+        return delay
+
+    def reset(self) -> None:
+        self._next = _FIRST_LOOK
+
+
 def head(uow_factory: UowFactory, ledger: str) -> int | None:
     """The ledger's counter value; None without a counter."""
     with uow_factory() as uow:
@@ -86,7 +102,7 @@ class Reads:
         seconds (or `time_left`, the caller's, if sooner)."""
         wait = self.replay_wait if time_left is None else min(self.replay_wait, time_left)
         deadline = time.monotonic() + wait
-        delay = _FIRST_LOOK
+        looks = ReplayLooks()
         while True:
             seen: int | None = await self._run(head, self.uow, ledger)
             if seen is not None and seen >= target:
@@ -94,5 +110,4 @@ class Reads:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StandbyBehind(ledger, seen, wait) from cause
-            await asyncio.sleep(min(delay, left))
-            delay = min(delay * 2, _LAST_LOOK)
+            await asyncio.sleep(min(looks.next(), left))

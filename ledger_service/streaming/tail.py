@@ -23,13 +23,10 @@ from typing import Any, Protocol
 
 from ..domain.errors import LedgerError, StorageUnavailable
 from ..service.ports import StoredRow
+from ..service.reads import ReplayLooks
 from .watch import HeadWatcher
 
 log = logging.getLogger(__name__)
-
-# Seconds between re-reads while the database is behind a head already
-# announced (a standby replaying), doubling up to the maximum.
-REPLAY_LOOK, REPLAY_LOOK_MAX = 0.005, 0.1
 
 # read(ledger, after_sequence, limit) -> (rows, head or None)
 Reader = Callable[[str, int, int], Awaitable[tuple[list[StoredRow], int | None]]]
@@ -119,7 +116,7 @@ class Tails:
             await self._follow(ledger, tail)
 
     async def _follow(self, ledger: str, tail: _Tail) -> None:
-        look = REPLAY_LOOK
+        looks = ReplayLooks()
         try:
             while True:
                 wake = self._watcher.event(ledger)  # before the read: no lost wake-up
@@ -138,10 +135,9 @@ class Tails:
                     # Told of entries this database does not show yet (a
                     # standby, replaying): look again soon, not at the next
                     # notification, which may never come.
-                    await asyncio.sleep(look)
-                    look = min(look * 2, REPLAY_LOOK_MAX)
+                    await asyncio.sleep(looks.next())
                     continue
-                look = REPLAY_LOOK
+                looks.reset()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout=self._poll)
         except LedgerError as exc:
