@@ -340,10 +340,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     rows = (await self._read_ahead(ledger, position, per_read)).rows
                 if rows:
                     latest = max(head, tail.head)
+                    # Observed before the send: a consumer that cancels as soon
+                    # as it has the entries ends this generator at the yield.
+                    self._tails.metrics.lag(max(0, latest - rows[-1][0]))
                     for message in self._messages(rows, latest, caught_up=False):
                         yield message
                     position = rows[-1][0]
-                    self._tails.metrics.lag(max(0, latest - position))
                     last_sent = time.monotonic()
                     continue
                 idle = time.monotonic() - last_sent
