@@ -201,26 +201,46 @@ def planned_posts(rate: float, duration: float, concurrency: int) -> int:
     return sum(len(slots(i, rate, duration, concurrency)) for i in range(concurrency))
 
 
+# A post refused UNAVAILABLE is sent again with its key, as the clients do
+# (ledger_client: RETRYABLE), up to this many times, RETRY_PAUSE apart: an
+# overloaded server's gRPC core refuses streams (RST_STREAM REFUSED_STREAM)
+# while it is behind on closing the ones it answered.
+RETRIES = 10
+RETRY_PAUSE = 0.02
+
+
 async def rate_writer(spec: dict[str, Any]) -> dict[str, Any]:
     """Posts every planned entry (slots()) -- late ones too, if the machine
-    falls behind; returns each entry's acknowledgement time by sequence and
-    the seconds from the start to the last one."""
+    falls behind; returns each entry's acknowledgement time by sequence, the
+    seconds from the start to the last one and the posts sent again."""
     acks: dict[int, float] = {}
+    retries = 0
     async with grpc.aio.insecure_channel(spec["address"]) as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+
+        async def post(request: ledger_pb2.PostEntryRequest) -> ledger_pb2.PostEntryResponse:
+            nonlocal retries
+            for attempt in range(RETRIES + 1):
+                try:
+                    return await stub.PostEntry(request, timeout=60)
+                except grpc.aio.AioRpcError as error:
+                    if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == RETRIES:
+                        raise
+                    retries += 1
+                    await asyncio.sleep(RETRY_PAUSE)
+            raise AssertionError("unreachable")
 
         async def caller(i: int) -> None:
             worker = worker_name(spec["process"], i)
             plan = slots(i, spec["rate"], spec["duration"], spec["concurrency"])
             for n, offset in enumerate(plan, 1):
                 await _wait_until(spec["start_at"] + offset)
-                r = await stub.PostEntry(
-                    _request(spec["ledger"], f"{worker}-{n}", worker), timeout=60
-                )
+                r = await post(_request(spec["ledger"], f"{worker}-{n}", worker))
                 acks[r.entry.sequence] = time.time()
 
         await asyncio.gather(*(caller(i) for i in range(spec["concurrency"])))
-    return {"acks": acks, "seconds": max(acks.values(), default=0.0) - spec["start_at"]}
+    seconds = max(acks.values(), default=0.0) - spec["start_at"]
+    return {"acks": acks, "seconds": seconds, "retries": retries}
 
 
 async def followers(spec: dict[str, Any]) -> dict[str, Any]:

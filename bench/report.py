@@ -20,6 +20,9 @@ from bench.scenarios import (
     LIST_ENTRIES,
     LIST_PAGE,
     POST_MODES,
+    RATE_CALLERS,
+    RATE_ROUNDS,
+    RATE_SHARE,
     SPREAD_CHANNELS,
     WORKERS,
 )
@@ -170,7 +173,15 @@ def write_report(result: dict[str, Any], out_dir: Path, md_path: Path, png_path:
             f" caught_up marker, the median of {FILTERED_READS} reads, every entry checked;"
             " its entries/s count the matching entries, and its time is set against"
             " reading the whole ledger unfiltered (`catch_up_ledger`, same repetition), what"
-            " a consumer filtering on its side waits for at least.",
+            " a consumer filtering on its side waits for at least."
+            f" `post_rate_<server>_64` is PostEntry from {RATE_CALLERS} callers at a fixed"
+            f" rate ({RATE_SHARE:.0%} of the repetition's `post_ledger_64` entries/s, each"
+            " caller on its own interval) to `ledger`, to `twin` (a second such process) and"
+            " to `metrics`, all three at once, each posted to by a load process of its own,"
+            f" {RATE_ROUNDS} rounds per repetition; its value is the server's CPU over the"
+            " round per entry, `post_rate_baseline_64` the mean of `ledger`'s and `twin`'s in"
+            " the same round, which the metrics target is held against; `ledger` against"
+            " `twin` is how far two identical servers differ under this measurement.",
             width=84,
             break_on_hyphens=False,
         ),

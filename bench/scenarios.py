@@ -201,6 +201,7 @@ def new_ledger(server: ServerProcess, prefix: str) -> str:
 
 def run(quick: bool) -> dict[str, Any]:
     reps = 1 if quick else 3
+    rounds = 2 if quick else RATE_ROUNDS
     duration, warmup = (1.0, 0.3) if quick else (5.0, 1.0)
     catchup_n = 50_000 if quick else 1_000_000
     one_per_message_n = 20_000 if quick else 100_000
@@ -237,6 +238,8 @@ def run(quick: bool) -> dict[str, Any]:
             "one_per_message": ServerProcess(url, extra_args=[*pool, "--stream-batch", "1"]),
             # A supervisor of WORKERS such processes on one port.
             "workers": ServerProcess(url, extra_args=[*pool, "--workers", str(WORKERS)]),
+            # A second `ledger`, the A/A control of at_fixed_rate().
+            "twin": ServerProcess(url, extra_args=pool),
         }
         for mode in ("plain", "sequence", "noop"):
             servers[mode] = _baseline_server(url, mode)
@@ -288,6 +291,11 @@ def run(quick: bool) -> dict[str, Any]:
                         # Its whole run's CPU (warm-up included) over every
                         # entry it posted: steadier than entries/s here.
                         value["cpu_us_per_entry"] = cpu / posted * 1e6
+            rate = RATE_SHARE * samples["post_ledger_64"][-1]["entries_per_s"]
+            if rep == 1:  # `twin` is new: warmed up by one round, not measured
+                at_fixed_rate(url, servers, rate, warmup + 1.0, 1)
+            for name, value in at_fixed_rate(url, servers, rate, duration, rounds):
+                record(name, value)
             for name, value in many_ledgers(url, servers["ledger"], timed, rep):
                 record(name, value)
             # One transaction per post: the counter row alone is the limit.
@@ -382,6 +390,69 @@ def many_ledgers(
             check_gap_free(url, ledger)
         value["entries_per_write"] = entries_per_write(url, ledgers)
         out.append((f"post_{label}ledgers_{count}_64", value))
+    return out
+
+
+# The cost of the metrics as server CPU per entry at a fixed rate below
+# saturation, where group sizes follow the rate, not the server's speed:
+# RATE_SERVERS driven at once, RATE_CALLERS callers each, so that the
+# machine's other load falls on all of them alike. `twin` is a second
+# `ledger` process: `metrics` is held against the two (their mean, per
+# round), and `ledger` against `twin` is the A/A control, how far two
+# identical servers differ under this measurement. Each is posted to at
+# RATE_SHARE of the repetition's post_ledger_64 entries/s, RATE_ROUNDS times
+# per repetition: the three at once stay below what the machine can do.
+RATE_SERVERS = ("ledger", "twin", "metrics")
+RATE_CALLERS = 64
+RATE_SHARE = 0.1
+RATE_ROUNDS = 6
+
+
+def at_fixed_rate(
+    url: str, servers: dict[str, ServerProcess], rate: float, duration: float, rounds: int
+) -> list[tuple[str, dict[str, float]]]:
+    """`rounds` runs of RATE_SERVERS at once, each posted to at `rate`
+    entries/s by a load process of its own (bench/load.py rate_writer:
+    every planned entry, late ones too), their order rotating from round to
+    round. Rows post_rate_{server}_64: the server's CPU over the run per
+    entry, the rate reached, the posts sent again after UNAVAILABLE and the
+    entries per write; and post_rate_baseline_64, the mean CPU per entry of
+    `ledger` and `twin` in the round. Every ledger is checked 1..N with
+    every planned entry in it."""
+    out = []
+    planned = planned_posts(rate, duration, RATE_CALLERS)
+    for i in range(rounds):
+        k = i % len(RATE_SERVERS)
+        order = RATE_SERVERS[k:] + RATE_SERVERS[:k]
+        ledgers = {m: new_ledger(servers[m], "rate") for m in order}
+        specs = [
+            {
+                "kind": "rate_writer",
+                "address": servers[m].address,
+                "ledger": ledgers[m],
+                "rate": rate,
+                "duration": duration,
+                "concurrency": RATE_CALLERS,
+            }
+            for m in order
+        ]
+        before = {m: server_cpu_seconds(servers[m]) for m in order}
+        results = dict(zip(order, load(specs), strict=True))
+        cpu = {m: server_cpu_seconds(servers[m]) - before[m] for m in order}
+        values = {}
+        for m in RATE_SERVERS:
+            posted = check_gap_free(url, ledgers[m])
+            if posted != planned:
+                raise RuntimeError(f"{m} at a fixed rate: {posted} entries, {planned} planned")
+            values[m] = {
+                "cpu_us_per_entry": cpu[m] / posted * 1e6,
+                "rate_per_s": posted / max(duration, results[m]["seconds"]),
+                "retries": float(results[m]["retries"]),
+                "entries_per_write": entries_per_write(url, [ledgers[m]]),
+            }
+            out.append((f"post_rate_{m}_64", values[m]))
+        baseline = (values["ledger"]["cpu_us_per_entry"] + values["twin"]["cpu_us_per_entry"]) / 2
+        out.append(("post_rate_baseline_64", {"cpu_us_per_entry": baseline}))
     return out
 
 
