@@ -177,8 +177,9 @@ def write_report(result: dict[str, Any], out_dir: Path, md_path: Path, png_path:
             f" `post_rate_<server>_64` is PostEntry from {RATE_CALLERS} callers at a fixed"
             f" rate ({RATE_SHARE:.0%} of the repetition's `post_ledger_64` entries/s, each"
             " caller on its own interval) to `ledger`, to `twin` (a second such process) and"
-            " to `metrics`, all three at once, each posted to by a load process of its own,"
-            f" {RATE_ROUNDS} rounds per repetition; its value is the server's CPU over the"
+            " to `metrics`, all three at once, each posted to by a load process of its own;"
+            " the three are new processes per repetition, warmed up alike by one round,"
+            f" then {RATE_ROUNDS} rounds measured; its value is the server's CPU over the"
             " round per entry, `post_rate_baseline_64` the mean of `ledger`'s and `twin`'s in"
             " the same round, which the metrics target is held against; `ledger` against"
             " `twin` is how far two identical servers differ under this measurement.",

@@ -238,8 +238,6 @@ def run(quick: bool) -> dict[str, Any]:
             "one_per_message": ServerProcess(url, extra_args=[*pool, "--stream-batch", "1"]),
             # A supervisor of WORKERS such processes on one port.
             "workers": ServerProcess(url, extra_args=[*pool, "--workers", str(WORKERS)]),
-            # A second `ledger`, the A/A control of at_fixed_rate().
-            "twin": ServerProcess(url, extra_args=pool),
         }
         for mode in ("plain", "sequence", "noop"):
             servers[mode] = _baseline_server(url, mode)
@@ -292,9 +290,7 @@ def run(quick: bool) -> dict[str, Any]:
                         # entry it posted: steadier than entries/s here.
                         value["cpu_us_per_entry"] = cpu / posted * 1e6
             rate = RATE_SHARE * samples["post_ledger_64"][-1]["entries_per_s"]
-            if rep == 1:  # `twin` is new: warmed up by one round, not measured
-                at_fixed_rate(url, servers, rate, warmup + 1.0, 1)
-            for name, value in at_fixed_rate(url, servers, rate, duration, rounds):
+            for name, value in at_fixed_rate(url, pool, rate, duration, rounds):
                 record(name, value)
             for name, value in many_ledgers(url, servers["ledger"], timed, rep):
                 record(name, value)
@@ -396,12 +392,15 @@ def many_ledgers(
 # The cost of the metrics as server CPU per entry at a fixed rate below
 # saturation, where group sizes follow the rate, not the server's speed:
 # RATE_SERVERS driven at once, RATE_CALLERS callers each, so that the
-# machine's other load falls on all of them alike. `twin` is a second
-# `ledger` process: `metrics` is held against the two (their mean, per
+# machine's other load falls on all of them alike. They are new processes
+# of the same history (started for the measurement, warmed up alike):
+# the long-running servers have served different loads, and a server's
+# CPU per entry moves with that by about as much as the budget. `twin` is
+# a second `ledger`: `metrics` is held against the two (their mean, per
 # round), and `ledger` against `twin` is the A/A control, how far two
 # identical servers differ under this measurement. Each is posted to at
-# RATE_SHARE of the repetition's post_ledger_64 entries/s, RATE_ROUNDS times
-# per repetition: the three at once stay below what the machine can do.
+# RATE_SHARE of the repetition's post_ledger_64 entries/s, RATE_ROUNDS
+# times per repetition: the three at once stay below what the machine can do.
 RATE_SERVERS = ("ledger", "twin", "metrics")
 RATE_CALLERS = 64
 RATE_SHARE = 0.1
@@ -409,6 +408,24 @@ RATE_ROUNDS = 6
 
 
 def at_fixed_rate(
+    url: str, server_args: list[str], rate: float, duration: float, rounds: int
+) -> list[tuple[str, dict[str, float]]]:
+    """RATE_SERVERS started with `server_args` (`metrics` with
+    --metrics-listen too), warmed up by one round, then `rounds` measured
+    (rate_rounds()); stopped after."""
+    metrics = ["--metrics-listen", "127.0.0.1:0"]
+    with ExitStack() as stack:
+        servers = {
+            m: stack.enter_context(
+                ServerProcess(url, extra_args=[*server_args, *(metrics if m == "metrics" else [])])
+            )
+            for m in RATE_SERVERS
+        }
+        rate_rounds(url, servers, rate, duration, 1)
+        return rate_rounds(url, servers, rate, duration, rounds)
+
+
+def rate_rounds(
     url: str, servers: dict[str, ServerProcess], rate: float, duration: float, rounds: int
 ) -> list[tuple[str, dict[str, float]]]:
     """`rounds` runs of RATE_SERVERS at once, each posted to at `rate`
