@@ -202,9 +202,9 @@ def planned_posts(rate: float, duration: float, concurrency: int) -> int:
 
 
 # A post refused UNAVAILABLE is sent again with its key, as the clients do
-# (ledger_client: RETRYABLE), up to this many times, RETRY_PAUSE apart: an
-# overloaded server's gRPC core refuses streams (RST_STREAM REFUSED_STREAM)
-# while it is behind on closing the ones it answered.
+# (ledger_client: RETRYABLE), up to this many times, RETRY_PAUSE apart: on
+# an overloaded machine gRPC's core was seen to refuse streams (RST_STREAM
+# REFUSED_STREAM) below the per-connection limit (docs/security.md).
 RETRIES = 10
 RETRY_PAUSE = 0.02
 

@@ -33,6 +33,8 @@ from ledger_service.storage import migrate
 from ledger_service.storage.uow import create_engine
 from ledger_service.testing import ServerProcess
 
+# A server's metrics, recorded and served (unscraped) on a free port.
+METRICS_ARGS = ("--metrics-listen", "127.0.0.1:0")
 # PostEntry servers, in the order of the tables and the chart.
 POST_MODES = (
     "ledger",
@@ -229,7 +231,7 @@ def run(quick: bool) -> dict[str, Any]:
         servers: dict[str, ServerProcess] = {
             "ledger": ServerProcess(url, extra_args=pool),
             # The same with its metrics recorded (and served, unscraped).
-            "metrics": ServerProcess(url, extra_args=[*pool, "--metrics-listen", "127.0.0.1:0"]),
+            "metrics": ServerProcess(url, extra_args=[*pool, *METRICS_ARGS]),
             # The same without its hash chain (bench/unchained.py): what the chain costs.
             "unchained": ServerProcess(
                 url, command=[sys.executable, "-m", "bench.unchained", "serve", *pool]
@@ -413,11 +415,12 @@ def at_fixed_rate(
     """RATE_SERVERS started with `server_args` (`metrics` with
     --metrics-listen too), warmed up by one round, then `rounds` measured
     (rate_rounds()); stopped after."""
-    metrics = ["--metrics-listen", "127.0.0.1:0"]
     with ExitStack() as stack:
         servers = {
             m: stack.enter_context(
-                ServerProcess(url, extra_args=[*server_args, *(metrics if m == "metrics" else [])])
+                ServerProcess(
+                    url, extra_args=[*server_args, *(METRICS_ARGS if m == "metrics" else [])]
+                )
             )
             for m in RATE_SERVERS
         }
